@@ -1,0 +1,16 @@
+# The two commands of the README. Both set up .venv on first use (scripts/setup.sh, about 3 minutes).
+.PHONY: setup demo test bench
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/fl-simulate $(ARGS)
+
+test: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy fl_core fl_server fl_client strategies privacy
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	.venv/bin/python scripts/bench_dp_step.py

@@ -1,0 +1,302 @@
+"""Typed configuration: Hydra structured-config schemas, composition and start-up validation.
+
+Every entry point (local job, simulation, Flower apps) composes the same tree under `conf/` and calls
+`validate` before any data or model is loaded, so a bad value costs nothing but a one-line error.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+MODELS = ("tiny", "smollm2-135m", "minilm")
+CLASSIFICATION_ONLY_MODELS = ("minilm",)
+DATASETS = ("icd10", "drugreview")
+TASKS = ("classification", "causal-lm")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
+OPTIMIZERS = ("sgd", "adam")
+PARTITIONINGS = ("iid", "dirichlet")
+STRATEGIES = ("fedprox",)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+    def __init__(self, field_path: str, problem: str) -> None:
+        super().__init__(f"{field_path}: {problem}")
+        self.field_path = field_path
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Shape of the random-initialised `tiny` model; ignored for pretrained models.
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+@dataclass
+class DataConfig:
+    name: str = "icd10"
+    test_fraction: float = 0.2
+    max_train_examples: int | None = None
+    max_test_examples: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class TaskConfig:
+    name: str = "classification"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: the model's `lora_targets`
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    noise_multiplier: float | None = None  # fixed sigma instead of calibrating to target_epsilon
+    grad_sample_mode: str = "hooks"
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-3
+    optimizer: str = "adam"
+    max_seq_len: int = 32
+    device: str = "auto"
+    seed: int = 0
+    num_threads: int | None = None
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = 3
+    num_rounds: int = 3
+    partitioning: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    min_participants: int = 3
+
+
+@dataclass
+class SecAggConfig:
+    enabled: bool = True
+    # Values up to 1 are fractions of the sampled hospitals; larger values are counts.
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.67
+    clipping_range: float = 8.0
+    quantization_range: int = 4194304
+    modulus_range: int = 4294967296
+    max_weight: float = 100000.0
+    timeout: float | None = None
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedprox"
+    proximal_mu: float = 0.01
+    convergence_threshold: float = 0.001
+    patience: int = 2
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+
+
+@dataclass
+class TrackingConfig:
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "federated-dp-llm"
+
+
+@dataclass
+class AppConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = "outputs/latest"
+    resume_from: str | None = None
+
+
+def register_schemas() -> None:
+    """Make the schema the base of `conf/config.yaml` so Hydra type-checks every override."""
+    ConfigStore.instance().store(name="base_config", node=AppConfig)
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `conf/` with Hydra overrides, as `fl-simulate` and the Flower apps all do."""
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise composition_error(err) from err
+
+
+def composition_error(err: BaseException) -> ConfigError:
+    """Reduce Hydra's multi-line composition errors to one line that names the field."""
+    if isinstance(err, MissingConfigException):
+        group, _, option = (err.missing_cfg_file or "config/?").rpartition("/")
+        choice = f"; choose one of {', '.join(err.options)}" if err.options else ""
+        return ConfigError(group or "config", f"unknown option {option!r}{choice}")
+    cause: BaseException = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    full_key = getattr(cause, "full_key", None) or "config"
+    return ConfigError(str(full_key), str(cause).splitlines()[0])
+
+
+def to_app_config(cfg: DictConfig | AppConfig) -> AppConfig:
+    """Validate, then turn a composed config into typed dataclasses."""
+    if isinstance(cfg, AppConfig):
+        validate(cfg)
+        return cfg
+    app = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AppConfig), cfg))
+    assert isinstance(app, AppConfig)
+    validate(app)
+    return app
+
+
+def _require(ok: bool, field_path: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(field_path, problem)
+
+
+def _one_of(value: str, options: Sequence[str], field_path: str) -> None:
+    _require(value in options, field_path, f"unknown value {value!r}; choose one of {', '.join(options)}")
+
+
+def _positive(value: float, field_path: str) -> None:
+    _require(math.isfinite(value) and value > 0, field_path, f"must be > 0 (got {value})")
+
+
+def validate(cfg: AppConfig) -> None:
+    """Check every value before any work starts; raise ConfigError naming the first bad field."""
+    _one_of(cfg.model.name, MODELS, "model.name")
+    _one_of(cfg.data.name, DATASETS, "data.name")
+    _one_of(cfg.task.name, TASKS, "task.name")
+    _require(
+        not (cfg.task.name == "causal-lm" and cfg.model.name in CLASSIFICATION_ONLY_MODELS),
+        "task.name",
+        f"model {cfg.model.name!r} is an encoder and supports only 'classification'",
+    )
+    for name in ("hidden_size", "num_layers", "num_heads"):
+        _positive(getattr(cfg.model, name), f"model.{name}")
+    _require(cfg.model.hidden_size % cfg.model.num_heads == 0, "model.hidden_size",
+             "must be divisible by model.num_heads")
+    _require(0 < cfg.data.test_fraction < 1, "data.test_fraction",
+             f"must be in (0, 1) (got {cfg.data.test_fraction})")
+    for name in ("max_train_examples", "max_test_examples"):
+        value = getattr(cfg.data, name)
+        _require(value is None or value >= 1, f"data.{name}", f"must be >= 1 or null (got {value})")
+
+    _positive(cfg.lora.r, "lora.r")
+    _positive(cfg.lora.alpha, "lora.alpha")
+    _require(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1) (got {cfg.lora.dropout})")
+    targets = cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_targets
+    _require(len(targets) > 0, "lora.target_modules", "must name at least one module")
+
+    p = cfg.privacy
+    _require(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
+    _positive(p.max_grad_norm, "privacy.max_grad_norm")
+    _one_of(p.accountant, ACCOUNTANTS, "privacy.accountant")
+    _one_of(p.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode")
+    if p.noise_multiplier is None:
+        _positive(p.target_epsilon, "privacy.target_epsilon")
+    else:
+        _require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (got {p.noise_multiplier})")
+
+    t = cfg.train
+    _positive(t.batch_size, "train.batch_size")
+    _positive(t.local_epochs, "train.local_epochs")
+    _positive(t.lr, "train.lr")
+    _require(t.max_seq_len >= 4, "train.max_seq_len", f"must be >= 4 (got {t.max_seq_len})")
+    _one_of(t.optimizer, OPTIMIZERS, "train.optimizer")
+    _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None, "train.device",
+             f"must be auto, cpu, cuda, cuda:N or mps (got {t.device!r})")
+    _require(t.num_threads is None or t.num_threads >= 1, "train.num_threads",
+             f"must be >= 1 or null (got {t.num_threads})")
+
+    f = cfg.federation
+    _positive(f.num_clients, "federation.num_clients")
+    _positive(f.num_rounds, "federation.num_rounds")
+    _one_of(f.partitioning, PARTITIONINGS, "federation.partitioning")
+    _positive(f.dirichlet_alpha, "federation.dirichlet_alpha")
+    _require(1 <= f.min_participants <= f.num_clients, "federation.min_participants",
+             f"must be between 1 and federation.num_clients={f.num_clients} (got {f.min_participants})")
+
+    s = cfg.strategy
+    _one_of(s.name, STRATEGIES, "strategy.name")
+    _require(s.proximal_mu >= 0, "strategy.proximal_mu", f"must be >= 0 (got {s.proximal_mu})")
+    _require(s.convergence_threshold >= 0, "strategy.convergence_threshold",
+             f"must be >= 0 (got {s.convergence_threshold})")
+    _positive(s.patience, "strategy.patience")
+    if s.secagg.enabled:
+        _validate_secagg(s.secagg, f.min_participants)
+
+
+def _validate_secagg(sa: SecAggConfig, min_participants: int) -> None:
+    _require(min_participants >= 2, "federation.min_participants",
+             "SecAgg+ needs at least 2 hospitals per round (or strategy.secagg.enabled=false)")
+    _positive(sa.num_shares, "strategy.secagg.num_shares")
+    _require(sa.num_shares <= 1 or (float(sa.num_shares).is_integer() and sa.num_shares > 2),
+             "strategy.secagg.num_shares", f"a count must be an integer > 2 (got {sa.num_shares})")
+    _require(sa.reconstruction_threshold > 0, "strategy.secagg.reconstruction_threshold",
+             f"must be > 0 (got {sa.reconstruction_threshold})")
+    if sa.num_shares > 1 and sa.reconstruction_threshold > 1:
+        _require(sa.reconstruction_threshold < sa.num_shares, "strategy.secagg.reconstruction_threshold",
+                 "must be less than strategy.secagg.num_shares")
+    _positive(sa.clipping_range, "strategy.secagg.clipping_range")
+    _positive(sa.quantization_range, "strategy.secagg.quantization_range")
+    _positive(sa.max_weight, "strategy.secagg.max_weight")
+    mod = sa.modulus_range
+    _require(mod > sa.quantization_range and mod & (mod - 1) == 0 and mod <= 2**32,
+             "strategy.secagg.modulus_range",
+             "must be a power of 2, at most 2**32, above strategy.secagg.quantization_range")
+
+
+def validate_delta(delta: float, smallest_partition: int) -> None:
+    """delta must be below 1/n for the smallest hospital dataset, or DP says little about a record."""
+    _require(delta < 1 / smallest_partition, "privacy.delta",
+             f"must be < 1/n = {1 / smallest_partition:.3g} for the smallest hospital "
+             f"dataset (n={smallest_partition}); got {delta}")
+
+
+def secagg_count_or_fraction(value: float) -> int | float:
+    """Flower reads ints as counts and floats as fractions of the sampled hospitals."""
+    return int(value) if value > 1 else float(value)
+
+
+def config_as_dict(cfg: AppConfig) -> dict[str, Any]:
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items()}

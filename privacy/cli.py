@@ -1,0 +1,61 @@
+"""`fl-privacy calibrate`: a privacy officer plans a run's noise before any training happens."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import NoReturn
+
+ACCOUNTANTS = ("prv", "rdp")  # privacy.accountant.ACCOUNTANT_TYPES, without importing Opacus before arguments check
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, non-zero exit, no usage dump
+        print(f"fl-privacy: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fl-privacy", description="Differential-privacy planning for federated-dp-llm.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    cal = commands.add_parser("calibrate", help="noise multiplier for a target epsilon, or epsilon for a sigma")
+    target = cal.add_mutually_exclusive_group(required=True)
+    target.add_argument("--epsilon", type=float, help="target epsilon over all planned steps")
+    target.add_argument("--noise-multiplier", type=float, help="fixed sigma: report the epsilon it gives")
+    cal.add_argument("--delta", type=float, required=True)
+    cal.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate (batch / dataset)")
+    cal.add_argument("--steps", type=int, required=True, help="total DP-SGD steps across all rounds")
+    cal.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp")
+    return parser
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        print(f"fl-privacy: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    from .calibration import calibrate_noise, epsilon_for
+
+    _check(0 < args.delta < 1, f"--delta must be in (0, 1), got {args.delta}")
+    _check(0 < args.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {args.sample_rate}")
+    _check(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    if args.epsilon is not None:
+        _check(math.isfinite(args.epsilon) and args.epsilon > 0, f"--epsilon must be > 0, got {args.epsilon}")
+        sigma = calibrate_noise(args.epsilon, args.delta, args.sample_rate, args.steps, args.accountant)
+    else:
+        _check(args.noise_multiplier > 0, f"--noise-multiplier must be > 0, got {args.noise_multiplier}")
+        sigma = args.noise_multiplier
+    epsilon = epsilon_for(sigma, args.delta, args.sample_rate, args.steps, args.accountant)
+    print(json.dumps({
+        "noise_multiplier": sigma, "epsilon": epsilon, "target_epsilon": args.epsilon, "delta": args.delta,
+        "sample_rate": args.sample_rate, "steps": args.steps, "accountant": args.accountant,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

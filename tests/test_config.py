@@ -1,0 +1,56 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fl_core.config import ConfigError, compose_config, to_app_config, validate_delta
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("privacy.target_epsilon=0", "privacy.target_epsilon"),
+    ("privacy.target_epsilon=-1", "privacy.target_epsilon"),
+    ("privacy.delta=1", "privacy.delta"),
+    ("privacy.accountant=gdp", "privacy.accountant"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.batch_size=abc", "train.batch_size"),
+    ("train.device=tpu", "train.device"),
+    ("model=gpt5", "model"),
+    ("federation.min_participants=5", "federation.min_participants"),
+    ("privacy.bogus=1", "privacy.bogus"),
+    ("strategy.secagg.modulus_range=1000", "strategy.secagg.modulus_range"),
+])
+def test_bad_value_names_its_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        to_app_config(compose_config(["model=tiny", override]))
+    assert err.value.field_path == field
+    assert "\n" not in str(err.value)
+
+
+def test_encoder_model_refuses_causal_lm() -> None:
+    with pytest.raises(ConfigError, match=r"task\.name"):
+        to_app_config(compose_config(["model=minilm", "task=causal-lm"]))
+
+
+def test_delta_must_be_below_one_over_n() -> None:
+    validate_delta(1e-5, 1000)
+    with pytest.raises(ConfigError, match=r"privacy\.delta"):
+        validate_delta(1e-2, 1000)
+
+
+def test_production_preset_carries_reference_values() -> None:
+    cfg = to_app_config(compose_config(["+preset=production"]))
+    assert (cfg.privacy.delta, cfg.privacy.noise_multiplier, cfg.privacy.accountant) == (1e-6, 1.5, "rdp")
+    assert cfg.federation.min_participants >= 3 and cfg.federation.num_rounds == 100
+    assert cfg.strategy.name == "fedprox" and cfg.strategy.convergence_threshold == 0.001
+
+
+def test_cli_bad_config_fails_in_one_line_before_loading_anything() -> None:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fl_client.local_job", "model=tiny", "privacy.target_epsilon=-2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["fl-train-local: config error: privacy.target_epsilon: must be > 0 (got -2.0)"]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert time.perf_counter() - start < 60

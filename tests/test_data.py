@@ -1,0 +1,64 @@
+from collections import Counter
+
+import pytest
+
+from fl_core.config import compose_config, to_app_config
+from fl_core.data import DataError, icd10_examples, load_splits, partition_indices
+
+
+def test_icd10_is_chapter_classification_over_22_classes() -> None:
+    data = icd10_examples()
+    assert len(data.label_names) == 22
+    assert len(data) > 55_000
+    assert set(data.labels) == set(range(22))
+    assert len(set(data.texts)) == len(data.texts)
+
+
+def test_split_is_deterministic_and_disjoint() -> None:
+    cfg = to_app_config(compose_config(["data.max_train_examples=null", "data.max_test_examples=null"]))
+    a, b = load_splits(cfg.data), load_splits(cfg.data)
+    assert a.train.texts == b.train.texts and a.test.texts == b.test.texts
+    assert not set(a.train.texts) & set(a.test.texts)
+
+
+@pytest.mark.parametrize("partitioning", ["iid", "dirichlet"])
+def test_partitions_are_disjoint_and_complete(partitioning: str) -> None:
+    cfg = to_app_config(compose_config([f"federation.partitioning={partitioning}", "federation.num_clients=5",
+                                        "federation.min_participants=3", "data.max_train_examples=2000"]))
+    train = load_splits(cfg.data).train
+    parts = partition_indices(train, cfg.federation, seed=0)
+    flat = [i for p in parts for i in p]
+    assert sorted(flat) == list(range(len(train)))
+    assert all(parts)
+
+
+def test_dirichlet_skews_labels_more_than_iid() -> None:
+    def mean_label_distance(partitioning: str) -> float:
+        """Mean total-variation distance of each hospital's label mix from the pooled one."""
+        cfg = to_app_config(compose_config([f"federation.partitioning={partitioning}",
+                                            "federation.dirichlet_alpha=0.3", "data.max_train_examples=3000"]))
+        train = load_splits(cfg.data).train
+        pooled = Counter(train.labels)
+        distances = []
+        for part in partition_indices(train, cfg.federation, seed=0):
+            local = Counter(train.labels[i] for i in part)
+            distances.append(0.5 * sum(abs(local[c] / len(part) - pooled[c] / len(train)) for c in pooled))
+        return sum(distances) / len(distances)
+
+    iid, skewed = mean_label_distance("iid"), mean_label_distance("dirichlet")
+    assert skewed > 0.15 and skewed > 3 * iid
+
+
+def test_more_hospitals_than_examples_is_a_clear_error() -> None:
+    cfg = to_app_config(compose_config(["data.max_train_examples=3", "federation.num_clients=5",
+                                        "federation.min_participants=3", "federation.partitioning=iid"]))
+    with pytest.raises(DataError, match=r"federation\.num_clients"):
+        partition_indices(load_splits(cfg.data).train, cfg.federation, seed=0)
+
+
+def test_drugreview_maps_reviews_to_clinics() -> None:
+    cfg = to_app_config(compose_config(["data=drugreview"]))
+    splits = load_splits(cfg.data)
+    assert len(splits.train) > 500 and len(splits.test) > 300
+    assert "women's health" in splits.train.label_names
+    assert all(t and "&#039;" not in t for t in splits.train.texts)
