@@ -15,6 +15,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -156,6 +157,8 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose `conf/` with Hydra overrides, as `fl-simulate` and the Flower apps all do."""
     register_schemas()
     try:
+        if GlobalHydra.instance().is_initialized():  # inside `@hydra.main` (fl-simulate): same conf/ tree
+            return compose(config_name="config", overrides=list(overrides))
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:

@@ -1,0 +1,200 @@
+"""Flower ServerApp: FedProx over hospitals' DP adapters, SecAgg+ by default, tracked in MLflow.
+
+Configuration is the Hydra tree under `conf/`, composed from the run's `overrides` (run-config key in deployment,
+a list from `fl-simulate` in simulation), so simulation and deployment share one source of configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.common import Context, NDArrays, Scalar
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.default_workflows import default_fit_workflow
+from flwr.serverapp import Grid, ServerApp
+
+from fl_core.config import AppConfig, compose_config, config_as_dict, secagg_count_or_fraction, to_app_config
+from fl_core.data import load_splits
+from fl_core.device import resolve_device
+from fl_core.entry import quiet_libraries
+from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer, save_adapter
+from fl_core.training import evaluate
+from privacy.calibration import epsilon_for
+from strategies.fedprox import RecordingFedProx
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .tracking import RunTracker
+from .workflow import ConvergenceMonitor, FederatedWorkflow, FitWorkflow, LoopOutcome, RoundResult, current_arrays
+
+SUMMARY_FILE = "summary.json"
+PRIVACY_REPORT_FILE = "privacy_report.json"
+
+
+def fit_workflow_for(cfg: AppConfig) -> FitWorkflow:
+    sa = cfg.strategy.secagg
+    if not sa.enabled:
+        return default_fit_workflow
+    return SecAggPlusWorkflow(
+        num_shares=secagg_count_or_fraction(sa.num_shares),
+        reconstruction_threshold=secagg_count_or_fraction(sa.reconstruction_threshold),
+        max_weight=sa.max_weight, clipping_range=sa.clipping_range, quantization_range=sa.quantization_range,
+        modulus_range=sa.modulus_range, timeout=sa.timeout,
+    )
+
+
+def hospital_privacy(result: RoundResult, cfg: AppConfig) -> dict[str, dict[str, float]]:
+    """Each hospital's spend as its accountant reported it, checked against an independent recomputation."""
+    report: dict[str, dict[str, float]] = {}
+    for hospital, m in result.record.client_metrics.items():
+        sigma, q, steps = float(m.get("noise_multiplier", 0.0)), float(m.get("sample_rate", 0.0)), int(m["steps"])
+        epsilon = float(m["epsilon"])
+        if cfg.privacy.enabled:
+            recomputed = epsilon_for(sigma, cfg.privacy.delta, q, steps, cfg.privacy.accountant)
+            if not math.isclose(recomputed, epsilon, rel_tol=1e-6):
+                raise RuntimeError(f"{hospital}: reported epsilon {epsilon} but its history gives {recomputed}")
+        report[hospital] = {"epsilon": epsilon, "noise_multiplier": sigma, "sample_rate": q, "steps": steps}
+    return report
+
+
+def privacy_report(cfg: AppConfig, spend: dict[str, dict[str, float]]) -> dict[str, Any]:
+    sa = cfg.strategy.secagg
+    return {
+        "guarantee": "record-level (epsilon, delta)-DP per hospital via DP-SGD" if cfg.privacy.enabled else "none",
+        "unit_of_privacy": f"one training example ({cfg.data.name} text) in a hospital's dataset",
+        "delta": cfg.privacy.delta,
+        "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.noise_multiplier is None else None,
+        "accountant": cfg.privacy.accountant,
+        "max_grad_norm": cfg.privacy.max_grad_norm,
+        "hospitals": spend,
+        "secure_aggregation": {
+            "protocol": "SecAgg+" if sa.enabled else "none", "num_shares": sa.num_shares,
+            "reconstruction_threshold": sa.reconstruction_threshold, "clipping_range": sa.clipping_range,
+            "quantization_range": sa.quantization_range, "modulus_range": sa.modulus_range,
+            "max_weight": sa.max_weight,
+        },
+    }
+
+
+class FederatedRun:
+    """Everything the server holds for one run: model for central evaluation, tracking, checkpoints."""
+
+    def __init__(self, cfg: AppConfig) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.device = resolve_device(cfg.train.device)
+        splits = load_splits(cfg.data)
+        self.test = splits.test
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = build_model(cfg, self.tokenizer, len(splits.train.label_names), self.device)
+        self.adapter_bytes = sum(a.nbytes for a in adapter_to_arrays(self.model))
+        resumed = load_checkpoint(self.output_dir) if cfg.resume_from else None
+        self.checkpoint: Checkpoint | None = resumed[0] if resumed else None
+        self.initial_arrays: NDArrays = resumed[1] if resumed else adapter_to_arrays(self.model)
+        self.tracker = RunTracker(cfg, self.checkpoint.mlflow_run_id if self.checkpoint else None)
+        self.spend: dict[str, dict[str, float]] = {}
+
+    def evaluate_global(self, server_round: int, arrays: NDArrays,
+                        config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
+        load_adapter_arrays(self.model, arrays)
+        metrics = evaluate(self.cfg, self.model, self.tokenizer, self.test, self.device)
+        return metrics["loss"], {k: v for k, v in metrics.items() if k != "loss"}
+
+    def on_round(self, result: RoundResult, context: LegacyContext) -> None:
+        participants = len(result.record.client_metrics)
+        self.spend.update(hospital_privacy(result, self.cfg))
+        metrics: dict[str, float] = {f"eval_{k}": v for k, v in result.central.items()}
+        metrics.update({f"fed_eval_{k}": v for k, v in result.distributed.items()})
+        fit = context.history.metrics_distributed_fit
+        metrics.update({f"train_{k}": float(v) for k, values in fit.items() for r, v in values
+                        if r == result.server_round and k in ("train_loss",) and isinstance(v, int | float)})
+        for hospital, spend in self.spend.items():
+            metrics[f"epsilon/{hospital}"] = spend["epsilon"]
+            metrics[f"noise_multiplier/{hospital}"] = spend["noise_multiplier"]
+        metrics["epsilon_max"] = max(s["epsilon"] for s in self.spend.values())
+        metrics["bytes_sent"] = 2.0 * self.adapter_bytes * participants  # adapter down and up, per hospital
+        metrics["round_seconds"] = result.seconds
+        self.tracker.log_metrics(metrics, step=result.server_round)
+        monitor = self.monitor
+        save_checkpoint(self.output_dir, current_arrays(context), Checkpoint(
+            server_round=result.server_round, arrays_file=f"round-{result.server_round:04d}.npz",
+            mlflow_run_id=self.tracker.run_id, convergence_streak=monitor.streak, last_loss=monitor.last_loss,
+            initial_metrics=self.workflow.outcome.initial_metrics,
+        ))
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.central.items()))
+        print(f"[round {result.server_round}/{self.cfg.federation.num_rounds}] {shown}, "
+              f"max epsilon {metrics['epsilon_max']:.3f}, {result.seconds:.1f}s", flush=True)
+
+    def run(self, grid: Grid, context: Context) -> dict[str, Any]:
+        cfg = self.cfg
+        strategy = RecordingFedProx(
+            proximal_mu=cfg.strategy.proximal_mu, min_participants=cfg.federation.min_participants,
+            initial_arrays=self.initial_arrays, evaluate_fn=self.evaluate_global,
+        )
+        cp = self.checkpoint
+        self.monitor = ConvergenceMonitor(cfg.strategy.convergence_threshold, cfg.strategy.patience,
+                                          cp.convergence_streak if cp else 0, cp.last_loss if cp else None)
+        first_round = cp.server_round + 1 if cp else 1
+        self.workflow = FederatedWorkflow(fit_workflow_for(cfg), self.monitor, first_round, self.on_round,
+                                          cp.initial_metrics if cp else None)
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.num_rounds),
+                               strategy=strategy)
+        try:
+            outcome = self.workflow(grid, legacy)
+        except BaseException:
+            self.tracker.end("FAILED")
+            raise
+        summary = self.finish(outcome, current_arrays(legacy), first_round)
+        self.tracker.end("FINISHED")
+        return summary
+
+    def finish(self, outcome: LoopOutcome, arrays: NDArrays, first_round: int) -> dict[str, Any]:
+        load_adapter_arrays(self.model, arrays)
+        adapter_dir = save_adapter(self.model, self.output_dir / "adapter")
+        report = privacy_report(self.cfg, self.spend)
+        (self.output_dir / PRIVACY_REPORT_FILE).write_text(json.dumps(report, indent=2))
+        self.tracker.log_artifacts(adapter_dir, config_as_dict(self.cfg), report)
+        last = outcome.rounds[-1] if outcome.rounds else None
+        summary = {
+            "rounds_completed": last.server_round if last else first_round - 1,
+            "stopped_early": outcome.stopped_early,
+            "initial_metrics": outcome.initial_metrics,
+            "final_metrics": last.central if last else {},
+            "federated_metrics": last.distributed if last else {},
+            "epsilon_per_client": {h: s["epsilon"] for h, s in self.spend.items()},
+            "noise_multiplier": {h: s["noise_multiplier"] for h, s in self.spend.items()},
+            "delta": self.cfg.privacy.delta,
+            "mlflow_run_id": self.tracker.run_id,
+            "adapter_path": str(adapter_dir),
+        }
+        (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
+    quiet_libraries()
+    if cfg.train.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.num_threads)
+    return FederatedRun(cfg).run(grid, context)
+
+
+def build_server_app(overrides: Sequence[str] | None = None) -> ServerApp:
+    """A ServerApp for these overrides; None reads them from the run-config key `overrides` (deployment)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        chosen = overrides if overrides is not None else shlex.split(str(context.run_config.get("overrides", "")))
+        run_server(grid, context, to_app_config(compose_config(chosen)))
+
+    return app
+
+
+app = build_server_app()

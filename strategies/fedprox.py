@@ -1,0 +1,76 @@
+"""FedProx for DP adapters under SecAgg+, on Flower's legacy strategy API (the only one SecAgg+ runs on).
+
+It adds what the stock strategy lacks for auditable runs: a record of which rounds really aggregated (a halted
+SecAgg+ round leaves the old weights in place silently, so the server loop checks this record), each hospital's
+plaintext fit metrics (its epsilon spent), and float32 aggregates (SecAgg+ dequantises to float64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.common import (
+    FitRes,
+    MetricsAggregationFn,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedProx
+
+EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
+
+
+@dataclass
+class RoundRecord:
+    """What one aggregated round produced, kept for tracking and the final report."""
+
+    server_round: int
+    num_examples: int
+    client_metrics: dict[str, dict[str, Scalar]] = field(default_factory=dict)
+
+
+def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    """Example-weighted mean of every numeric metric the hospitals report."""
+    total = sum(n for n, _ in metrics)
+    keys = {k for _, m in metrics for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {k: sum(n * float(m[k]) for n, m in metrics if k in m) / total for k in sorted(keys)} if total else {}
+
+
+class RecordingFedProx(FedProx):
+    """Flower's FedProx plus an auditable record of each aggregated round."""
+
+    def __init__(self, *, proximal_mu: float, min_participants: int, initial_arrays: NDArrays,
+                 evaluate_fn: EvaluateFn | None = None,
+                 evaluate_metrics_aggregation_fn: MetricsAggregationFn | None = weighted_average) -> None:
+        super().__init__(
+            proximal_mu=proximal_mu, fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=min_participants,
+            min_evaluate_clients=min_participants, min_available_clients=min_participants,
+            evaluate_fn=evaluate_fn, initial_parameters=ndarrays_to_parameters(initial_arrays),
+            accept_failures=True, fit_metrics_aggregation_fn=weighted_average,
+            evaluate_metrics_aggregation_fn=evaluate_metrics_aggregation_fn,
+            on_fit_config_fn=lambda server_round: {"server_round": server_round},
+        )
+        self.min_participants = min_participants
+        self.rounds: dict[int, RoundRecord] = {}
+
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if len(results) < self.min_participants:
+            return None, {}
+        parameters, metrics = super().aggregate_fit(server_round, results, failures)
+        if parameters is None:
+            return None, {}
+        arrays = [np.asarray(a, dtype=np.float32) for a in parameters_to_ndarrays(parameters)]
+        self.rounds[server_round] = RoundRecord(
+            server_round, sum(r.num_examples for _, r in results),
+            {str(r.metrics.get("hospital", proxy.node_id)): dict(r.metrics) for proxy, r in results},
+        )
+        return ndarrays_to_parameters(arrays), metrics
