@@ -10,6 +10,7 @@ import html
 import importlib.util
 import io
 import random
+import warnings
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -75,8 +76,11 @@ def icd10_examples() -> TextDataset:
     Seventh-character extensions are skipped (they repeat their parent's text with an encounter
     suffix). A text that appears under two chapters is dropped: it has no single true label.
     """
-    import simple_icd_10_cm as cm
+    with warnings.catch_warnings():  # the package reads its data with a deprecated importlib API
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import simple_icd_10_cm as cm
 
+        cm.get_all_codes()
     chapters = [code for code in cm.get_all_codes(with_dots=True) if cm.is_chapter(code)]
     chapter_index = {code: i for i, code in enumerate(chapters)}
     text_chapter: dict[str, int] = {}

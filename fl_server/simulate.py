@@ -86,9 +86,11 @@ def simulation_overrides(task_overrides: list[str], output_dir: str) -> list[str
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(_: DictConfig) -> None:
+    quiet_libraries()
     hydra_cfg = HydraConfig.get()
     overrides = simulation_overrides(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
-    print_table(simulate(overrides))
+    # Inside the job, since Hydra reports exceptions raised here as tracebacks.
+    exit_on_bad_input("fl-simulate", lambda: print_table(simulate(overrides)))
 
 
 def main() -> None:
@@ -97,7 +99,7 @@ def main() -> None:
     task_overrides = [a for a in sys.argv[1:] if not a.startswith("-") and not a.startswith("hydra")]
     # Hydra would report a bad override in several lines; check first, in one.
     exit_on_bad_input("fl-simulate", lambda: to_app_config(compose_config(task_overrides)))
-    exit_on_bad_input("fl-simulate", _hydra_main)
+    _hydra_main()
 
 
 if __name__ == "__main__":

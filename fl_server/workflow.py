@@ -122,8 +122,9 @@ class FederatedWorkflow:
                 result = RoundResult(server_round, record, central, _distributed(context, server_round),
                                      time.perf_counter() - started)
                 self.outcome.rounds.append(result)
-                self.on_round(result, context)
-                if "loss" in central and self.monitor.update(central["loss"]):
+                converged = "loss" in central and self.monitor.update(central["loss"])
+                self.on_round(result, context)  # after the monitor update, so checkpoints carry its state
+                if converged:
                     self.outcome.stopped_early = server_round < context.config.num_rounds
                     break
         finally:
