@@ -65,7 +65,7 @@ def noise_for(cfg: AppConfig, plan: SamplingPlan) -> float | None:
                            cfg.privacy.accountant)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)  # a simulation actor may serve several hospitals in turn
 def _resources(config_json: str, partition: int) -> HospitalResources:
     cfg = to_app_config(OmegaConf.create(json.loads(config_json)))
     if cfg.train.num_threads:

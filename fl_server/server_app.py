@@ -169,6 +169,7 @@ class FederatedRun:
             "epsilon_per_client": {h: s["epsilon"] for h, s in self.spend.items()},
             "noise_multiplier": {h: s["noise_multiplier"] for h, s in self.spend.items()},
             "delta": self.cfg.privacy.delta,
+            "round_seconds": {str(r.server_round): r.seconds for r in outcome.rounds},
             "mlflow_run_id": self.tracker.run_id,
             "adapter_path": str(adapter_dir),
         }

@@ -93,14 +93,16 @@ def table(rows: list[dict[str, object]], batch: int, seq_len: int, threads: int)
     return "\n".join(lines)
 
 
-def write_section(markdown: str) -> Path:
+def write_section(markdown: str, begin: str = BEGIN, end: str = END,
+                  heading: str = "DP-SGD step against plain training") -> Path:
+    """Replace the block between `begin` and `end` in docs/benchmarks.md, or append it under `heading`."""
     path = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{markdown}\n{END}"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    block = f"{begin}\n{markdown}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        text += f"\n## DP-SGD step against plain training\n\n{block}\n"
+        text += f"\n## {heading}\n\n{block}\n"
     path.write_text(text)
     return path
 
