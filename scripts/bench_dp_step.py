@@ -36,6 +36,7 @@ def measure(model_name: str, mode: str, batch: int, seq_len: int, steps: int, th
     device = torch.device("cpu")
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg, tokenizer, 22, device)
+    model.train()  # from_pretrained returns eval mode, where Opacus captures no activations
     g = torch.Generator().manual_seed(0)
     n = batch * (steps + 2)
     ids = torch.randint(5, len(tokenizer) - 1, (n, seq_len), generator=g)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from flwr.client import ClientApp, NumPyClient
@@ -33,21 +35,26 @@ class FixedUpdateClient(NumPyClient):
         self.partition = partition
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        return hospital_update(self.partition), EXAMPLES[self.partition], {"hospital": f"h{self.partition}"}
+        metrics: dict[str, Scalar] = {"hospital": f"h{self.partition}", "proximal_mu": config["proximal_mu"]}
+        return hospital_update(self.partition), EXAMPLES[self.partition], metrics
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         return 0.0, EXAMPLES[self.partition], {}
 
 
-def aggregate_once(client_runs_secagg: bool) -> NDArrays:
+PROXIMAL_MU = 0.25
+
+
+def aggregate_once(client_runs_secagg: bool) -> tuple[NDArrays, RecordingFedProx]:
     cfg = tiny_config("strategy.secagg.max_weight=1000", "federation.num_clients=3")
-    result: dict[str, NDArrays] = {}
+    result: dict[str, Any] = {}
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         zeros = [np.zeros_like(a) for a in hospital_update(0)]
-        strategy = RecordingFedProx(proximal_mu=0.0, min_participants=3, initial_arrays=zeros)
+        strategy = RecordingFedProx(proximal_mu=PROXIMAL_MU, min_participants=3, initial_arrays=zeros)
+        result["strategy"] = strategy
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
         FederatedWorkflow(fit_workflow_for(cfg), ConvergenceMonitor(0.0, 1), 1, lambda *_: None)(grid, legacy)
         result["aggregate"] = current_arrays(legacy)
@@ -58,11 +65,13 @@ def aggregate_once(client_runs_secagg: bool) -> NDArrays:
     client = ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if client_runs_secagg else [])
     run_simulation(server_app=server, client_app=client, num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1}})
-    return result["aggregate"]
+    return result["aggregate"], result["strategy"]
 
 
 def test_secagg_aggregate_equals_plain_fedprox_within_quantisation() -> None:
-    aggregate = aggregate_once(client_runs_secagg=True)
+    aggregate, strategy = aggregate_once(client_runs_secagg=True)
+    # FedProx's mu reached every hospital through Flower's fit config.
+    assert {m["proximal_mu"] for m in strategy.rounds[1].client_metrics.values()} == {PROXIMAL_MU}
     weights = np.array(EXAMPLES, dtype=np.float64) / sum(EXAMPLES)
     for i, got in enumerate(aggregate):
         expected = sum(w * hospital_update(p)[i] for p, w in enumerate(weights))
