@@ -123,6 +123,8 @@ class HospitalClient(NumPyClient):
             "hospital": self.hospital, "train_loss": result.train_loss, "epsilon": result.epsilon,
             "delta": self.cfg.privacy.delta, "noise_multiplier": res.noise_multiplier or 0.0,
             "sample_rate": res.plan.sample_rate, "steps": result.accountant.steps if result.accountant else 0,
+            # the whole history, so the server can recompute epsilon even if sigma changed on a resume
+            "accountant": result.accountant.to_json() if result.accountant else "",
         }
         return adapter_to_arrays(res.model), result.num_examples, metrics
 

@@ -25,7 +25,7 @@ from fl_core.device import resolve_device
 from fl_core.entry import quiet_libraries
 from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer, save_adapter
 from fl_core.training import evaluate
-from privacy.calibration import epsilon_for
+from privacy.accountant import AccountantState
 from strategies.fedprox import RecordingFedProx
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -49,15 +49,17 @@ def fit_workflow_for(cfg: AppConfig) -> FitWorkflow:
 
 
 def hospital_privacy(result: RoundResult, cfg: AppConfig) -> dict[str, dict[str, float]]:
-    """Each hospital's spend as its accountant reported it, checked against an independent recomputation."""
+    """Each hospital's spend as it reported it, checked against a recomputation from its accountant history."""
     report: dict[str, dict[str, float]] = {}
     for hospital, m in result.record.client_metrics.items():
         sigma, q, steps = float(m.get("noise_multiplier", 0.0)), float(m.get("sample_rate", 0.0)), int(m["steps"])
         epsilon = float(m["epsilon"])
         if cfg.privacy.enabled:
-            recomputed = epsilon_for(sigma, cfg.privacy.delta, q, steps, cfg.privacy.accountant)
-            if not math.isclose(recomputed, epsilon, rel_tol=1e-6):
-                raise RuntimeError(f"{hospital}: reported epsilon {epsilon} but its history gives {recomputed}")
+            history = AccountantState.from_json(str(m["accountant"]))
+            recomputed = history.epsilon(cfg.privacy.delta)
+            if history.steps != steps or not math.isclose(recomputed, epsilon, rel_tol=1e-9):
+                raise RuntimeError(f"{hospital}: reported epsilon {epsilon} after {steps} steps, but its "
+                                   f"accountant history gives {recomputed} after {history.steps}")
         report[hospital] = {"epsilon": epsilon, "noise_multiplier": sigma, "sample_rate": q, "steps": steps}
     return report
 
@@ -110,9 +112,9 @@ class FederatedRun:
         self.spend.update(hospital_privacy(result, self.cfg))
         metrics: dict[str, float] = {f"eval_{k}": v for k, v in result.central.items()}
         metrics.update({f"fed_eval_{k}": v for k, v in result.distributed.items()})
-        fit = context.history.metrics_distributed_fit
-        metrics.update({f"train_{k}": float(v) for k, values in fit.items() for r, v in values
-                        if r == result.server_round and k in ("train_loss",) and isinstance(v, int | float)})
+        for r, loss in context.history.metrics_distributed_fit.get("train_loss", []):
+            if r == result.server_round:
+                metrics["train_loss"] = float(loss)  # example-weighted over the hospitals
         for hospital, spend in self.spend.items():
             metrics[f"epsilon/{hospital}"] = spend["epsilon"]
             metrics[f"noise_multiplier/{hospital}"] = spend["noise_multiplier"]
@@ -120,10 +122,10 @@ class FederatedRun:
         metrics["bytes_sent"] = 2.0 * self.adapter_bytes * participants  # adapter down and up, per hospital
         metrics["round_seconds"] = result.seconds
         self.tracker.log_metrics(metrics, step=result.server_round)
-        monitor = self.monitor
         save_checkpoint(self.output_dir, current_arrays(context), Checkpoint(
             server_round=result.server_round, arrays_file=f"round-{result.server_round:04d}.npz",
-            mlflow_run_id=self.tracker.run_id, convergence_streak=monitor.streak, last_loss=monitor.last_loss,
+            mlflow_run_id=self.tracker.run_id, convergence_streak=self.monitor.streak,
+            last_loss=self.monitor.last_loss,
             initial_metrics=self.workflow.outcome.initial_metrics,
         ))
         shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.central.items()))

@@ -66,7 +66,7 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["privacy.target_epsilon"] == "8.0"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "epsilon_max")] == [1, 2]
-    for name in ("eval_loss", "eval_accuracy", "eval_macro_f1", "train_train_loss", "fed_eval_loss",
+    for name in ("eval_loss", "eval_accuracy", "eval_macro_f1", "train_loss", "fed_eval_loss",
                  "epsilon/hospital-1", "noise_multiplier/hospital-2", "bytes_sent"):
         assert name in run.data.metrics, name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

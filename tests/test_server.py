@@ -1,0 +1,58 @@
+"""Server-side pieces without a simulation: privacy cross-check, convergence stop, checkpoints."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fl_server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fl_server.server_app import hospital_privacy
+from fl_server.workflow import ConvergenceMonitor, RoundResult
+from privacy.accountant import AccountantState
+from strategies.fedprox import RoundRecord, weighted_average
+from tests.conftest import tiny_config
+
+
+def _round_with(history: AccountantState, reported_epsilon: float) -> RoundResult:
+    sigma, q, _ = history.history[-1]
+    metrics = {"epsilon": reported_epsilon, "noise_multiplier": sigma, "sample_rate": q, "steps": history.steps,
+               "accountant": history.to_json()}
+    return RoundResult(2, RoundRecord(2, 100, {"hospital-0": metrics}), {}, {}, 1.0)
+
+
+def test_privacy_cross_check_accepts_a_history_whose_sigma_changed_on_resume() -> None:
+    history = AccountantState("rdp", [(0.8, 0.02, 50), (0.9, 0.02, 50)])  # recalibrated after a resume
+    spend = hospital_privacy(_round_with(history, history.epsilon(1e-5)), tiny_config())
+    assert spend["hospital-0"]["epsilon"] == history.epsilon(1e-5) and spend["hospital-0"]["steps"] == 100
+
+
+def test_privacy_cross_check_rejects_an_epsilon_its_history_does_not_give() -> None:
+    history = AccountantState("rdp", [(0.8, 0.02, 100)])
+    with pytest.raises(RuntimeError, match="hospital-0"):
+        hospital_privacy(_round_with(history, 0.9 * history.epsilon(1e-5)), tiny_config())
+
+
+def test_convergence_needs_patience_rounds_of_small_relative_change() -> None:
+    monitor = ConvergenceMonitor(threshold=0.01, patience=2)
+    assert not monitor.update(2.0)
+    assert not monitor.update(1.5)     # 25% change
+    assert not monitor.update(1.499)   # small change, streak 1
+    assert not monitor.update(1.2)     # large change resets the streak
+    assert not monitor.update(1.1995)
+    assert monitor.update(1.199)       # second small change in a row
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, dtype=np.float32)]
+    save_checkpoint(tmp_path, arrays, Checkpoint(3, "round-0003.npz", "run-id", 1, 0.5, {"loss": 3.0}))
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None
+    checkpoint, restored = loaded
+    assert (checkpoint.server_round, checkpoint.mlflow_run_id, checkpoint.last_loss) == (3, "run-id", 0.5)
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, restored, strict=True))
+    assert load_checkpoint(tmp_path / "empty") is None
+
+
+def test_weighted_average_weights_by_examples_and_skips_text() -> None:
+    averaged = weighted_average([(100, {"loss": 1.0, "hospital": "a"}), (300, {"loss": 2.0, "hospital": "b"})])
+    assert averaged == {"loss": pytest.approx(1.75)}
