@@ -69,5 +69,5 @@ def test_hospital_refuses_a_round_that_would_exceed_its_target_epsilon(tmp_path:
     client = HospitalClient(cfg, "hospital-0", 0, tmp_path)
     one_round = (sigma, plan.sample_rate, plan.steps_per_round)
     client.check_budget(AccountantState("rdp", [one_round]), resources)  # the second planned round fits
-    with pytest.raises(PrivacyBudgetExceeded, match="above the target 2.0"):
+    with pytest.raises(PrivacyBudgetExceeded, match=r"above the target 2\.0"):
         client.check_budget(AccountantState("rdp", [one_round, one_round]), resources)  # a third would not
