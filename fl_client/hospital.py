@@ -19,7 +19,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fl_core.config import AppConfig, config_as_dict, to_app_config, validate_delta
-from fl_core.data import TextDataset, load_splits, partition_indices
+from fl_core.data import TextDataset, hospital_datasets, load_splits
 from fl_core.device import resolve_device
 from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer
 from fl_core.training import evaluate, train_local
@@ -49,20 +49,21 @@ class HospitalResources:
 def hospital_data(cfg: AppConfig, partition: int) -> tuple[TextDataset, TextDataset]:
     """This hospital's share of the training set, and its local share of the test set."""
     splits = load_splits(cfg.data)
-    train = splits.train.subset(partition_indices(splits.train, cfg.federation, cfg.data.seed)[partition])
-    test = splits.test.subset(partition_indices(splits.test, cfg.federation, cfg.data.seed + 1)[partition])
+    train = hospital_datasets(splits.train, cfg.federation, cfg.data.seed)[partition]
+    test = hospital_datasets(splits.test, cfg.federation, cfg.data.seed + 1)[partition]
     return train, test
 
 
-def noise_for(cfg: AppConfig, plan: SamplingPlan) -> float | None:
-    """sigma for every planned step of every round, calibrated once; None when DP is off."""
+def privacy_plan(cfg: AppConfig, num_examples: int) -> tuple[SamplingPlan, float | None]:
+    """Poisson sampling over every planned round, and sigma calibrated once for all of it (None without DP)."""
+    plan = sampling_plan(num_examples, cfg.train.batch_size, cfg.train.local_epochs, cfg.federation.num_rounds)
     if not cfg.privacy.enabled:
-        return None
-    validate_delta(cfg.privacy.delta, plan.num_examples)
+        return plan, None
+    validate_delta(cfg.privacy.delta, num_examples)
     if cfg.privacy.noise_multiplier is not None:
-        return cfg.privacy.noise_multiplier
-    return calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, plan.sample_rate, plan.total_steps,
-                           cfg.privacy.accountant)
+        return plan, cfg.privacy.noise_multiplier
+    return plan, calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, plan.sample_rate,
+                                 plan.total_steps, cfg.privacy.accountant)
 
 
 @lru_cache(maxsize=4)  # a simulation actor may serve several hospitals in turn
@@ -72,8 +73,7 @@ def _resources(config_json: str, partition: int) -> HospitalResources:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     train, test = hospital_data(cfg, partition)
-    plan = sampling_plan(len(train), cfg.train.batch_size, cfg.train.local_epochs, cfg.federation.num_rounds)
-    sigma = noise_for(cfg, plan)
+    plan, sigma = privacy_plan(cfg, len(train))
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg, tokenizer, len(train.label_names), device)
     return HospitalResources(tokenizer, model, device, train, test, plan, sigma)

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import torch
 
-from fl_core.config import AppConfig, compose_config, to_app_config, validate_delta
+from fl_core.config import AppConfig, compose_config, to_app_config
 from fl_core.data import hospital_datasets, load_splits
 from fl_core.device import resolve_device
 from fl_core.entry import exit_on_bad_input, quiet_libraries
 from fl_core.model import build_model, load_tokenizer, save_adapter
 from fl_core.training import evaluate, train_local
 from privacy.accountant import AccountantState
-from privacy.calibration import calibrate_noise, sampling_plan
+
+from .hospital import privacy_plan
 
 
 def run_local(cfg: AppConfig, hospital: int = 0) -> dict[str, object]:
@@ -25,15 +26,8 @@ def run_local(cfg: AppConfig, hospital: int = 0) -> dict[str, object]:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     splits = load_splits(cfg.data)
-    data = hospital_datasets(splits, cfg.federation, cfg.data.seed)[hospital]
-    plan = sampling_plan(len(data), cfg.train.batch_size, cfg.train.local_epochs, cfg.federation.num_rounds)
-    sigma: float | None = None
-    if cfg.privacy.enabled:
-        validate_delta(cfg.privacy.delta, len(data))
-        sigma = cfg.privacy.noise_multiplier
-        if sigma is None:
-            sigma = calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, plan.sample_rate,
-                                    plan.total_steps, cfg.privacy.accountant)
+    data = hospital_datasets(splits.train, cfg.federation, cfg.data.seed)[hospital]
+    plan, sigma = privacy_plan(cfg, len(data))
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg, tokenizer, len(splits.train.label_names), device)
     before = evaluate(cfg, model, tokenizer, splits.test, device)

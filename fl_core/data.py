@@ -170,5 +170,6 @@ def partition_indices(train: TextDataset, fed: FederationConfig, seed: int) -> l
     return parts
 
 
-def hospital_datasets(splits: DataSplits, fed: FederationConfig, seed: int) -> list[TextDataset]:
-    return [splits.train.subset(p) for p in partition_indices(splits.train, fed, seed)]
+def hospital_datasets(data: TextDataset, fed: FederationConfig, seed: int) -> list[TextDataset]:
+    """Each hospital's share of `data`, in hospital order."""
+    return [data.subset(p) for p in partition_indices(data, fed, seed)]

@@ -94,10 +94,11 @@ class FederatedRun:
         self.test = splits.test
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = build_model(cfg, self.tokenizer, len(splits.train.label_names), self.device)
-        self.adapter_bytes = sum(a.nbytes for a in adapter_to_arrays(self.model))
+        fresh_arrays = adapter_to_arrays(self.model)
+        self.adapter_bytes = sum(a.nbytes for a in fresh_arrays)
         resumed = load_checkpoint(self.output_dir) if cfg.resume_from else None
         self.checkpoint: Checkpoint | None = resumed[0] if resumed else None
-        self.initial_arrays: NDArrays = resumed[1] if resumed else adapter_to_arrays(self.model)
+        self.initial_arrays: NDArrays = resumed[1] if resumed else fresh_arrays
         self.tracker = RunTracker(cfg, self.checkpoint.mlflow_run_id if self.checkpoint else None)
         self.spend: dict[str, dict[str, float]] = {}
 

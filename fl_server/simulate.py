@@ -24,15 +24,11 @@ from .server_app import SUMMARY_FILE
 
 def preflight(cfg: AppConfig) -> dict[str, float | None]:
     """Partition the data and calibrate every hospital's sigma, so bad input fails before Ray starts."""
-    from fl_client.hospital import hospital_data, noise_for
-    from privacy.calibration import sampling_plan
+    from fl_client.hospital import privacy_plan
+    from fl_core.data import hospital_datasets, load_splits
 
-    sigmas: dict[str, float | None] = {}
-    for partition in range(cfg.federation.num_clients):
-        train, _ = hospital_data(cfg, partition)
-        plan = sampling_plan(len(train), cfg.train.batch_size, cfg.train.local_epochs, cfg.federation.num_rounds)
-        sigmas[f"hospital-{partition}"] = noise_for(cfg, plan)
-    return sigmas
+    trains = hospital_datasets(load_splits(cfg.data).train, cfg.federation, cfg.data.seed)
+    return {f"hospital-{p}": privacy_plan(cfg, len(train))[1] for p, train in enumerate(trains)}
 
 
 def backend_config(cfg: AppConfig) -> dict[str, Any]:
