@@ -1,8 +1,8 @@
 """Flower ClientApp: each hospital's SuperNode runs this; only adapter weights leave the hospital.
 
 Configuration comes from the same Hydra tree as the server: the run's `overrides` (run-config in deployment, or
-the list `fl-simulate` passes in simulation). Which hospital this is comes from the node: `hospital-id`,
-`partition-id` and `state-dir` in its node config.
+the list `fl-simulate` passes in simulation). Which hospital this is, where its ledger lives and which policy it
+enforces come from the node alone (see `node.py`).
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from pathlib import Path
 
 from flwr.client import Client, ClientApp
-from flwr.client.mod import secaggplus_mod
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Context, Message
 
@@ -21,6 +20,7 @@ from fl_core.config import AppConfig, compose_config, to_app_config
 from fl_core.entry import quiet_libraries
 
 from .hospital import HospitalClient
+from .node import NodeSettings
 
 
 @lru_cache(maxsize=8)
@@ -35,19 +35,11 @@ def run_config(context: Context, overrides: Sequence[str] | None) -> AppConfig:
     return _config(tuple(overrides))
 
 
-def hospital_identity(context: Context, cfg: AppConfig) -> tuple[str, int, Path]:
-    partition = int(context.node_config.get("partition-id", 0))
-    hospital = str(context.node_config.get("hospital-id", f"hospital-{partition}"))
-    state_dir = Path(str(context.node_config.get("state-dir", Path(cfg.output_dir) / "hospitals" / hospital)))
-    return hospital, partition, state_dir
-
-
 def make_client_fn(overrides: Sequence[str] | None) -> Callable[[Context], Client]:
     def client_fn(context: Context) -> Client:
         quiet_libraries()
         cfg = run_config(context, overrides)
-        hospital, partition, state_dir = hospital_identity(context, cfg)
-        return HospitalClient(cfg, hospital, partition, state_dir).to_client()
+        return HospitalClient(cfg, NodeSettings.from_node_config(context.node_config)).to_client()
 
     return client_fn
 
@@ -63,8 +55,20 @@ def make_secure_aggregation_mod(overrides: Sequence[str] | None) -> Mod:
     return secure_aggregation
 
 
+def make_update_clipping_mod(overrides: Sequence[str] | None) -> Mod:
+    """Hospital-level DP: clip this hospital's update on its own node, inside SecAgg+ (before masking)."""
+
+    def update_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if run_config(context, overrides).privacy.client_level.enabled:
+            return fixedclipping_mod(msg, context, call_next)
+        return call_next(msg, context)
+
+    return update_clipping
+
+
 def build_client_app(overrides: Sequence[str] | None = None) -> ClientApp:
-    return ClientApp(client_fn=make_client_fn(overrides), mods=[make_secure_aggregation_mod(overrides)])
+    return ClientApp(client_fn=make_client_fn(overrides),
+                     mods=[make_secure_aggregation_mod(overrides), make_update_clipping_mod(overrides)])
 
 
 app = build_client_app()

@@ -74,6 +74,16 @@ class LoraConfig:
 
 
 @dataclass
+class ClientLevelDPConfig:
+    """Hospital-level DP on top of DP-SGD: each update clipped on its node, Gaussian noise added by the server."""
+
+    enabled: bool = False
+    clipping_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+
+
+@dataclass
 class PrivacyConfig:
     enabled: bool = True
     target_epsilon: float = 8.0
@@ -82,6 +92,7 @@ class PrivacyConfig:
     accountant: str = "rdp"
     noise_multiplier: float | None = None  # fixed sigma instead of calibrating to target_epsilon
     grad_sample_mode: str = "hooks"
+    client_level: ClientLevelDPConfig = field(default_factory=ClientLevelDPConfig)
 
 
 @dataclass
@@ -103,6 +114,7 @@ class FederationConfig:
     partitioning: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     min_participants: int = 3
+    join_timeout: float = 300.0  # seconds the server waits for every hospital to connect before admission
 
 
 @dataclass
@@ -238,6 +250,13 @@ def validate(cfg: AppConfig) -> None:
     else:
         _require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (got {p.noise_multiplier})")
 
+    c = p.client_level
+    if c.enabled:
+        _positive(c.clipping_norm, "privacy.client_level.clipping_norm")
+        _require(c.noise_multiplier >= 0, "privacy.client_level.noise_multiplier",
+                 f"must be >= 0 (got {c.noise_multiplier})")
+        _require(0 < c.delta < 1, "privacy.client_level.delta", f"must be in (0, 1) (got {c.delta})")
+
     t = cfg.train
     _positive(t.batch_size, "train.batch_size")
     _positive(t.local_epochs, "train.local_epochs")
@@ -256,6 +275,7 @@ def validate(cfg: AppConfig) -> None:
     _positive(f.dirichlet_alpha, "federation.dirichlet_alpha")
     _require(1 <= f.min_participants <= f.num_clients, "federation.min_participants",
              f"must be between 1 and federation.num_clients={f.num_clients} (got {f.min_participants})")
+    _positive(f.join_timeout, "federation.join_timeout")
 
     s = cfg.strategy
     _one_of(s.name, STRATEGIES, "strategy.name")

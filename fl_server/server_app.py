@@ -1,5 +1,8 @@
 """Flower ServerApp: FedProx over hospitals' DP adapters, SecAgg+ by default, tracked in MLflow.
 
+Hospitals first admit the run against their own policy and ledger; refusals are logged and recorded, and the run
+goes on only with at least `federation.min_participants` admitted hospitals.
+
 Configuration is the Hydra tree under `conf/`, composed from the run's `overrides` (run-config key in deployment,
 a list from `fl-simulate` in simulation), so simulation and deployment share one source of configuration.
 """
@@ -15,6 +18,7 @@ from typing import Any
 
 from flwr.common import Context, NDArrays, Scalar
 from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
@@ -26,24 +30,30 @@ from fl_core.entry import quiet_libraries
 from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer, save_adapter
 from fl_core.training import evaluate
 from privacy.accountant import AccountantState
+from privacy.ledger import ABORTED, COMMITTED
 from strategies.fedprox import RecordingFedProx
 
+from .admission import Admission, AdmissionFailed, Answers, admit_run, close_run
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .privacy_report import build_report, hospital_level_epsilon, report_markdown
 from .tracking import RunTracker
 from .workflow import ConvergenceMonitor, FederatedWorkflow, FitWorkflow, LoopOutcome, RoundResult, current_arrays
 
 SUMMARY_FILE = "summary.json"
 PRIVACY_REPORT_FILE = "privacy_report.json"
+PRIVACY_REPORT_MARKDOWN = "privacy_report.md"
 
 
 def fit_workflow_for(cfg: AppConfig) -> FitWorkflow:
     sa = cfg.strategy.secagg
     if not sa.enabled:
         return default_fit_workflow
+    # Under hospital-level DP every hospital sends weight 1; a larger max_weight would only cost precision.
+    max_weight = 1.0 if cfg.privacy.client_level.enabled else sa.max_weight
     return SecAggPlusWorkflow(
         num_shares=secagg_count_or_fraction(sa.num_shares),
         reconstruction_threshold=secagg_count_or_fraction(sa.reconstruction_threshold),
-        max_weight=sa.max_weight, clipping_range=sa.clipping_range, quantization_range=sa.quantization_range,
+        max_weight=max_weight, clipping_range=sa.clipping_range, quantization_range=sa.quantization_range,
         modulus_range=sa.modulus_range, timeout=sa.timeout,
     )
 
@@ -64,25 +74,6 @@ def hospital_privacy(result: RoundResult, cfg: AppConfig) -> dict[str, dict[str,
     return report
 
 
-def privacy_report(cfg: AppConfig, spend: dict[str, dict[str, float]]) -> dict[str, Any]:
-    sa = cfg.strategy.secagg
-    return {
-        "guarantee": "record-level (epsilon, delta)-DP per hospital via DP-SGD" if cfg.privacy.enabled else "none",
-        "unit_of_privacy": f"one training example ({cfg.data.name} text) in a hospital's dataset",
-        "delta": cfg.privacy.delta,
-        "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.noise_multiplier is None else None,
-        "accountant": cfg.privacy.accountant,
-        "max_grad_norm": cfg.privacy.max_grad_norm,
-        "hospitals": spend,
-        "secure_aggregation": {
-            "protocol": "SecAgg+" if sa.enabled else "none", "num_shares": sa.num_shares,
-            "reconstruction_threshold": sa.reconstruction_threshold, "clipping_range": sa.clipping_range,
-            "quantization_range": sa.quantization_range, "modulus_range": sa.modulus_range,
-            "max_weight": sa.max_weight,
-        },
-    }
-
-
 class FederatedRun:
     """Everything the server holds for one run: model for central evaluation, tracking, checkpoints."""
 
@@ -101,6 +92,43 @@ class FederatedRun:
         self.initial_arrays: NDArrays = resumed[1] if resumed else fresh_arrays
         self.tracker = RunTracker(cfg, self.checkpoint.mlflow_run_id if self.checkpoint else None)
         self.spend: dict[str, dict[str, float]] = {}
+        self.admission: Admission | None = None
+        self.closing: Answers = {}
+        self.recorder = RecordingFedProx(
+            proximal_mu=cfg.strategy.proximal_mu, min_participants=cfg.federation.min_participants,
+            initial_arrays=self.initial_arrays, run_id=self.tracker.run_id, evaluate_fn=self.evaluate_global,
+        )
+        c = cfg.privacy.client_level
+        self.strategy: Strategy = self.recorder
+        if c.enabled:  # hospital count set at admission
+            self.strategy = DifferentialPrivacyClientSideFixedClipping(
+                self.recorder, c.noise_multiplier, c.clipping_norm, num_sampled_clients=cfg.federation.num_clients)
+
+    def admit(self, context: LegacyContext) -> None:
+        """Ask every hospital to admit the run; record refusals; stop here if too few admit."""
+        f = self.cfg.federation
+        admission = admit_run(context.client_manager, self.tracker.run_id, f.num_clients, f.join_timeout)
+        self.admission = admission
+        for hospital, reason in sorted(admission.refusals.items()):
+            print(f"[admission] {hospital} refused the run: {reason}", flush=True)
+        self.tracker.log_admission(admission.plans, admission.refusals)
+        if len(admission.admitted) < f.min_participants:
+            raise AdmissionFailed(
+                f"{len(admission.admitted)} of {f.num_clients} hospitals admitted the run, fewer than "
+                f"federation.min_participants={f.min_participants}; no training took place. Refusals: "
+                + "; ".join(f"{h}: {r}" for h, r in sorted(admission.refusals.items())))
+        self.recorder.admitted = set(admission.admitted)
+        if isinstance(self.strategy, DifferentialPrivacyClientSideFixedClipping):
+            self.strategy.num_sampled_clients = len(admission.admitted)
+        print(f"[admission] {len(admission.admitted)} hospitals admitted the run: "
+              + ", ".join(f"{h} (planned epsilon {float(plan['planned_epsilon']):.3f})"
+                          for h, plan in sorted(admission.plans.items())), flush=True)
+
+    def close(self, succeeded: bool) -> None:
+        """Commit (or abort) the run in every admitted hospital's ledger; keeps their balances for the report."""
+        if self.admission is not None:
+            self.closing = close_run(self.admission, COMMITTED if succeeded else ABORTED,
+                                     self.cfg.federation.join_timeout)
 
     def evaluate_global(self, server_round: int, arrays: NDArrays,
                         config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
@@ -120,6 +148,8 @@ class FederatedRun:
             metrics[f"epsilon/{hospital}"] = spend["epsilon"]
             metrics[f"noise_multiplier/{hospital}"] = spend["noise_multiplier"]
         metrics["epsilon_max"] = max(s["epsilon"] for s in self.spend.values())
+        if self.cfg.privacy.client_level.enabled:
+            metrics["epsilon_hospital_level"] = hospital_level_epsilon(self.cfg, result.server_round)
         metrics["bytes_sent"] = 2.0 * self.adapter_bytes * participants  # adapter down and up, per hospital
         metrics["round_seconds"] = result.seconds
         self.tracker.log_metrics(metrics, step=result.server_round)
@@ -135,36 +165,43 @@ class FederatedRun:
 
     def run(self, grid: Grid, context: Context) -> dict[str, Any]:
         cfg = self.cfg
-        strategy = RecordingFedProx(
-            proximal_mu=cfg.strategy.proximal_mu, min_participants=cfg.federation.min_participants,
-            initial_arrays=self.initial_arrays, evaluate_fn=self.evaluate_global,
-        )
         cp = self.checkpoint
         self.monitor = ConvergenceMonitor(cfg.strategy.convergence_threshold, cfg.strategy.patience,
                                           cp.convergence_streak if cp else 0, cp.last_loss if cp else None)
         first_round = cp.server_round + 1 if cp else 1
         self.workflow = FederatedWorkflow(fit_workflow_for(cfg), self.monitor, first_round, self.on_round,
-                                          cp.initial_metrics if cp else None)
+                                          cp.initial_metrics if cp else None, recorder=self.recorder,
+                                          before_rounds=self.admit, after_rounds=self.close)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.num_rounds),
-                               strategy=strategy)
+                               strategy=self.strategy)
         try:
             outcome = self.workflow(grid, legacy)
         except BaseException:
+            self.write_privacy_report(first_round - 1)
             self.tracker.end("FAILED")
             raise
         summary = self.finish(outcome, current_arrays(legacy), first_round)
         self.tracker.end("FINISHED")
         return summary
 
+    def write_privacy_report(self, rounds: int) -> dict[str, Any]:
+        """JSON and Markdown, in the output folder and in MLflow; also for a run that failed or was refused."""
+        report = build_report(self.cfg, self.tracker.run_id, self.spend, rounds, self.admission, self.closing)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / PRIVACY_REPORT_FILE).write_text(json.dumps(report, indent=2))
+        (self.output_dir / PRIVACY_REPORT_MARKDOWN).write_text(report_markdown(report))
+        self.tracker.log_privacy_report(report, report_markdown(report))
+        return report
+
     def finish(self, outcome: LoopOutcome, arrays: NDArrays, first_round: int) -> dict[str, Any]:
         load_adapter_arrays(self.model, arrays)
         adapter_dir = save_adapter(self.model, self.output_dir / "adapter")
-        report = privacy_report(self.cfg, self.spend)
-        (self.output_dir / PRIVACY_REPORT_FILE).write_text(json.dumps(report, indent=2))
-        self.tracker.log_artifacts(adapter_dir, config_as_dict(self.cfg), report)
         last = outcome.rounds[-1] if outcome.rounds else None
+        rounds = last.server_round if last else first_round - 1
+        report = self.write_privacy_report(rounds)
+        self.tracker.log_artifacts(adapter_dir, config_as_dict(self.cfg))
         summary = {
-            "rounds_completed": last.server_round if last else first_round - 1,
+            "rounds_completed": rounds,
             "stopped_early": outcome.stopped_early,
             "initial_metrics": outcome.initial_metrics,
             "final_metrics": last.central if last else {},
@@ -172,6 +209,8 @@ class FederatedRun:
             "epsilon_per_client": {h: s["epsilon"] for h, s in self.spend.items()},
             "noise_multiplier": {h: s["noise_multiplier"] for h, s in self.spend.items()},
             "delta": self.cfg.privacy.delta,
+            "epsilon_hospital_level": report["guarantees"][1]["epsilon"] if len(report["guarantees"]) > 1 else None,
+            "ledger": self.closing,
             "round_seconds": {str(r.server_round): r.seconds for r in outcome.rounds},
             "mlflow_run_id": self.tracker.run_id,
             "adapter_path": str(adapter_dir),

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from fl_core.config import CONF_DIR, AppConfig, compose_config, register_schemas, to_app_config
 from fl_core.entry import exit_on_bad_input, quiet_libraries
 
+from .admission import AdmissionFailed
 from .server_app import SUMMARY_FILE
 
 
@@ -86,7 +87,11 @@ def _hydra_main(_: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     overrides = simulation_overrides(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
     # Inside the job, since Hydra reports exceptions raised here as tracebacks.
-    exit_on_bad_input("fl-simulate", lambda: print_table(simulate(overrides)))
+    try:
+        exit_on_bad_input("fl-simulate", lambda: print_table(simulate(overrides)))
+    except AdmissionFailed as err:
+        print(f"fl-simulate: run refused: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 def main() -> None:

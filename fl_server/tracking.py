@@ -36,10 +36,19 @@ class RunTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         mlflow.log_metrics({k.replace(" ", "_"): float(v) for k, v in metrics.items()}, step=step)
 
-    def log_artifacts(self, adapter_dir: Path, config: dict[str, Any], privacy_report: dict[str, Any]) -> None:
+    def log_artifacts(self, adapter_dir: Path, config: dict[str, Any]) -> None:
         mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
         mlflow.log_dict(config, "config.json")
-        mlflow.log_text(json.dumps(privacy_report, indent=2), "privacy_report.json")
+
+    def log_privacy_report(self, report: dict[str, Any], markdown: str) -> None:
+        mlflow.log_text(json.dumps(report, indent=2), "privacy_report.json")
+        mlflow.log_text(markdown, "privacy_report.md")
+
+    def log_admission(self, plans: dict[str, dict[str, Any]], refusals: dict[str, str]) -> None:
+        """Who admitted the run with what plan, and every refusal with its reason (a tag per hospital)."""
+        mlflow.log_dict({"admitted": plans, "refused": refusals}, "admission.json")
+        mlflow.set_tags({f"refused.{hospital}": reason[:5000] for hospital, reason in refusals.items()})
+        mlflow.log_metric("hospitals_admitted", len(plans))
 
     def end(self, status: str) -> None:
         mlflow.end_run(status=status)

@@ -2,7 +2,8 @@
 
 Flower's DefaultWorkflow runs a fixed number of rounds and lets a halted SecAgg+ round pass silently with the old
 weights. This loop runs the same stages, then fails the run when a round aggregated nothing, stops early on
-convergence, and checkpoints and tracks every round.
+convergence, and checkpoints and tracks every round. Hooks before the first and after the last round let the
+hospitals admit the run and close it in their ledgers.
 """
 
 from __future__ import annotations
@@ -88,19 +89,26 @@ class FederatedWorkflow:
 
     def __init__(self, fit_workflow: FitWorkflow, monitor: ConvergenceMonitor, first_round: int,
                  on_round: Callable[[RoundResult, LegacyContext], None],
-                 initial_metrics: dict[str, float] | None = None) -> None:
+                 initial_metrics: dict[str, float] | None = None, *, recorder: RecordingFedProx | None = None,
+                 before_rounds: Callable[[LegacyContext], None] = lambda _: None,
+                 after_rounds: Callable[[bool], None] = lambda _: None) -> None:
         self.fit_workflow = fit_workflow
         self.monitor = monitor
         self.first_round = first_round
         self.on_round = on_round
         self.outcome = LoopOutcome(initial_metrics=dict(initial_metrics or {}))
+        self.recorder = recorder  # the recording strategy, when context.strategy wraps it (client-level DP)
+        self.before_rounds = before_rounds
+        self.after_rounds = after_rounds
 
     def __call__(self, grid: Grid, context: LegacyContext) -> LoopOutcome:
-        strategy = context.strategy
+        strategy = self.recorder or context.strategy
         assert isinstance(strategy, RecordingFedProx)
         thread, stop, registered = start_update_client_manager_thread(grid, context.client_manager)
         registered.wait()
+        succeeded = False
         try:
+            self.before_rounds(context)
             default_init_params_workflow(grid, context)
             if self.first_round == 1:
                 self.outcome.initial_metrics = _centralized(context, 0)
@@ -127,7 +135,9 @@ class FederatedWorkflow:
                 if converged:
                     self.outcome.stopped_early = server_round < context.config.num_rounds
                     break
+            succeeded = True
         finally:
+            self.after_rounds(succeeded)
             stop.set()
             thread.join()
         return self.outcome

@@ -2,7 +2,9 @@
 
 It adds what the stock strategy lacks for auditable runs: a record of which rounds really aggregated (a halted
 SecAgg+ round leaves the old weights in place silently, so the server loop checks this record), each hospital's
-plaintext fit metrics (its epsilon spent), and float32 aggregates (SecAgg+ dequantises to float64).
+plaintext fit metrics (its epsilon spent), float32 aggregates (SecAgg+ dequantises to float64), the run's id in
+every fit config (hospitals charge their ledgers against it), and sampling restricted to the hospitals that
+admitted the run.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.common import (
+    EvaluateIns,
+    FitIns,
     FitRes,
     MetricsAggregationFn,
     NDArrays,
@@ -20,8 +24,13 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedProx
+
+from fl_core.protocol import RUN_ID
+
+from .participation import AdmittedClients
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 
@@ -45,7 +54,7 @@ def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, 
 class RecordingFedProx(FedProx):
     """Flower's FedProx plus an auditable record of each aggregated round."""
 
-    def __init__(self, *, proximal_mu: float, min_participants: int, initial_arrays: NDArrays,
+    def __init__(self, *, proximal_mu: float, min_participants: int, initial_arrays: NDArrays, run_id: str = "",
                  evaluate_fn: EvaluateFn | None = None,
                  evaluate_metrics_aggregation_fn: MetricsAggregationFn | None = weighted_average) -> None:
         super().__init__(
@@ -54,10 +63,22 @@ class RecordingFedProx(FedProx):
             evaluate_fn=evaluate_fn, initial_parameters=ndarrays_to_parameters(initial_arrays),
             accept_failures=True, fit_metrics_aggregation_fn=weighted_average,
             evaluate_metrics_aggregation_fn=evaluate_metrics_aggregation_fn,
-            on_fit_config_fn=lambda server_round: {"server_round": server_round},
+            on_fit_config_fn=lambda server_round: {"server_round": server_round, RUN_ID: run_id},
         )
         self.min_participants = min_participants
         self.rounds: dict[int, RoundRecord] = {}
+        self.admitted: set[str] | None = None  # node ids; None: every connected hospital
+
+    def eligible(self, client_manager: ClientManager) -> ClientManager:
+        return client_manager if self.admitted is None else AdmittedClients(client_manager, self.admitted)
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        return super().configure_fit(server_round, parameters, self.eligible(client_manager))
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return super().configure_evaluate(server_round, parameters, self.eligible(client_manager))
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from fl_core.config import AppConfig, compose_config, to_app_config
 from fl_core.entry import quiet_libraries
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # any Ray a test starts listens on loopback only
+# Simulated hospitals keep their ledgers here; never in the user's own node home.
+os.environ["FEDERATED_DP_LLM_NODE_HOME"] = tempfile.mkdtemp(prefix="fdpl-nodes-")
 quiet_libraries()
 torch.set_num_threads(1)
 

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from fl_core.model import adapter_to_arrays, build_model, load_tokenizer
 from fl_server.checkpoint import load_checkpoint
-from privacy.accountant import AccountantState
+from privacy.ledger import Ledger
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,9 @@ BASE = ["model=tiny", "data.max_train_examples=900", "data.max_test_examples=150
 
 
 def fl_simulate(run_dir: Path, *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    """fl-simulate as a user runs it; the hospitals keep their ledgers (and policies) in `nodes/` beside the run."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "FEDERATED_DP_LLM_NODE_HOME": str(run_dir.parent / "nodes")}
     return subprocess.run(
         [sys.executable, "-m", "fl_server.simulate", *BASE, f"hydra.run.dir={run_dir}",
          f"tracking.mlflow_uri=sqlite:///{run_dir.parent / 'mlflow.db'}", *overrides],
@@ -35,6 +37,10 @@ def fl_simulate(run_dir: Path, *overrides: str, timeout: int = 420) -> subproces
 
 def summary_of(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def ledger_of(tmp_path: Path, hospital: str) -> Ledger:
+    return Ledger(tmp_path / "nodes" / hospital / "ledger.sqlite")
 
 
 def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
@@ -53,12 +59,14 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
     assert checkpoint.server_round == 2
     assert max(float(np.abs(a - b).max()) for a, b in zip(initial, final, strict=True)) > 1e-4
 
-    # Reported epsilon equals each hospital's own accountant, and never exceeds the target.
+    # Reported epsilon equals each hospital's own ledger entry, committed, and never exceeds the target.
     assert set(summary["epsilon_per_client"]) == {"hospital-0", "hospital-1", "hospital-2"}
     for hospital, epsilon in summary["epsilon_per_client"].items():
-        state = AccountantState.load(run_dir / "hospitals" / hospital / "accountant.json", "rdp")
-        assert epsilon == pytest.approx(state.epsilon(1e-5), rel=1e-12)
+        entry = ledger_of(tmp_path, hospital).entry(summary["mlflow_run_id"], hospital, "icd10")
+        assert entry is not None and entry.status == "committed"
+        assert epsilon == pytest.approx(entry.epsilon, rel=1e-12)
         assert 7.5 < epsilon <= 8.0
+        assert summary["ledger"][hospital]["lifetime_epsilon"] == pytest.approx(epsilon, rel=1e-9)
 
     # MLflow holds the config, per-round convergence and privacy metrics, and the artifacts.
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -70,9 +78,11 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
                  "epsilon/hospital-1", "noise_multiplier/hospital-2", "bytes_sent"):
         assert name in run.data.metrics, name
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "config.json", "privacy_report.json"} <= artifacts
+    assert {"adapter", "config.json", "privacy_report.json", "privacy_report.md", "admission.json"} <= artifacts
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert report["secure_aggregation"]["protocol"] == "SecAgg+"
+    assert report["admission"] == {"admitted": ["hospital-0", "hospital-1", "hospital-2"], "refused": {}}
+    assert "| hospital-1 | committed |" in (run_dir / "privacy_report.md").read_text()
     assert (Path(summary["adapter_path"]) / "adapter_config.json").exists()
 
 
@@ -81,7 +91,8 @@ def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Pat
     fixed_sigma = ("privacy.noise_multiplier=1.0", "strategy.secagg.enabled=false")
     first = fl_simulate(run_dir, "federation.num_rounds=1", *fixed_sigma)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    steps_after_one = AccountantState.load(run_dir / "hospitals" / "hospital-0" / "accountant.json", "rdp").steps
+    run_id = summary_of(run_dir)["mlflow_run_id"]
+    steps_after_one = ledger_of(tmp_path, "hospital-0").entry(run_id, "hospital-0", "icd10").spent.steps  # type: ignore[union-attr]
 
     resumed = fl_simulate(tmp_path / "ignored", f"resume_from={run_dir}", "federation.num_rounds=6",
                           "strategy.convergence_threshold=1.0", "strategy.patience=1", *fixed_sigma)
@@ -89,8 +100,9 @@ def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Pat
     summary = summary_of(run_dir)
     assert summary["rounds_completed"] == 2  # round 2 of the same run, not round 1 of a new one
     assert summary["stopped_early"]
-    state = AccountantState.load(run_dir / "hospitals" / "hospital-0" / "accountant.json", "rdp")
-    assert state.steps == 2 * steps_after_one  # the hospital's spend kept composing across the restart
+    entries = ledger_of(tmp_path, "hospital-0").entries()
+    assert [e.run_id for e in entries] == [run_id]  # the resumed run continued its own entry
+    assert entries[0].spent.steps == 2 * steps_after_one  # the hospital's spend kept composing across the restart
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "eval_loss")] == [1, 2]
 

@@ -51,16 +51,6 @@ def test_round_by_round_composition_equals_one_shot() -> None:
     assert state.epsilon(1e-5) == pytest.approx(epsilon_for(sigma, 1e-5, q, 200, "rdp"), rel=1e-12)
 
 
-def test_accountant_state_survives_a_restart(tmp_path) -> None:
-    path = tmp_path / "node" / "accountant.json"
-    state = AccountantState("rdp", [(1.0, 0.01, 100)])
-    state.save(path)
-    loaded = AccountantState.load(path, "rdp")
-    assert loaded.history == state.history and loaded.epsilon(1e-5) == state.epsilon(1e-5)
-    with pytest.raises(ValueError, match=r"privacy\.accountant"):
-        AccountantState.load(path, "prv")
-
-
 def test_training_rounds_compose_to_the_calibrated_epsilon() -> None:
     cfg = tiny_config("data.max_train_examples=96")
     splits = load_splits(cfg.data)

@@ -60,14 +60,15 @@ def test_weighted_average_weights_by_examples_and_skips_text() -> None:
 
 def test_hospital_refuses_a_round_that_would_exceed_its_target_epsilon(tmp_path: Path) -> None:
     from fl_client.hospital import HospitalClient, HospitalResources, PrivacyBudgetExceeded
+    from fl_client.node import NodeSettings
     from privacy.calibration import calibrate_noise, sampling_plan
 
     cfg = tiny_config("privacy.target_epsilon=2.0", "federation.num_rounds=2")
     plan = sampling_plan(num_examples=200, batch_size=20, local_epochs=1, num_rounds=2)
     sigma = calibrate_noise(2.0, cfg.privacy.delta, plan.sample_rate, plan.total_steps, "rdp")
     resources = HospitalResources(None, None, None, None, None, plan, sigma)  # type: ignore[arg-type]
-    client = HospitalClient(cfg, "hospital-0", 0, tmp_path)
+    client = HospitalClient(cfg, NodeSettings("hospital-0", 0, tmp_path, None))
     one_round = (sigma, plan.sample_rate, plan.steps_per_round)
-    client.check_budget(AccountantState("rdp", [one_round]), resources)  # the second planned round fits
+    client.check_budget(AccountantState("rdp", [one_round, one_round]), resources)  # the second planned round fits
     with pytest.raises(PrivacyBudgetExceeded, match=r"above the target 2\.0"):
-        client.check_budget(AccountantState("rdp", [one_round, one_round]), resources)  # a third would not
+        client.check_budget(AccountantState("rdp", [one_round] * 3), resources)  # a third would not

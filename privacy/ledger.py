@@ -1,0 +1,302 @@
+"""A hospital's lifetime privacy ledger: every run's spend, in SQLite on the hospital's own node.
+
+A run's whole plan is reserved when the hospital admits it; each round is charged before training starts, so a crash
+can over-count but never forget; the run is then closed, committed, or aborted keeping only what it spent. Caps are
+checked against the RDP composition of every run on the same (hospital, dataset), open reservations counted in
+full, inside one write transaction: two runs admitted at once cannot overspend one budget.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .accountant import AccountantState, compose
+
+RESERVED, COMMITTED, ABORTED = "reserved", "committed", "aborted"
+ANY_DATASET = "*"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS budgets (
+    hospital TEXT NOT NULL, dataset TEXT NOT NULL, epsilon REAL NOT NULL, delta REAL NOT NULL, set_at TEXT NOT NULL,
+    PRIMARY KEY (hospital, dataset));
+CREATE TABLE IF NOT EXISTS entries (
+    run_id TEXT NOT NULL, hospital TEXT NOT NULL, dataset TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('reserved', 'committed', 'aborted')),
+    delta REAL NOT NULL, noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL,
+    planned TEXT NOT NULL, spent TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, hospital, dataset));
+"""
+
+
+class LedgerError(RuntimeError):
+    """The ledger refuses an operation; the message says why."""
+
+
+class BudgetExceeded(LedgerError):
+    """Admitting or continuing this run would take the hospital past a lifetime cap."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A lifetime cap: the composition of every run on a dataset stays within (epsilon, delta)."""
+
+    epsilon: float
+    delta: float
+    source: str = "ledger"
+
+
+@dataclass(frozen=True)
+class SpendRequest:
+    """A run's whole plan for one hospital's dataset: `total_steps` DP-SGD steps at this sigma and sampling rate."""
+
+    run_id: str
+    hospital: str
+    dataset: str
+    noise_multiplier: float  # 0 for a run without DP: its epsilon is infinite
+    sample_rate: float
+    total_steps: int
+    delta: float
+    accountant: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One run's spend for one hospital's dataset."""
+
+    run_id: str
+    hospital: str
+    dataset: str
+    status: str
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    planned: AccountantState
+    spent: AccountantState
+    created_at: str
+    updated_at: str
+
+    @property
+    def charge(self) -> AccountantState:
+        """What counts against the budget: the whole plan while the run is open, what it spent once closed."""
+        if self.status == RESERVED and self.planned.steps >= self.spent.steps:
+            return self.planned
+        return self.spent
+
+    @property
+    def epsilon(self) -> float:
+        return self.spent.epsilon(self.delta)
+
+    @property
+    def planned_epsilon(self) -> float:
+        return self.planned.epsilon(self.delta)
+
+    def as_row(self) -> dict[str, object]:
+        return {
+            "run_id": self.run_id, "hospital": self.hospital, "dataset": self.dataset, "status": self.status,
+            "epsilon": self.epsilon, "planned_epsilon": self.planned_epsilon, "delta": self.delta,
+            "accountant": self.spent.kind, "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate, "steps": self.spent.steps, "planned_steps": self.planned.steps,
+            "created_at": self.created_at, "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class Balance:
+    """Lifetime spend on one (hospital, dataset), composed two ways, against the tightest cap."""
+
+    hospital: str
+    dataset: str
+    delta: float  # the delta at which the RDP composition is stated (the cap's, else the largest run delta)
+    rdp_epsilon: float  # RDP composition of every run's charge
+    summed_epsilon: float  # basic composition: the sum of the runs' epsilons, at summed_delta
+    summed_delta: float
+    runs: int
+    open_reservations: int
+    cap: Budget | None
+
+    @property
+    def remaining(self) -> float | None:
+        return None if self.cap is None else self.cap.epsilon - self.rdp_epsilon
+
+    def as_row(self) -> dict[str, object]:
+        return {
+            "hospital": self.hospital, "dataset": self.dataset, "rdp_epsilon": self.rdp_epsilon,
+            "delta": self.delta, "summed_epsilon": self.summed_epsilon, "summed_delta": self.summed_delta,
+            "budget_epsilon": self.cap.epsilon if self.cap else None,
+            "budget_delta": self.cap.delta if self.cap else None,
+            "budget_source": self.cap.source if self.cap else None,
+            "remaining_epsilon": self.remaining, "runs": self.runs, "open_reservations": self.open_reservations,
+        }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _entry(row: sqlite3.Row) -> Entry:
+    return Entry(
+        row["run_id"], row["hospital"], row["dataset"], row["status"], row["delta"], row["noise_multiplier"],
+        row["sample_rate"], AccountantState.from_json(row["planned"]), AccountantState.from_json(row["spent"]),
+        row["created_at"], row["updated_at"],
+    )
+
+
+def balance_of(hospital: str, dataset: str, entries: list[Entry], cap: Budget | None) -> Balance:
+    """Compose `entries` (one hospital's runs on one dataset) into a lifetime balance."""
+    delta = cap.delta if cap else max((e.delta for e in entries), default=1e-5)
+    return Balance(
+        hospital, dataset, delta, compose([e.charge for e in entries]).epsilon(delta),
+        sum(e.charge.epsilon(e.delta) for e in entries), sum(e.delta for e in entries if e.charge.steps),
+        len(entries), sum(e.status == RESERVED for e in entries), cap,
+    )
+
+
+class Ledger:
+    """The SQLite ledger at `path`, created on first use; safe for several processes at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: the check and the write it guards see the same ledger."""
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def set_budget(self, hospital: str, epsilon: float, delta: float, dataset: str = ANY_DATASET) -> None:
+        if not (epsilon > 0 and 0 < delta < 1):
+            raise LedgerError(f"budget: need epsilon > 0 and 0 < delta < 1 (got {epsilon}, {delta})")
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO budgets VALUES (?, ?, ?, ?, ?)",
+                       (hospital, dataset, epsilon, delta, _now()))
+
+    def budget(self, hospital: str, dataset: str) -> Budget | None:
+        """The dataset's own budget, else the hospital's budget for any dataset."""
+        with closing(self._connect()) as db:
+            return self._budget(db, hospital, dataset)
+
+    @staticmethod
+    def _budget(db: sqlite3.Connection, hospital: str, dataset: str) -> Budget | None:
+        row = db.execute("SELECT epsilon, delta FROM budgets WHERE hospital = ? AND dataset IN (?, ?) "
+                         "ORDER BY dataset = ? LIMIT 1", (hospital, dataset, ANY_DATASET, ANY_DATASET)).fetchone()
+        return Budget(row["epsilon"], row["delta"]) if row else None
+
+    def entries(self, hospital: str | None = None, dataset: str | None = None) -> list[Entry]:
+        with closing(self._connect()) as db:
+            return self._entries(db, hospital, dataset)
+
+    @staticmethod
+    def _entries(db: sqlite3.Connection, hospital: str | None, dataset: str | None) -> list[Entry]:
+        rows = db.execute(
+            "SELECT * FROM entries WHERE (? IS NULL OR hospital = ?) AND (? IS NULL OR dataset = ?) "
+            "ORDER BY created_at, run_id", (hospital, hospital, dataset, dataset)).fetchall()
+        return [_entry(r) for r in rows]
+
+    def entry(self, run_id: str, hospital: str, dataset: str) -> Entry | None:
+        return next((e for e in self.entries(hospital, dataset) if e.run_id == run_id), None)
+
+    def balances(self) -> list[Balance]:
+        with closing(self._connect()) as db:
+            keys = db.execute("SELECT DISTINCT hospital, dataset FROM entries UNION SELECT hospital, dataset "
+                              "FROM budgets WHERE dataset != ? ORDER BY 1, 2", (ANY_DATASET,)).fetchall()
+            return [self._balance(db, h, d, None) for h, d in keys]
+
+    def balance(self, hospital: str, dataset: str, policy_cap: Budget | None = None) -> Balance:
+        with closing(self._connect()) as db:
+            return self._balance(db, hospital, dataset, policy_cap)
+
+    def _balance(self, db: sqlite3.Connection, hospital: str, dataset: str, policy_cap: Budget | None) -> Balance:
+        caps = [c for c in (self._budget(db, hospital, dataset), policy_cap) if c is not None]
+        tightest = min(caps, key=lambda c: (c.epsilon, c.delta), default=None)
+        return balance_of(hospital, dataset, self._entries(db, hospital, dataset), tightest)
+
+    def _check_caps(self, db: sqlite3.Connection, entries: list[Entry], hospital: str, dataset: str,
+                    policy_cap: Budget | None, action: str) -> None:
+        for cap in (self._budget(db, hospital, dataset), policy_cap):
+            if cap is None:
+                continue
+            epsilon = compose([e.charge for e in entries]).epsilon(cap.delta)
+            if epsilon > cap.epsilon:
+                raise BudgetExceeded(
+                    f"{hospital}/{dataset}: {action} would bring lifetime epsilon to {epsilon:.4f} at delta "
+                    f"{cap.delta:g}, above the {cap.source} budget {cap.epsilon:g}")
+
+    def plan(self, request: SpendRequest) -> Entry:
+        """The entry `reserve` would write, without writing it: to check a hospital's policy first."""
+        with closing(self._connect()) as db:
+            return self._plan(self._entries(db, request.hospital, request.dataset), request)
+
+    @staticmethod
+    def _plan(entries: list[Entry], r: SpendRequest) -> Entry:
+        previous = next((e for e in entries if e.run_id == r.run_id), None)
+        spent = previous.spent if previous else AccountantState(r.accountant)
+        planned = spent.then(r.noise_multiplier, r.sample_rate, r.total_steps - spent.steps)
+        now = _now()
+        return Entry(r.run_id, r.hospital, r.dataset, RESERVED, r.delta, r.noise_multiplier, r.sample_rate, planned,
+                     spent, previous.created_at if previous else now, now)
+
+    def reserve(self, request: SpendRequest, policy_cap: Budget | None = None) -> Entry:
+        """Admit a run: reserve its whole plan, continuing what it already spent if it ran here before (a resume)."""
+        with self._transaction() as db:
+            entries = self._entries(db, request.hospital, request.dataset)
+            entry = self._plan(entries, request)
+            others = [e for e in entries if e.run_id != request.run_id]
+            self._check_caps(db, [*others, entry], request.hospital, request.dataset, policy_cap,
+                             f"run {request.run_id} (planned epsilon {entry.planned_epsilon:.4f})")
+            db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
+                entry.run_id, entry.hospital, entry.dataset, RESERVED, entry.delta, entry.noise_multiplier,
+                entry.sample_rate, entry.planned.to_json(), entry.spent.to_json(), entry.created_at, entry.updated_at))
+            return entry
+
+    def charge(self, run_id: str, hospital: str, dataset: str, spent: AccountantState,
+               policy_cap: Budget | None = None) -> Entry:
+        """Record the run's spend so far before the work that spends it; refuse past any cap."""
+        with self._transaction() as db:
+            entries = self._entries(db, hospital, dataset)
+            previous = next((e for e in entries if e.run_id == run_id), None)
+            if previous is None or previous.status != RESERVED:
+                raise LedgerError(f"{hospital}/{dataset}: run {run_id} holds no open reservation; "
+                                  "a hospital trains only for a run it admitted")
+            if spent.steps < previous.spent.steps:
+                raise LedgerError(f"{hospital}/{dataset}: run {run_id} would forget spend "
+                                  f"({spent.steps} steps recorded against {previous.spent.steps})")
+            entry = Entry(**{**previous.__dict__, "spent": spent, "updated_at": _now()})
+            others = [e for e in entries if e.run_id != run_id]
+            self._check_caps(db, [*others, entry], hospital, dataset, policy_cap, f"run {run_id}'s next round")
+            db.execute("UPDATE entries SET spent = ?, updated_at = ? WHERE run_id = ? AND hospital = ? AND "
+                       "dataset = ?", (spent.to_json(), entry.updated_at, run_id, hospital, dataset))
+            return entry
+
+    def close(self, run_id: str, hospital: str, dataset: str, status: str) -> Entry:
+        """End a run: committed, or aborted; either way what it spent stays and the rest of the plan is freed."""
+        if status not in (COMMITTED, ABORTED):
+            raise LedgerError(f"close: status must be {COMMITTED!r} or {ABORTED!r}, got {status!r}")
+        with self._transaction() as db:
+            previous = next((e for e in self._entries(db, hospital, dataset) if e.run_id == run_id), None)
+            if previous is None:
+                raise LedgerError(f"{hospital}/{dataset}: no entry for run {run_id}")
+            entry = Entry(**{**previous.__dict__, "status": status, "updated_at": _now()})
+            db.execute("UPDATE entries SET status = ?, updated_at = ? WHERE run_id = ? AND hospital = ? AND "
+                       "dataset = ?", (status, entry.updated_at, run_id, hospital, dataset))
+            return entry

@@ -1,0 +1,127 @@
+"""`fl-ledger`: a hospital's privacy officer reads, exports and caps the node's lifetime privacy spend.
+
+Without `--ledger`, it reads every hospital folder under the node home (`FEDERATED_DP_LLM_NODE_HOME`), which is where
+simulated hospitals keep theirs; a real node passes its state folder's `ledger.sqlite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from fl_client.node import LEDGER_FILE, node_home
+
+from .ledger import ABORTED, ANY_DATASET, RESERVED, Ledger, LedgerError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
+        print(f"fl-ledger: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fl-ledger", description="Lifetime privacy spend of a hospital's node.")
+    parser.add_argument("--ledger", type=Path, action="append",
+                        help="ledger file (repeatable); default: every hospital under the node home")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    show = commands.add_parser("show", help="lifetime balance per hospital and dataset")
+    show.add_argument("--json", action="store_true")
+    history = commands.add_parser("history", help="every run's entry, oldest first")
+    history.add_argument("--hospital")
+    export = commands.add_parser("export", help="every entry, for audit")
+    fmt = export.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--json", action="store_true")
+    budget = commands.add_parser("set-budget", help="cap a hospital's lifetime epsilon")
+    budget.add_argument("hospital")
+    budget.add_argument("epsilon", type=float)
+    budget.add_argument("--delta", type=float, default=1e-5)
+    budget.add_argument("--dataset", default=ANY_DATASET, help="one dataset only (default: each dataset)")
+    abort = commands.add_parser("abort", help="close a crashed run's open reservations, keeping what it spent")
+    abort.add_argument("run_id")
+    return parser
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"fl-ledger: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _ledgers(args: argparse.Namespace) -> list[Ledger]:
+    if args.ledger:
+        missing = [p for p in args.ledger if not p.is_file()]
+        if missing and args.command != "set-budget":
+            _fail(f"--ledger: {missing[0]} does not exist")
+        return [Ledger(p) for p in args.ledger]
+    if args.command == "set-budget":
+        return [Ledger(node_home() / args.hospital / LEDGER_FILE)]
+    found = sorted(node_home().glob(f"*/{LEDGER_FILE}"))
+    if not found:
+        _fail(f"no ledger under {node_home()}; pass --ledger PATH")
+    return [Ledger(p) for p in found]
+
+
+def _number(value: object) -> str:
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def _show(ledgers: list[Ledger], as_json: bool) -> None:
+    rows = [b.as_row() for ledger in ledgers for b in ledger.balances()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'hospital':<16}{'dataset':<12}{'lifetime eps':>13}{'at delta':>10}{'summed eps':>12}"
+          f"{'budget':>9}{'remaining':>11}{'runs':>6}{'open':>6}")
+    for r in rows:
+        print(f"{r['hospital']:<16}{r['dataset']:<12}{_number(r['rdp_epsilon']):>13}{r['delta']:>10.0e}"
+              f"{_number(r['summed_epsilon']):>12}{_number(r['budget_epsilon']):>9}"
+              f"{_number(r['remaining_epsilon']):>11}{r['runs']:>6}{r['open_reservations']:>6}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    ledgers = _ledgers(args)
+    try:
+        if args.command == "show":
+            _show(ledgers, args.json)
+        elif args.command == "history":
+            for ledger in ledgers:
+                for e in ledger.entries(args.hospital):
+                    print(f"{e.created_at}  {e.hospital:<14} {e.dataset:<11} {e.run_id:<34} {e.status:<9} "
+                          f"epsilon {_number(e.epsilon)} of planned {_number(e.planned_epsilon)} at delta "
+                          f"{e.delta:g}, sigma {e.noise_multiplier:.4f}, q {e.sample_rate:.4g}, "
+                          f"{e.spent.steps} steps ({e.spent.kind})")
+        elif args.command == "export":
+            rows = [e.as_row() for ledger in ledgers for e in ledger.entries()]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            elif rows:
+                writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        elif args.command == "set-budget":
+            for ledger in ledgers:
+                ledger.set_budget(args.hospital, args.epsilon, args.delta, args.dataset)
+            print(f"{args.hospital}: lifetime budget epsilon {args.epsilon:g} at delta {args.delta:g} "
+                  f"({'every dataset' if args.dataset == ANY_DATASET else args.dataset})")
+        elif args.command == "abort":
+            closed = [ledger.close(e.run_id, e.hospital, e.dataset, ABORTED) for ledger in ledgers
+                      for e in ledger.entries() if e.run_id == args.run_id and e.status == RESERVED]
+            if not closed:
+                _fail(f"run {args.run_id} has no open reservation")
+            for e in closed:
+                print(f"{e.hospital}/{e.dataset}: run {e.run_id} aborted; it keeps epsilon {_number(e.epsilon)}")
+    except LedgerError as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    main()
