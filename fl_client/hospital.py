@@ -158,14 +158,19 @@ class HospitalClient(NumPyClient):
                 f"{self.cfg.privacy.target_epsilon} ({projected.steps - res.plan.steps_per_round} DP-SGD steps "
                 "already taken)")
 
+    def admitted_entry(self, run_id: str) -> Entry:
+        """This run's open ledger entry; a run the hospital did not admit gets no work from it at all."""
+        entry = self.ledger.entry(run_id, self.hospital, self.dataset)
+        if entry is None or entry.status != RESERVED:
+            raise RunRefused(f"{self.hospital}: run {run_id or '(unnamed)'} was not admitted by this hospital")
+        return entry
+
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         return adapter_to_arrays(hospital_resources(self.cfg, self.node.partition).model)
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         run_id = str(config.get(RUN_ID, ""))
-        entry = self.ledger.entry(run_id, self.hospital, self.dataset)
-        if entry is None or entry.status != RESERVED:
-            raise RunRefused(f"{self.hospital}: run {run_id or '(unnamed)'} was not admitted by this hospital")
+        entry = self.admitted_entry(run_id)
         policy = load_policy(self.node.policy_file)
         res = hospital_resources(self.cfg, self.node.partition)
         private = res.noise_multiplier is not None
@@ -192,6 +197,7 @@ class HospitalClient(NumPyClient):
         return adapter_to_arrays(res.model), weight, metrics
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        self.admitted_entry(str(config.get(RUN_ID, "")))
         res = hospital_resources(self.cfg, self.node.partition)
         load_adapter_arrays(res.model, parameters)
         metrics = evaluate(self.cfg, res.model, res.tokenizer, res.test, res.device)

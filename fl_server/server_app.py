@@ -58,6 +58,16 @@ def fit_workflow_for(cfg: AppConfig) -> FitWorkflow:
     )
 
 
+def strategy_for(cfg: AppConfig, recorder: RecordingFedProx) -> Strategy:
+    """FedProx, wrapped for hospital-level DP when asked: server noise on the aggregate of clipped updates."""
+    c = cfg.privacy.client_level
+    if not c.enabled:
+        return recorder
+    # The hospital count is set again at admission, to the number of hospitals that admitted the run.
+    return DifferentialPrivacyClientSideFixedClipping(recorder, c.noise_multiplier, c.clipping_norm,
+                                                      num_sampled_clients=cfg.federation.num_clients)
+
+
 def hospital_privacy(result: RoundResult, cfg: AppConfig) -> dict[str, dict[str, float]]:
     """Each hospital's spend as it reported it, checked against a recomputation from its accountant history."""
     report: dict[str, dict[str, float]] = {}
@@ -98,11 +108,7 @@ class FederatedRun:
             proximal_mu=cfg.strategy.proximal_mu, min_participants=cfg.federation.min_participants,
             initial_arrays=self.initial_arrays, run_id=self.tracker.run_id, evaluate_fn=self.evaluate_global,
         )
-        c = cfg.privacy.client_level
-        self.strategy: Strategy = self.recorder
-        if c.enabled:  # hospital count set at admission
-            self.strategy = DifferentialPrivacyClientSideFixedClipping(
-                self.recorder, c.noise_multiplier, c.clipping_norm, num_sampled_clients=cfg.federation.num_clients)
+        self.strategy = strategy_for(cfg, self.recorder)
 
     def admit(self, context: LegacyContext) -> None:
         """Ask every hospital to admit the run; record refusals; stop here if too few admit."""

@@ -64,6 +64,7 @@ class RecordingFedProx(FedProx):
             accept_failures=True, fit_metrics_aggregation_fn=weighted_average,
             evaluate_metrics_aggregation_fn=evaluate_metrics_aggregation_fn,
             on_fit_config_fn=lambda server_round: {"server_round": server_round, RUN_ID: run_id},
+            on_evaluate_config_fn=lambda server_round: {"server_round": server_round, RUN_ID: run_id},
         )
         self.min_participants = min_participants
         self.rounds: dict[int, RoundRecord] = {}

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from fl_core.model import adapter_to_arrays, build_model, load_tokenizer
 from fl_server.checkpoint import load_checkpoint
+from fl_server.privacy_report import hospital_level_epsilon
 from privacy.ledger import Ledger
 from tests.conftest import tiny_config
 
@@ -88,7 +89,10 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
 
 def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    fixed_sigma = ("privacy.noise_multiplier=1.0", "strategy.secagg.enabled=false")
+    # Fixed sigma, plaintext aggregation, and hospital-level DP (small noise: this test is about the round count).
+    fixed_sigma = ("privacy.noise_multiplier=1.0", "strategy.secagg.enabled=false",
+                   "privacy.client_level.enabled=true", "privacy.client_level.noise_multiplier=0.05",
+                   "privacy.client_level.clipping_norm=10")
     first = fl_simulate(run_dir, "federation.num_rounds=1", *fixed_sigma)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run_id = summary_of(run_dir)["mlflow_run_id"]
@@ -105,6 +109,13 @@ def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Pat
     assert entries[0].spent.steps == 2 * steps_after_one  # the hospital's spend kept composing across the restart
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "eval_loss")] == [1, 2]
+    # Hospital-level epsilon composes over both rounds, across the restart, reported beside the record-level one.
+    hospital_level = hospital_level_epsilon(tiny_config(*fixed_sigma), 2)
+    assert summary["epsilon_hospital_level"] == pytest.approx(hospital_level, rel=1e-12)
+    assert [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "epsilon_hospital_level")][-1] \
+        == pytest.approx(hospital_level, rel=1e-9)
+    guarantees = json.loads((run_dir / "privacy_report.json").read_text())["guarantees"]
+    assert [g["unit_of_privacy"] for g in guarantees][1] == "one hospital's whole dataset"
 
 
 def test_bad_config_fails_before_the_simulation_engine_starts(tmp_path: Path) -> None:

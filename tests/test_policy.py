@@ -68,6 +68,8 @@ def test_the_policy_on_the_node_wins_over_the_run_config(tmp_path: Path) -> None
     arrays = adapter_to_arrays(hospital_resources(client.cfg, 0).model)
     with pytest.raises(RunRefused, match="was not admitted"):  # a server that samples it anyway gets nothing
         client.fit(arrays, {RUN_ID: "run-a"})
+    with pytest.raises(RunRefused, match="was not admitted"):
+        client.evaluate(arrays, {RUN_ID: "run-a"})
 
 
 def test_an_admitted_run_is_charged_before_training_and_committed_at_the_end(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from fl_server.server_app import fit_workflow_for
+from fl_client.client_app import make_secure_aggregation_mod, make_update_clipping_mod
+from fl_server.server_app import fit_workflow_for, strategy_for
 from fl_server.workflow import ConvergenceMonitor, FederatedWorkflow, RoundNotAggregatedError, current_arrays
 from strategies.fedprox import RecordingFedProx
 from tests.conftest import tiny_config
@@ -31,12 +32,13 @@ def hospital_update(partition: int) -> NDArrays:
 class FixedUpdateClient(NumPyClient):
     """A hospital whose update is known in advance, so the expected aggregate is exact."""
 
-    def __init__(self, partition: int) -> None:
+    def __init__(self, partition: int, weight: int | None = None) -> None:
         self.partition = partition
+        self.weight = EXAMPLES[partition] if weight is None else weight
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         metrics: dict[str, Scalar] = {"hospital": f"h{self.partition}", "proximal_mu": config["proximal_mu"]}
-        return hospital_update(self.partition), EXAMPLES[self.partition], metrics
+        return hospital_update(self.partition), self.weight, metrics
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         return 0.0, EXAMPLES[self.partition], {}
@@ -45,24 +47,33 @@ class FixedUpdateClient(NumPyClient):
 PROXIMAL_MU = 0.25
 
 
-def aggregate_once(client_runs_secagg: bool) -> tuple[NDArrays, RecordingFedProx]:
-    cfg = tiny_config("strategy.secagg.max_weight=1000", "federation.num_clients=3")
+def aggregate_once(client_runs_secagg: bool, *overrides: str) -> tuple[NDArrays, RecordingFedProx]:
+    overrides = ("strategy.secagg.max_weight=1000", "federation.num_clients=3", *overrides)
+    cfg = tiny_config(*overrides)
     result: dict[str, Any] = {}
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         zeros = [np.zeros_like(a) for a in hospital_update(0)]
-        strategy = RecordingFedProx(proximal_mu=PROXIMAL_MU, min_participants=3, initial_arrays=zeros)
-        result["strategy"] = strategy
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
-        FederatedWorkflow(fit_workflow_for(cfg), ConvergenceMonitor(0.0, 1), 1, lambda *_: None)(grid, legacy)
+        recorder = RecordingFedProx(proximal_mu=PROXIMAL_MU, min_participants=3, initial_arrays=zeros)
+        result["strategy"] = recorder
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1),
+                               strategy=strategy_for(cfg, recorder))
+        FederatedWorkflow(fit_workflow_for(cfg), ConvergenceMonitor(0.0, 1), 1, lambda *_: None,
+                          recorder=recorder)(grid, legacy)
         result["aggregate"] = current_arrays(legacy)
 
-    def client_fn(context: Context):  # type: ignore[no-untyped-def]
-        return FixedUpdateClient(int(context.node_config["partition-id"])).to_client()
+    client_level = cfg.privacy.client_level.enabled
 
-    client = ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if client_runs_secagg else [])
+    def client_fn(context: Context):  # type: ignore[no-untyped-def]
+        # As HospitalClient does: under hospital-level DP every hospital weighs 1.
+        return FixedUpdateClient(int(context.node_config["partition-id"]), 1 if client_level else None).to_client()
+
+    mods = [secaggplus_mod] if client_runs_secagg else []
+    if client_level:  # our ClientApp's own mods, in its order: SecAgg+ outside, clipping inside
+        mods = [make_secure_aggregation_mod(overrides), make_update_clipping_mod(overrides)]
+    client = ClientApp(client_fn=client_fn, mods=mods)
     run_simulation(server_app=server, client_app=client, num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1}})
     return result["aggregate"], result["strategy"]
@@ -86,3 +97,20 @@ def test_halted_secure_aggregation_fails_the_run() -> None:
     """Hospitals without the SecAgg+ mod cannot answer the protocol: the run must fail, not keep old weights."""
     with pytest.raises(RoundNotAggregatedError, match="round 1"):
         aggregate_once(client_runs_secagg=False)
+
+
+def test_hospital_level_dp_clips_each_update_inside_secagg_and_weighs_hospitals_equally() -> None:
+    clip = 0.2
+    aggregate, strategy = aggregate_once(True, "privacy.client_level.enabled=true",
+                                         f"privacy.client_level.clipping_norm={clip}",
+                                         "privacy.client_level.noise_multiplier=0.0")
+    assert 1 in strategy.rounds  # the wrapped round aggregated
+    clipped = []
+    for p in range(3):
+        update = hospital_update(p)
+        norm = float(np.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in update)))
+        assert norm > clip  # every update is long enough to be clipped
+        clipped.append([a * (clip / norm) for a in update])
+    for i, got in enumerate(aggregate):
+        expected = sum(c[i] for c in clipped) / 3  # uniform mean of clipped updates, not example-weighted
+        assert float(np.abs(got - expected).max()) < 5e-5
