@@ -44,26 +44,25 @@ def make_client_fn(overrides: Sequence[str] | None) -> Callable[[Context], Clien
     return client_fn
 
 
-def make_secure_aggregation_mod(overrides: Sequence[str] | None) -> Mod:
-    """SecAgg+ on exactly when the run asks for it; a SecAgg+ run then refuses plaintext train messages."""
+def when_run_asks(enabled: Callable[[AppConfig], bool], mod: Mod, overrides: Sequence[str] | None) -> Mod:
+    """`mod` on exactly the runs whose config turns it on; for other runs messages pass straight through."""
 
-    def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if run_config(context, overrides).strategy.secagg.enabled:
-            return secaggplus_mod(msg, context, call_next)
+    def conditional(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if enabled(run_config(context, overrides)):
+            return mod(msg, context, call_next)
         return call_next(msg, context)
 
-    return secure_aggregation
+    return conditional
+
+
+def make_secure_aggregation_mod(overrides: Sequence[str] | None) -> Mod:
+    """SecAgg+ on exactly when the run asks for it; a SecAgg+ run then refuses plaintext train messages."""
+    return when_run_asks(lambda cfg: cfg.strategy.secagg.enabled, secaggplus_mod, overrides)
 
 
 def make_update_clipping_mod(overrides: Sequence[str] | None) -> Mod:
     """Hospital-level DP: clip this hospital's update on its own node, inside SecAgg+ (before masking)."""
-
-    def update_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if run_config(context, overrides).privacy.client_level.enabled:
-            return fixedclipping_mod(msg, context, call_next)
-        return call_next(msg, context)
-
-    return update_clipping
+    return when_run_asks(lambda cfg: cfg.privacy.client_level.enabled, fixedclipping_mod, overrides)
 
 
 def build_client_app(overrides: Sequence[str] | None = None) -> ClientApp:

@@ -183,7 +183,8 @@ class FederatedRun:
         try:
             outcome = self.workflow(grid, legacy)
         except BaseException:
-            self.write_privacy_report(first_round - 1)
+            done = self.workflow.outcome.rounds
+            self.write_privacy_report(done[-1].server_round if done else first_round - 1)
             self.tracker.end("FAILED")
             raise
         summary = self.finish(outcome, current_arrays(legacy), first_round)

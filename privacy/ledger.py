@@ -218,8 +218,10 @@ class Ledger:
 
     def balances(self) -> list[Balance]:
         with closing(self._connect()) as db:
+            # A budget for every dataset shows as its own row only until the hospital has spent on some dataset.
             keys = db.execute("SELECT DISTINCT hospital, dataset FROM entries UNION SELECT hospital, dataset "
-                              "FROM budgets WHERE dataset != ? ORDER BY 1, 2", (ANY_DATASET,)).fetchall()
+                              "FROM budgets WHERE dataset != ? OR hospital NOT IN (SELECT hospital FROM entries) "
+                              "ORDER BY 1, 2", (ANY_DATASET,)).fetchall()
             return [self._balance(db, h, d, None) for h, d in keys]
 
     def balance(self, hospital: str, dataset: str, policy_cap: Budget | None = None) -> Balance:

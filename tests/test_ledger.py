@@ -160,10 +160,13 @@ def test_fl_ledger_sets_budgets_shows_exports_and_aborts_a_crashed_run(
     assert cli("set-budget", "hospital-0", "9")[0] == 0
     ledger = Ledger(home / "hospital-0" / "ledger.sqlite")
     assert ledger.budget("hospital-0", "icd10") == Budget(9.0, 1e-5)
+    shown = json.loads(cli("show", "--json")[1])  # a fresh budget shows before any spend
+    assert [(r["dataset"], r["budget_epsilon"], r["rdp_epsilon"]) for r in shown] == [("*", 9.0, 0.0)]
     ledger.reserve(request("run-a", hospital="hospital-0"))
     ledger.charge("run-a", "hospital-0", "icd10", AccountantState("rdp", [(SIGMA, Q, 50)]))
 
     shown = json.loads(cli("show", "--json")[1])
+    assert [r["dataset"] for r in shown] == ["icd10"]
     assert shown[0]["open_reservations"] == 1
     assert shown[0]["rdp_epsilon"] == pytest.approx(one_run_epsilon(200), rel=1e-9)  # reservation in full
     assert shown[0]["remaining_epsilon"] == pytest.approx(9 - one_run_epsilon(200), rel=1e-9)
