@@ -182,8 +182,10 @@ class HospitalClient(NumPyClient):
             self.cfg, res.model, res.tokenizer, res.train, res.device, noise_multiplier=res.noise_multiplier,
             accountant=entry.spent if private else None, proximal_mu=float(config.get("proximal_mu", 0.0)),
         )
-        spent = result.accountant or projected
-        self.ledger.charge(run_id, self.hospital, self.dataset, spent, policy.lifetime_cap)
+        if result.accountant is not None and result.accountant.steps != projected.steps:
+            raise RunRefused(f"{self.hospital}: training took {result.accountant.steps} DP-SGD steps in total, "
+                             f"the ledger holds {projected.steps}; the update does not leave the hospital")
+        spent = projected  # what the ledger already holds, charged before training
         metrics: dict[str, Scalar] = {
             "hospital": self.hospital, "train_loss": result.train_loss,
             "epsilon": spent.epsilon(self.cfg.privacy.delta), "delta": self.cfg.privacy.delta,

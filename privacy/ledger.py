@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -146,6 +146,10 @@ def _entry(row: sqlite3.Row) -> Entry:
     )
 
 
+def _find(entries: list[Entry], run_id: str) -> Entry | None:
+    return next((e for e in entries if e.run_id == run_id), None)
+
+
 def balance_of(hospital: str, dataset: str, entries: list[Entry], cap: Budget | None) -> Balance:
     """Compose `entries` (one hospital's runs on one dataset) into a lifetime balance."""
     delta = cap.delta if cap else max((e.delta for e in entries), default=1e-5)
@@ -214,7 +218,7 @@ class Ledger:
         return [_entry(r) for r in rows]
 
     def entry(self, run_id: str, hospital: str, dataset: str) -> Entry | None:
-        return next((e for e in self.entries(hospital, dataset) if e.run_id == run_id), None)
+        return _find(self.entries(hospital, dataset), run_id)
 
     def balances(self) -> list[Balance]:
         with closing(self._connect()) as db:
@@ -233,16 +237,18 @@ class Ledger:
         tightest = min(caps, key=lambda c: (c.epsilon, c.delta), default=None)
         return balance_of(hospital, dataset, self._entries(db, hospital, dataset), tightest)
 
-    def _check_caps(self, db: sqlite3.Connection, entries: list[Entry], hospital: str, dataset: str,
-                    policy_cap: Budget | None, action: str) -> None:
-        for cap in (self._budget(db, hospital, dataset), policy_cap):
+    def _check_caps(self, db: sqlite3.Connection, entries: list[Entry], updated: Entry, policy_cap: Budget | None,
+                    action: str) -> None:
+        """Would the ledger, with `updated` in place of its run's entry, stay within every cap?"""
+        charges = [e.charge for e in entries if e.run_id != updated.run_id] + [updated.charge]
+        for cap in (self._budget(db, updated.hospital, updated.dataset), policy_cap):
             if cap is None:
                 continue
-            epsilon = compose([e.charge for e in entries]).epsilon(cap.delta)
+            epsilon = compose(charges).epsilon(cap.delta)
             if epsilon > cap.epsilon:
                 raise BudgetExceeded(
-                    f"{hospital}/{dataset}: {action} would bring lifetime epsilon to {epsilon:.4f} at delta "
-                    f"{cap.delta:g}, above the {cap.source} budget {cap.epsilon:g}")
+                    f"{updated.hospital}/{updated.dataset}: {action} would bring lifetime epsilon to {epsilon:.4f} "
+                    f"at delta {cap.delta:g}, above the {cap.source} budget {cap.epsilon:g}")
 
     def plan(self, request: SpendRequest) -> Entry:
         """The entry `reserve` would write, without writing it: to check a hospital's policy first."""
@@ -251,7 +257,7 @@ class Ledger:
 
     @staticmethod
     def _plan(entries: list[Entry], r: SpendRequest) -> Entry:
-        previous = next((e for e in entries if e.run_id == r.run_id), None)
+        previous = _find(entries, r.run_id)
         spent = previous.spent if previous else AccountantState(r.accountant)
         planned = spent.then(r.noise_multiplier, r.sample_rate, r.total_steps - spent.steps)
         now = _now()
@@ -263,8 +269,7 @@ class Ledger:
         with self._transaction() as db:
             entries = self._entries(db, request.hospital, request.dataset)
             entry = self._plan(entries, request)
-            others = [e for e in entries if e.run_id != request.run_id]
-            self._check_caps(db, [*others, entry], request.hospital, request.dataset, policy_cap,
+            self._check_caps(db, entries, entry, policy_cap,
                              f"run {request.run_id} (planned epsilon {entry.planned_epsilon:.4f})")
             db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
                 entry.run_id, entry.hospital, entry.dataset, RESERVED, entry.delta, entry.noise_multiplier,
@@ -276,16 +281,15 @@ class Ledger:
         """Record the run's spend so far before the work that spends it; refuse past any cap."""
         with self._transaction() as db:
             entries = self._entries(db, hospital, dataset)
-            previous = next((e for e in entries if e.run_id == run_id), None)
+            previous = _find(entries, run_id)
             if previous is None or previous.status != RESERVED:
                 raise LedgerError(f"{hospital}/{dataset}: run {run_id} holds no open reservation; "
                                   "a hospital trains only for a run it admitted")
             if spent.steps < previous.spent.steps:
                 raise LedgerError(f"{hospital}/{dataset}: run {run_id} would forget spend "
                                   f"({spent.steps} steps recorded against {previous.spent.steps})")
-            entry = Entry(**{**previous.__dict__, "spent": spent, "updated_at": _now()})
-            others = [e for e in entries if e.run_id != run_id]
-            self._check_caps(db, [*others, entry], hospital, dataset, policy_cap, f"run {run_id}'s next round")
+            entry = replace(previous, spent=spent, updated_at=_now())
+            self._check_caps(db, entries, entry, policy_cap, f"run {run_id}'s next round")
             db.execute("UPDATE entries SET spent = ?, updated_at = ? WHERE run_id = ? AND hospital = ? AND "
                        "dataset = ?", (spent.to_json(), entry.updated_at, run_id, hospital, dataset))
             return entry
@@ -295,10 +299,10 @@ class Ledger:
         if status not in (COMMITTED, ABORTED):
             raise LedgerError(f"close: status must be {COMMITTED!r} or {ABORTED!r}, got {status!r}")
         with self._transaction() as db:
-            previous = next((e for e in self._entries(db, hospital, dataset) if e.run_id == run_id), None)
+            previous = _find(self._entries(db, hospital, dataset), run_id)
             if previous is None:
                 raise LedgerError(f"{hospital}/{dataset}: no entry for run {run_id}")
-            entry = Entry(**{**previous.__dict__, "status": status, "updated_at": _now()})
+            entry = replace(previous, status=status, updated_at=_now())
             db.execute("UPDATE entries SET status = ?, updated_at = ? WHERE run_id = ? AND hospital = ? AND "
                        "dataset = ?", (status, entry.updated_at, run_id, hospital, dataset))
             return entry

@@ -57,14 +57,16 @@ class RecordingFedProx(FedProx):
     def __init__(self, *, proximal_mu: float, min_participants: int, initial_arrays: NDArrays, run_id: str = "",
                  evaluate_fn: EvaluateFn | None = None,
                  evaluate_metrics_aggregation_fn: MetricsAggregationFn | None = weighted_average) -> None:
+        def round_config(server_round: int) -> dict[str, Scalar]:
+            return {"server_round": server_round, RUN_ID: run_id}  # hospitals work only for runs they admitted
+
         super().__init__(
             proximal_mu=proximal_mu, fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=min_participants,
             min_evaluate_clients=min_participants, min_available_clients=min_participants,
             evaluate_fn=evaluate_fn, initial_parameters=ndarrays_to_parameters(initial_arrays),
             accept_failures=True, fit_metrics_aggregation_fn=weighted_average,
             evaluate_metrics_aggregation_fn=evaluate_metrics_aggregation_fn,
-            on_fit_config_fn=lambda server_round: {"server_round": server_round, RUN_ID: run_id},
-            on_evaluate_config_fn=lambda server_round: {"server_round": server_round, RUN_ID: run_id},
+            on_fit_config_fn=round_config, on_evaluate_config_fn=round_config,
         )
         self.min_participants = min_participants
         self.rounds: dict[int, RoundRecord] = {}
