@@ -88,6 +88,11 @@ def _show(ledgers: list[Ledger], as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "set-budget":  # checked before any ledger file is opened or created
+        if not (math.isfinite(args.epsilon) and args.epsilon > 0):
+            _fail(f"EPSILON must be > 0, got {args.epsilon}")
+        if not 0 < args.delta < 1:
+            _fail(f"--delta must be in (0, 1), got {args.delta}")
     ledgers = _ledgers(args)
     try:
         if args.command == "show":

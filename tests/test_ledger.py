@@ -183,6 +183,11 @@ def test_fl_ledger_sets_budgets_shows_exports_and_aborts_a_crashed_run(
     code, _, err = cli("--ledger", str(tmp_path / "nope.sqlite"), "show")
     assert code == 2 and err.strip() == f"fl-ledger: error: --ledger: {tmp_path / 'nope.sqlite'} does not exist"
     assert cli("abort", "run-zzz")[0] == 2
+    code, _, err = cli("set-budget", "hospital-1", "0")
+    assert code == 2 and err.strip() == "fl-ledger: error: EPSILON must be > 0, got 0.0"
+    code, _, err = cli("set-budget", "hospital-1", "5", "--delta", "1")
+    assert code == 2 and err.strip() == "fl-ledger: error: --delta must be in (0, 1), got 1.0"
+    assert not (home / "hospital-1").exists()  # a refused command creates nothing
 
 
 def test_compose_concatenates_histories_as_rdp() -> None:
