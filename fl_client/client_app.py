@@ -19,7 +19,6 @@ from flwr.common import Context, Message
 from fl_core.config import AppConfig, compose_config, to_app_config
 from fl_core.entry import quiet_libraries
 
-from .hospital import HospitalClient
 from .node import NodeSettings
 
 
@@ -37,6 +36,10 @@ def run_config(context: Context, overrides: Sequence[str] | None) -> AppConfig:
 
 def make_client_fn(overrides: Sequence[str] | None) -> Callable[[Context], Client]:
     def client_fn(context: Context) -> Client:
+        # Imported here: a deployed node starts a process per message, and SecAgg+'s key-exchange and unmasking
+        # stages never reach client_fn, so they skip torch, transformers and Opacus (about 10 s a process).
+        from .hospital import HospitalClient
+
         quiet_libraries()
         cfg = run_config(context, overrides)
         return HospitalClient(cfg, NodeSettings.from_node_config(context.node_config)).to_client()

@@ -18,7 +18,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fl_core.config import AppConfig, ConfigError, config_as_dict, to_app_config, validate_delta
-from fl_core.data import DataError, TextDataset, hospital_datasets, load_splits
+from fl_core.data import DataError, DataSplits, TextDataset, hospital_share, local_examples
 from fl_core.device import resolve_device
 from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer
 from fl_core.protocol import ADMIT, LEDGER_ACTION, RUN_ID
@@ -52,12 +52,11 @@ class HospitalResources:
     noise_multiplier: float | None
 
 
-def hospital_data(cfg: AppConfig, partition: int) -> tuple[TextDataset, TextDataset]:
-    """This hospital's share of the training set, and its local share of the test set."""
-    splits = load_splits(cfg.data)
-    train = hospital_datasets(splits.train, cfg.federation, cfg.data.seed)[partition]
-    test = hospital_datasets(splits.test, cfg.federation, cfg.data.seed + 1)[partition]
-    return train, test
+def hospital_data(cfg: AppConfig, node: NodeSettings) -> DataSplits:
+    """The hospital's own files when its node names a `data-dir`, else its share of the packaged data."""
+    if node.data_dir is not None:
+        return local_examples(node.data_dir, cfg.data)
+    return hospital_share(cfg.data, cfg.federation, node.partition)
 
 
 def privacy_plan(cfg: AppConfig, num_examples: int) -> tuple[SamplingPlan, float | None]:
@@ -73,20 +72,20 @@ def privacy_plan(cfg: AppConfig, num_examples: int) -> tuple[SamplingPlan, float
 
 
 @lru_cache(maxsize=4)  # a simulation actor may serve several hospitals in turn
-def _resources(config_json: str, partition: int) -> HospitalResources:
+def _resources(config_json: str, node: NodeSettings) -> HospitalResources:
     cfg = to_app_config(OmegaConf.create(json.loads(config_json)))
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
-    train, test = hospital_data(cfg, partition)
-    plan, sigma = privacy_plan(cfg, len(train))
+    data = hospital_data(cfg, node)
+    plan, sigma = privacy_plan(cfg, len(data.train))
     tokenizer = load_tokenizer(cfg.model)
-    model = build_model(cfg, tokenizer, len(train.label_names), device)
-    return HospitalResources(tokenizer, model, device, train, test, plan, sigma)
+    model = build_model(cfg, tokenizer, len(data.train.label_names), device)
+    return HospitalResources(tokenizer, model, device, data.train, data.test, plan, sigma)
 
 
-def hospital_resources(cfg: AppConfig, partition: int) -> HospitalResources:
-    return _resources(json.dumps(config_as_dict(cfg), sort_keys=True), partition)
+def hospital_resources(cfg: AppConfig, node: NodeSettings) -> HospitalResources:
+    return _resources(json.dumps(config_as_dict(cfg), sort_keys=True), node)
 
 
 class HospitalClient(NumPyClient):
@@ -110,7 +109,7 @@ class HospitalClient(NumPyClient):
         Only the data is loaded (for the plan), never the model: a forbidden model is refused, not loaded.
         """
         policy = load_policy(self.node.policy_file)
-        train, _ = hospital_data(self.cfg, self.node.partition)
+        train = hospital_data(self.cfg, self.node).train
         plan, sigma = privacy_plan(self.cfg, len(train))
         request = self.spend_request(run_id, plan, sigma)
         planned = self.ledger.plan(request)
@@ -166,13 +165,13 @@ class HospitalClient(NumPyClient):
         return entry
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        return adapter_to_arrays(hospital_resources(self.cfg, self.node.partition).model)
+        return adapter_to_arrays(hospital_resources(self.cfg, self.node).model)
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         run_id = str(config.get(RUN_ID, ""))
         entry = self.admitted_entry(run_id)
         policy = load_policy(self.node.policy_file)
-        res = hospital_resources(self.cfg, self.node.partition)
+        res = hospital_resources(self.cfg, self.node)
         private = res.noise_multiplier is not None
         projected = entry.spent.then(res.noise_multiplier or 0.0, res.plan.sample_rate, res.plan.steps_per_round)
         self.check_budget(projected, res)
@@ -200,7 +199,7 @@ class HospitalClient(NumPyClient):
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         self.admitted_entry(str(config.get(RUN_ID, "")))
-        res = hospital_resources(self.cfg, self.node.partition)
+        res = hospital_resources(self.cfg, self.node)
         load_adapter_arrays(res.model, parameters)
         metrics = evaluate(self.cfg, res.model, res.tokenizer, res.test, res.device)
         return float(metrics["loss"]), len(res.test), {k: float(v) for k, v in metrics.items() if k != "loss"}

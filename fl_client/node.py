@@ -1,6 +1,7 @@
 """What a hospital's node keeps across runs: its identity, its privacy ledger and its policy file.
 
-All of it comes from the SuperNode's own node config (`hospital-id`, `partition-id`, `state-dir`, `policy-file`)
+All of it comes from the SuperNode's own node config (`hospital-id`, `state-dir`, `policy-file`, and either
+`data-dir`, the hospital's own `train.jsonl` and `test.jsonl`, or `partition-id`, its share of the packaged data)
 or, in simulation, from the node home folder named in the node's environment; never from the run config that a
 researcher submits.
 """
@@ -29,6 +30,7 @@ class NodeSettings:
     partition: int
     state_dir: Path
     policy_file: Path | None
+    data_dir: Path | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -43,4 +45,5 @@ class NodeSettings:
         policy = node_config.get("policy-file")
         default_policy = state_dir / POLICY_FILE
         policy_file = Path(str(policy)) if policy else (default_policy if default_policy.exists() else None)
-        return cls(hospital, partition, state_dir, policy_file)
+        data_dir = node_config.get("data-dir")
+        return cls(hospital, partition, state_dir, policy_file, Path(str(data_dir)) if data_dir else None)

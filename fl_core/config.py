@@ -115,6 +115,7 @@ class FederationConfig:
     dirichlet_alpha: float = 0.5
     min_participants: int = 3
     join_timeout: float = 300.0  # seconds the server waits for every hospital to connect before admission
+    rejoin_timeout: float = 30.0  # seconds a round waits for an admitted hospital that is offline (restarting)
 
 
 @dataclass
@@ -134,6 +135,8 @@ class SecAggConfig:
 class StrategyConfig:
     name: str = "fedprox"
     proximal_mu: float = 0.01
+    # Hospitals also evaluate each round's model on their own held-out data (a process per node per round).
+    federated_evaluation: bool = True
     convergence_threshold: float = 0.001
     patience: int = 2
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
@@ -276,6 +279,7 @@ def validate(cfg: AppConfig) -> None:
     _require(1 <= f.min_participants <= f.num_clients, "federation.min_participants",
              f"must be between 1 and federation.num_clients={f.num_clients} (got {f.min_participants})")
     _positive(f.join_timeout, "federation.join_timeout")
+    _require(f.rejoin_timeout >= 0, "federation.rejoin_timeout", f"must be >= 0 (got {f.rejoin_timeout})")
 
     s = cfg.strategy
     _one_of(s.name, STRATEGIES, "strategy.name")

@@ -9,6 +9,8 @@ import csv
 import html
 import importlib.util
 import io
+import json
+import os
 import random
 import warnings
 import zipfile
@@ -16,7 +18,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from .cache import cache_root
 from .config import DataConfig, FederationConfig
+
+TRAIN_FILE, TEST_FILE = "train.jsonl", "test.jsonl"
 
 CLINICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("women's health", ("birth control", "contracept", "vagin", "uterine", "menopaus", "endometriosis",
@@ -71,6 +76,25 @@ def package_dir(module: str) -> Path:
 
 @lru_cache(maxsize=1)
 def icd10_examples() -> TextDataset:
+    """ICD-10-CM texts by chapter, built once per machine (several seconds) and then read from the cache.
+
+    Every ClientApp process of a deployed SuperNode starts afresh, so the build would otherwise recur per message.
+    """
+    from importlib.metadata import version
+
+    cached = cache_root() / "data" / f"icd10-{version('simple-icd-10-cm')}.json"
+    if cached.exists():
+        raw = json.loads(cached.read_text())
+        return TextDataset(tuple(raw["texts"]), tuple(raw["labels"]), tuple(raw["label_names"]))
+    data = _build_icd10_examples()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = cached.with_name(f".{cached.name}.{os.getpid()}")
+    staging.write_text(json.dumps({"texts": data.texts, "labels": data.labels, "label_names": data.label_names}))
+    staging.replace(cached)  # atomic: hospitals starting together never read half a file
+    return data
+
+
+def _build_icd10_examples() -> TextDataset:
     """ICD-10-CM descriptions and inclusion terms labelled with their chapter (22 classes).
 
     Seventh-character extensions are skipped (they repeat their parent's text with an encounter
@@ -173,3 +197,55 @@ def partition_indices(train: TextDataset, fed: FederationConfig, seed: int) -> l
 def hospital_datasets(data: TextDataset, fed: FederationConfig, seed: int) -> list[TextDataset]:
     """Each hospital's share of `data`, in hospital order."""
     return [data.subset(p) for p in partition_indices(data, fed, seed)]
+
+
+def hospital_share(cfg: DataConfig, fed: FederationConfig, partition: int) -> DataSplits:
+    """Hospital `partition`'s share of the packaged training and test sets (simulation and demo federations)."""
+    if not 0 <= partition < fed.num_clients:
+        raise DataError(f"partition-id: {partition} is not in 0..{fed.num_clients - 1} "
+                        f"(federation.num_clients={fed.num_clients})")
+    splits = load_splits(cfg)
+    return DataSplits(hospital_datasets(splits.train, fed, cfg.seed)[partition],
+                      hospital_datasets(splits.test, fed, cfg.seed + 1)[partition])
+
+
+def write_examples(path: Path, data: TextDataset) -> None:
+    """JSON lines of {"text", "label"}, the label by name: the format a hospital keeps its own examples in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for text, label in zip(data.texts, data.labels, strict=True):
+            f.write(json.dumps({"text": text, "label": data.label_names[label]}) + "\n")
+
+
+def read_examples(path: Path, label_names: tuple[str, ...]) -> TextDataset:
+    """A hospital's JSON-lines file; a bad line is one error naming the file and line, before any training."""
+    if not path.is_file():
+        raise DataError(f"data-dir: no file {path}")
+    index = {name: i for i, name in enumerate(label_names)}
+    texts: list[str] = []
+    labels: list[int] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"data-dir: {path.name} line {number}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise DataError(f"data-dir: {path.name} line {number}: needs a non-empty string 'text'")
+            if row.get("label") not in index:
+                raise DataError(f"data-dir: {path.name} line {number}: label {row.get('label')!r} is not one of "
+                                f"the dataset's {len(label_names)} labels")
+            texts.append(row["text"])
+            labels.append(index[row["label"]])
+    if not texts:
+        raise DataError(f"data-dir: {path.name} has no examples")
+    return TextDataset(tuple(texts), tuple(labels), label_names)
+
+
+def local_examples(data_dir: Path, cfg: DataConfig) -> DataSplits:
+    """A hospital's own training and held-out examples (`train.jsonl`, `test.jsonl`), labelled as `data.name`."""
+    label_names = load_splits(cfg).train.label_names
+    return DataSplits(read_examples(data_dir / TRAIN_FILE, label_names), read_examples(data_dir / TEST_FILE,
+                                                                                       label_names))

@@ -6,7 +6,6 @@ only they travel between hospitals and server.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections import OrderedDict
@@ -27,14 +26,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .cache import cache_root
 from .config import AppConfig, ModelConfig
 from .data import package_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FEDERATED_DP_LLM_CACHE", Path.home() / ".cache" / "federated-dp-llm"))
 
 
 def minilm_dir() -> Path:

@@ -107,6 +107,7 @@ class FederatedRun:
         self.recorder = RecordingFedProx(
             proximal_mu=cfg.strategy.proximal_mu, min_participants=cfg.federation.min_participants,
             initial_arrays=self.initial_arrays, run_id=self.tracker.run_id, evaluate_fn=self.evaluate_global,
+            federated_evaluation=cfg.strategy.federated_evaluation, rejoin_timeout=cfg.federation.rejoin_timeout,
         )
         self.strategy = strategy_for(cfg, self.recorder)
 
@@ -156,6 +157,7 @@ class FederatedRun:
         metrics["epsilon_max"] = max(s["epsilon"] for s in self.spend.values())
         if self.cfg.privacy.client_level.enabled:
             metrics["epsilon_hospital_level"] = hospital_level_epsilon(self.cfg, result.server_round)
+        metrics["hospitals_aggregated"] = participants
         metrics["bytes_sent"] = 2.0 * self.adapter_bytes * participants  # adapter down and up, per hospital
         metrics["round_seconds"] = result.seconds
         self.tracker.log_metrics(metrics, step=result.server_round)

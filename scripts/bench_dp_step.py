@@ -14,6 +14,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 MODES = ("plain", "hooks", "functorch", "ghost")
@@ -45,9 +46,10 @@ def measure(model_name: str, mode: str, batch: int, seq_len: int, steps: int, th
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=1e-3)
     module: torch.nn.Module = model
-    criterion = SequenceClassificationLoss()
+    per_sequence_loss = SequenceClassificationLoss()
+    criterion: Callable[..., torch.Tensor] = per_sequence_loss
     if mode != "plain":
-        session = make_private(model, optimizer, loader, criterion, noise_multiplier=1.0, max_grad_norm=1.0,
+        session = make_private(model, optimizer, loader, per_sequence_loss, noise_multiplier=1.0, max_grad_norm=1.0,
                                accountant=AccountantState("rdp"), grad_sample_mode=mode, poisson_sampling=False)
         module, optimizer, loader, criterion = session.module, session.optimizer, session.data_loader, \
             session.criterion

@@ -19,12 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fl_client.hospital import hospital_resources  # noqa: E402
+from fl_client.node import NodeSettings  # noqa: E402
 from fl_core.config import compose_config, to_app_config  # noqa: E402
 from fl_core.data import load_splits  # noqa: E402
 from fl_core.entry import quiet_libraries  # noqa: E402
@@ -57,7 +59,8 @@ def local_round_seconds(rounds: int) -> list[float]:
     quiet_libraries()
     torch.set_num_threads(1)
     cfg = to_app_config(compose_config([*WORKLOAD, f"federation.num_rounds={rounds}"]))
-    hospitals = [hospital_resources(cfg, p) for p in range(cfg.federation.num_clients)]
+    hospitals = [hospital_resources(cfg, NodeSettings.from_node_config({"partition-id": p}))
+                 for p in range(cfg.federation.num_clients)]
     central = hospitals[0]
     test = load_splits(cfg.data).test
     accountants = [AccountantState("rdp") for _ in hospitals]
@@ -74,7 +77,7 @@ def local_round_seconds(rounds: int) -> list[float]:
             accountants[i] = result.accountant
             updates.append((adapter_to_arrays(h.model), result.num_examples))
         total = sum(n for _, n in updates)
-        global_arrays = [sum(a[k] * n for a, n in updates) / total for k in range(len(global_arrays))]
+        global_arrays = [np.sum([a[k] * n for a, n in updates], axis=0) / total for k in range(len(global_arrays))]
         load_adapter_arrays(central.model, global_arrays)
         evaluate(cfg, central.model, central.tokenizer, test, central.device)
         for h in hospitals:

@@ -55,13 +55,15 @@ class RecordingFedProx(FedProx):
     """Flower's FedProx plus an auditable record of each aggregated round."""
 
     def __init__(self, *, proximal_mu: float, min_participants: int, initial_arrays: NDArrays, run_id: str = "",
-                 evaluate_fn: EvaluateFn | None = None,
+                 evaluate_fn: EvaluateFn | None = None, federated_evaluation: bool = True,
+                 rejoin_timeout: float = 0.0,
                  evaluate_metrics_aggregation_fn: MetricsAggregationFn | None = weighted_average) -> None:
         def round_config(server_round: int) -> dict[str, Scalar]:
             return {"server_round": server_round, RUN_ID: run_id}  # hospitals work only for runs they admitted
 
         super().__init__(
-            proximal_mu=proximal_mu, fraction_fit=1.0, fraction_evaluate=1.0, min_fit_clients=min_participants,
+            proximal_mu=proximal_mu, fraction_fit=1.0,
+            fraction_evaluate=1.0 if federated_evaluation else 0.0, min_fit_clients=min_participants,
             min_evaluate_clients=min_participants, min_available_clients=min_participants,
             evaluate_fn=evaluate_fn, initial_parameters=ndarrays_to_parameters(initial_arrays),
             accept_failures=True, fit_metrics_aggregation_fn=weighted_average,
@@ -69,18 +71,25 @@ class RecordingFedProx(FedProx):
             on_fit_config_fn=round_config, on_evaluate_config_fn=round_config,
         )
         self.min_participants = min_participants
+        self.rejoin_timeout = rejoin_timeout
         self.rounds: dict[int, RoundRecord] = {}
         self.admitted: set[str] | None = None  # node ids; None: every connected hospital
 
-    def eligible(self, client_manager: ClientManager) -> ClientManager:
-        return client_manager if self.admitted is None else AdmittedClients(client_manager, self.admitted)
+    def eligible(self, client_manager: ClientManager, rejoin_timeout: float = 0.0) -> ClientManager:
+        """The admitted hospitals, once those that are offline have had `rejoin_timeout` seconds to come back."""
+        if self.admitted is None:
+            return client_manager
+        admitted = AdmittedClients(client_manager, self.admitted)
+        admitted.await_admitted(rejoin_timeout)
+        return admitted
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        return super().configure_fit(server_round, parameters, self.eligible(client_manager))
+        return super().configure_fit(server_round, parameters, self.eligible(client_manager, self.rejoin_timeout))
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Evaluation asks whoever is connected: waiting for a hospital is worth it for training rounds only."""
         return super().configure_evaluate(server_round, parameters, self.eligible(client_manager))
 
     def aggregate_fit(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
@@ -17,11 +19,21 @@ class _Admitted(Criterion):
 
 
 class AdmittedClients(ClientManager):
-    """The server's client manager as a strategy should see it: the admitted hospitals, nothing else."""
+    """The server's client manager as a strategy should see it: the admitted hospitals, nothing else.
+
+    `await_admitted` lets a round wait for admitted hospitals that are offline, so a node that restarts between
+    rounds is back in the next one instead of being skipped for a few seconds' absence.
+    """
 
     def __init__(self, inner: ClientManager, admitted: set[str]) -> None:
         self.inner = inner
         self.admitted = admitted
+
+    def await_admitted(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds until every admitted hospital is connected."""
+        deadline = time.monotonic() + timeout
+        while len(self.all()) < len(self.admitted) and time.monotonic() < deadline:
+            time.sleep(1.0)
 
     def num_available(self) -> int:
         return len(self.all())

@@ -1,9 +1,23 @@
+import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from fl_core.config import compose_config, to_app_config
-from fl_core.data import DataError, icd10_examples, load_splits, partition_indices
+from fl_core.data import (
+    TEST_FILE,
+    TRAIN_FILE,
+    DataError,
+    _build_icd10_examples,
+    hospital_share,
+    icd10_examples,
+    load_splits,
+    local_examples,
+    partition_indices,
+    read_examples,
+    write_examples,
+)
 
 
 def test_icd10_is_chapter_classification_over_22_classes() -> None:
@@ -62,3 +76,44 @@ def test_drugreview_maps_reviews_to_clinics() -> None:
     assert len(splits.train) > 500 and len(splits.test) > 300
     assert "women's health" in splits.train.label_names
     assert all(t and "&#039;" not in t for t in splits.train.texts)
+
+
+def test_icd10_cache_holds_exactly_what_the_build_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDERATED_DP_LLM_CACHE", str(tmp_path))
+    icd10_examples.cache_clear()
+    try:
+        first = icd10_examples()  # builds and writes the cache
+        icd10_examples.cache_clear()
+        assert list((tmp_path / "data").glob("icd10-*.json"))
+        assert icd10_examples() == first == _build_icd10_examples()
+    finally:
+        icd10_examples.cache_clear()
+
+
+def test_a_hospitals_own_files_round_trip_as_its_share(tmp_path: Path) -> None:
+    cfg = to_app_config(compose_config(["data.max_train_examples=300", "data.max_test_examples=60"]))
+    share = hospital_share(cfg.data, cfg.federation, 1)
+    write_examples(tmp_path / TRAIN_FILE, share.train)
+    write_examples(tmp_path / TEST_FILE, share.test)
+    assert local_examples(tmp_path, cfg.data) == share
+    first = json.loads((tmp_path / TRAIN_FILE).read_text().splitlines()[0])
+    assert first["label"] in share.train.label_names  # labels by name, readable by a hospital's own tooling
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ("not json", "line 2: not JSON"),
+    ('{"text": "", "label": "Neoplasms (C00-D49)"}', "line 2: needs a non-empty string 'text'"),
+    ('{"text": "fracture of femur", "label": "Orthopaedics"}', "line 2: label 'Orthopaedics' is not one of"),
+])
+def test_a_bad_line_in_a_hospitals_file_is_one_error_naming_it(tmp_path: Path, line: str, problem: str) -> None:
+    path = tmp_path / TRAIN_FILE
+    path.write_text('{"text": "malignant neoplasm of lung", "label": "Neoplasms (C00-D49)"}\n' + line + "\n")
+    labels = icd10_examples().label_names
+    with pytest.raises(DataError, match=r"^data-dir: train\.jsonl " + problem.replace("(", r"\(")):
+        read_examples(path, labels)
+
+
+def test_a_partition_outside_the_federation_names_the_node_setting() -> None:
+    cfg = to_app_config(compose_config([]))
+    with pytest.raises(DataError, match=r"^partition-id: 3 is not in 0\.\.2"):
+        hospital_share(cfg.data, cfg.federation, 3)

@@ -65,7 +65,7 @@ def test_the_policy_on_the_node_wins_over_the_run_config(tmp_path: Path) -> None
     assert answer["admitted"] is False
     assert "model 'tiny' is not in allowed_models ['smollm2-135m']" in str(answer["reason"])
     assert Ledger(client.node.ledger_path).entries() == []  # nothing reserved, nothing charged
-    arrays = adapter_to_arrays(hospital_resources(client.cfg, 0).model)
+    arrays = adapter_to_arrays(hospital_resources(client.cfg, client.node).model)
     with pytest.raises(RunRefused, match="was not admitted"):  # a server that samples it anyway gets nothing
         client.fit(arrays, {RUN_ID: "run-a"})
     with pytest.raises(RunRefused, match="was not admitted"):
@@ -78,7 +78,7 @@ def test_an_admitted_run_is_charged_before_training_and_committed_at_the_end(tmp
     assert answer["admitted"] is True, answer
     assert 7.5 < float(answer["planned_epsilon"]) <= 8.0  # the run's target epsilon 8 over both rounds
     assert float(answer["remaining_epsilon"]) == pytest.approx(20 - float(answer["lifetime_epsilon"]))
-    arrays = adapter_to_arrays(hospital_resources(client.cfg, 0).model)
+    arrays = adapter_to_arrays(hospital_resources(client.cfg, client.node).model)
     _, _, metrics = client.fit(arrays, {RUN_ID: "run-a"})
     entry = Ledger(client.node.ledger_path).entry("run-a", "hospital-0", "icd10")
     assert entry is not None and entry.spent.steps == metrics["steps"] > 0

@@ -1,15 +1,19 @@
 """Server-side pieces without a simulation: privacy cross-check, convergence stop, checkpoints."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.common import ndarrays_to_parameters
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
 
 from fl_server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fl_server.server_app import hospital_privacy
 from fl_server.workflow import ConvergenceMonitor, RoundResult
 from privacy.accountant import AccountantState
-from strategies.fedprox import RoundRecord, weighted_average
+from strategies.fedprox import RecordingFedProx, RoundRecord, weighted_average
 from tests.conftest import tiny_config
 
 
@@ -72,3 +76,51 @@ def test_hospital_refuses_a_round_that_would_exceed_its_target_epsilon(tmp_path:
     client.check_budget(AccountantState("rdp", [one_round, one_round]), resources)  # the second planned round fits
     with pytest.raises(PrivacyBudgetExceeded, match=r"above the target 2\.0"):
         client.check_budget(AccountantState("rdp", [one_round] * 3), resources)  # a third would not
+
+
+class _Hospital(ClientProxy):
+    """A connected node as the client manager sees it; rounds here only sample it, never message it."""
+
+    def get_properties(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def get_parameters(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def fit(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def evaluate(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def reconnect(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+def sampled(stage: str, rejoin_timeout: float, rejoin_after: float) -> list[str]:
+    """Hospitals a round's `stage` (fit or evaluate) asks when admitted hospital `c` reconnects after a while."""
+    manager = SimpleClientManager()
+    for cid in ("a", "b", "outsider"):
+        manager.register(_Hospital(cid))
+    strategy = RecordingFedProx(proximal_mu=0.0, min_participants=2, initial_arrays=[np.zeros(2, np.float32)],
+                                rejoin_timeout=rejoin_timeout)
+    strategy.admitted = {"a", "b", "c"}
+    rejoin = threading.Timer(rejoin_after, lambda: manager.register(_Hospital("c")))
+    rejoin.start()
+    parameters = ndarrays_to_parameters([np.zeros(2, np.float32)])
+    configure = strategy.configure_fit if stage == "fit" else strategy.configure_evaluate
+    chosen = sorted(proxy.cid for proxy, _ in configure(1, parameters, manager))
+    rejoin.cancel()
+    return chosen
+
+
+def test_a_training_round_waits_for_an_admitted_hospital_that_is_reconnecting() -> None:
+    assert sampled("fit", rejoin_timeout=10.0, rejoin_after=1.0) == ["a", "b", "c"]
+
+
+def test_a_round_goes_on_without_a_hospital_that_stays_away_past_the_rejoin_timeout() -> None:
+    assert sampled("fit", rejoin_timeout=0.5, rejoin_after=3.0) == ["a", "b"]
+
+
+def test_evaluation_asks_the_connected_hospitals_without_waiting() -> None:
+    assert sampled("evaluate", rejoin_timeout=10.0, rejoin_after=3.0) == ["a", "b"]

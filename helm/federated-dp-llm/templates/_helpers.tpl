@@ -1,0 +1,61 @@
+{{- define "fdl.fullname" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "fdl.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "fdl.selector" -}}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "fdl.image" -}}
+{{- $repo := index .root.Values.image.repositories .component -}}
+image: {{ printf "%s%s:%s" .root.Values.image.registry $repo .root.Values.image.tag | quote }}
+imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+{{- end -}}
+
+{{/* Every pod: the images' unprivileged user, no privilege escalation, read-only root file system. */}}
+{{- define "fdl.podSecurityContext" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 10001
+  runAsGroup: 10001
+  fsGroup: 10001
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{- define "fdl.containerSecurityContext" -}}
+securityContext:
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: [ALL]
+{{- end -}}
+
+{{/* Writable scratch for Flower's app installs (FLWR_HOME) and temporary files under a read-only root. */}}
+{{- define "fdl.scratchMounts" -}}
+- name: flwr-home
+  mountPath: /home/fl/.flwr
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
+
+{{- define "fdl.scratchVolumes" -}}
+- name: flwr-home
+  emptyDir: {}
+- name: tmp
+  emptyDir: {}
+{{- end -}}
+
+{{- define "fdl.tcpProbe" -}}
+exec:
+  command: ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', {{ .port }}), 3)"]
+{{- end -}}

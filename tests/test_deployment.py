@@ -1,0 +1,195 @@
+"""A real federation on 127.0.0.1: a SuperLink and three hospitals' SuperNodes, over TLS with node authentication.
+
+Every process is started here through `scripts/federation.py` (the commands the README gives an operator) in its
+own session, and killed with its whole process group at the end, so nothing outlives the module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from privacy.ledger import COMMITTED, RESERVED, Entry, Ledger
+from scripts.federation import connect, init, write_partitions
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+HOSPITALS = ("h0", "h1", "h2")
+FEDERATION = "hospitals"
+DATA = ["model=tiny", "data.max_train_examples=256", "data.max_test_examples=64", "federation.partitioning=iid"]
+UNREGISTERED_NODE = 305  # Flower's error code for a SuperNode whose public key the SuperLink does not know
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def accepts_connections(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Federation:
+    root: Path
+    env: dict[str, str]
+    superlink_port: int
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    def start(self, name: str, args: list[str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("ab")
+        proc = subprocess.Popen([sys.executable, "-m", "scripts.federation", *args], cwd=cwd or REPO, env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = proc
+        return proc
+
+    def start_node(self, hospital: str, data_of: str | None = None) -> subprocess.Popen[bytes]:
+        return self.start(hospital, ["supernode", str(self.certs), hospital,
+                                     "--superlink", f"127.0.0.1:{self.superlink_port}",
+                                     "--data-dir", str(self.root / "data" / (data_of or hospital)),
+                                     "--state", str(self.state(hospital)), "--clientapp-port", str(free_port())])
+
+    def state(self, hospital: str) -> Path:
+        return self.root / "state" / hospital
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process and everything it started: a crash, not a shutdown."""
+        proc = self.processes.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("federation")
+    # PYTHONPATH: the SuperLink runs in the federation's folder (its MLflow artifacts land there, not in the repo)
+    env = {**os.environ, "FLWR_HOME": str(root / "flwr"), "PYTHONPATH": str(REPO)}
+    fed = Federation(root, env, free_port())
+    init(fed.certs, [*HOSPITALS, "intruder"], ["superlink.hospitals.example"], days=30)
+    write_partitions(root / "data", HOSPITALS, DATA)
+    try:
+        fed.start("superlink", ["superlink", str(fed.certs), "--port", str(fed.superlink_port)], cwd=root)
+        wait_until(lambda: accepts_connections(fed.superlink_port), 60, "the SuperLink")
+        os.environ["FLWR_HOME"] = env["FLWR_HOME"]  # connect() writes the researcher's Flower config there
+        connect(FEDERATION, f"127.0.0.1:{fed.superlink_port}", fed.certs / "ca.crt")
+        registered = subprocess.run([sys.executable, "-m", "scripts.federation", "register", str(fed.certs),
+                                     FEDERATION, "--hospitals", *HOSPITALS], cwd=REPO, env=env,
+                                    capture_output=True, text=True, timeout=120)
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+        for hospital in HOSPITALS:
+            fed.start_node(hospital)
+        yield fed
+    finally:
+        os.environ.pop("FLWR_HOME", None)
+        for name in list(fed.processes):
+            fed.kill(name)
+
+
+def test_the_superlink_speaks_only_tls(federation: Federation) -> None:
+    with socket.create_connection(("127.0.0.1", federation.superlink_port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        reply = s.recv(64)
+    assert not reply.startswith(b"HTTP/1.1 200")  # plaintext HTTP gets no service
+
+
+def test_a_node_whose_key_was_never_registered_is_refused(federation: Federation) -> None:
+    intruder = federation.start_node("intruder", data_of="h0")
+    assert intruder.wait(timeout=120) != 0
+    federation.processes.pop("intruder")
+    log = federation.log("intruder")
+    assert f"Exit Code: {UNREGISTERED_NODE}" in log and "Failed to activate SuperNode" in log, log[-2000:]
+
+
+def h2_entry(federation: Federation) -> Entry | None:
+    entries = Ledger(federation.state("h2") / "ledger.sqlite").entries("h2")
+    return entries[-1] if entries else None
+
+
+def test_a_node_killed_mid_round_is_survived_and_resumes_its_ledger_after_restart(federation: Federation) -> None:
+    """3 rounds of SecAgg+ with DP. h2 dies during round 2's training and restarts; round 3 has it back.
+
+    h2 charges its ledger before training, so round 2 counts against it although its update never left; after the
+    restart its run entry continues from disk, and the epsilon it reports in round 3 is that of all three rounds.
+    """
+    root = federation.root
+    overrides = [*DATA, "train.device=cpu", "train.batch_size=16", "train.num_threads=1",
+                 "federation.num_rounds=3", "federation.min_participants=2", "federation.rejoin_timeout=120",
+                 "strategy.federated_evaluation=false", "strategy.secagg.reconstruction_threshold=2",
+                 f"output_dir={root / 'run'}", f"tracking.mlflow_uri=sqlite:///{root / 'mlflow.db'}"]
+    (root / "run.toml").write_text(f'overrides = "{" ".join(overrides)}"\n')
+    log = (root / "flwr-run.log").open("wb")
+    run = subprocess.Popen(["flwr", "run", ".", FEDERATION, "--stream", "--run-config", str(root / "run.toml")],
+                           cwd=REPO, env=federation.env, stdout=log, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    federation.processes["flwr-run"] = run
+
+    def charged_rounds() -> int:
+        entry = h2_entry(federation)
+        if entry is None or entry.status != RESERVED:
+            return 0
+        return entry.spent.steps * federation_rounds // entry.planned.steps
+
+    run_log = root / "flwr-run.log"
+
+    def running(condition: Callable[[], bool]) -> Callable[[], bool]:
+        """`condition`, failing at once with the run's output if the run has ended."""
+        def check() -> bool:
+            assert run.poll() is None, f"the run ended early:\n{run_log.read_text(errors='replace')[-4000:]}"
+            return condition()
+        return check
+
+    federation_rounds = 3
+    wait_until(running(lambda: charged_rounds() == 2), 420, "h2 to start training in round 2")
+    federation.kill("h2")
+    wait_until(running(lambda: "[round 2/3]" in run_log.read_text(errors="replace")), 300, "round 2 without h2")
+    federation.start_node("h2")
+    assert run.wait(timeout=420) == 0, run_log.read_text(errors="replace")[-4000:]
+    federation.processes.pop("flwr-run")
+
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    aggregated = [int(m.value) for m in sorted(client.get_metric_history(summary["mlflow_run_id"],
+                                                                        "hospitals_aggregated"),
+                                               key=lambda m: m.step)]
+    assert aggregated == [3, 2, 3]
+    per_round = None
+    for hospital in HOSPITALS:
+        entry = Ledger(federation.state(hospital) / "ledger.sqlite").entry(summary["mlflow_run_id"], hospital, "icd10")
+        assert entry is not None and entry.status == COMMITTED
+        per_round = per_round or entry.planned.steps // 3
+        assert entry.spent.steps == 3 * per_round, hospital  # h2 too: its restart reset nothing
+        # What the hospital reported to the server in round 3 is its ledger's whole history.
+        assert summary["epsilon_per_client"][hospital] == pytest.approx(entry.epsilon, rel=1e-12)

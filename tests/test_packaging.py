@@ -1,0 +1,148 @@
+"""Container and Kubernetes packaging, checked without a Docker engine or a cluster.
+
+The Dockerfile is linted with hadolint, the compose file parsed against the Compose specification, and the Helm
+chart rendered by Helm's own library and validated against the Kubernetes schemas.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from compose_spec import PyOptions
+from helm_python.chart import Chart
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+CHART = REPO / "helm" / "federated-dp-llm"
+TARGETS = ("superlink", "serverapp", "supernode", "mlflow")
+HOSPITALS = [{"hospital": f"hospital-{h}", "keySecret": f"hospital-{h}-node", "dataClaim": f"hospital-{h}-data"}
+             for h in "abc"]
+SECRETISH = re.compile(r"secret|password|token|key", re.IGNORECASE)
+
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    """Instructions of each named stage, continuation lines joined."""
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text()).splitlines():
+        if match := re.match(r"FROM \S+ AS (\S+)", line):
+            current = stages.setdefault(match.group(1), [])
+        elif line.strip() and not line.startswith("#"):
+            current.append(line.strip())
+    return stages
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = Path(sys.executable).with_name("hadolint")
+    result = subprocess.run([str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_image_runs_unprivileged_with_a_health_check() -> None:
+    stages = dockerfile_stages()
+    for target in TARGETS:
+        instructions = stages[target]
+        assert "USER 10001:10001" in instructions, target
+        assert any(i.startswith("HEALTHCHECK ") for i in instructions), target
+        assert any(i.startswith("COPY --from=") for i in instructions), target  # built in another stage
+
+
+def test_image_versions_are_the_projects_pins() -> None:
+    pins = dict(re.findall(r"^ *\"([a-z-]+)(?:\[[a-z]+\])?==([0-9.]+)\"", (REPO / "pyproject.toml").read_text(),
+                           re.MULTILINE))
+    args = dict(re.findall(r"^ARG ([A-Z_]+)=(\S*)$", DOCKERFILE.read_text(), re.MULTILINE))
+    assert args["FLWR_VERSION"] == pins["flwr"]
+    assert args["TORCH_VERSION"] == pins["torch"]
+
+
+def compose() -> dict[str, Any]:
+    text = (REPO / "docker" / "compose.yaml").read_text()
+    parsed = PyOptions(apply_merge=True).from_yaml(text)  # checks every key and type against the spec
+    parsed.validate()
+    return dict(parsed.to_dict())
+
+
+def test_compose_file_is_a_valid_three_hospital_federation() -> None:
+    spec = compose()
+    services = spec["services"]
+    targets = {name: s["build"]["target"] for name, s in services.items()}
+    assert set(targets.values()) == set(TARGETS)
+    hospitals = [name for name, target in targets.items() if target == "supernode"]
+    assert len(hospitals) == 3
+    for name, service in services.items():
+        assert set(service.get("depends_on", [])) <= set(services), name
+        for secret in service.get("secrets", []):
+            assert (secret if isinstance(secret, str) else secret["source"]) in spec["secrets"], name
+        for config in service.get("configs", []):
+            assert config["source"] in spec["configs"], name
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert source.startswith("..") or source in spec["volumes"], (name, volume)
+        assert not any(SECRETISH.search(str(k)) for k in service.get("environment", {})), name
+    for hospital in hospitals:
+        node_config = tomllib.loads(spec["configs"][hospital]["content"])
+        assert node_config == {"hospital-id": hospital, "state-dir": "/var/lib/node", "data-dir": "/data"}
+    assert spec["secrets"]["superexec_secret"] == {"environment": "FL_SUPEREXEC_SECRET"}  # never in the file
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    chart = Chart.load(str(CHART))
+    rendered = chart.render(values, name="fed", namespace="hospitals")
+    return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+
+
+def test_chart_renders_manifests_that_kubernetes_accepts() -> None:
+    manifests = render({"supernodes": HOSPITALS})
+    version = kubernetes_validate.latest_version()
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, version, strict=True)
+    kinds = sorted((m["kind"], m["metadata"]["name"]) for m in manifests)
+    assert ("StatefulSet", "fed-federated-dp-llm-superlink") in kinds
+    assert ("Service", "fed-federated-dp-llm-superlink") in kinds
+    assert [name for kind, name in kinds if kind == "StatefulSet" and "hospital" in name] == [
+        f"fed-federated-dp-llm-hospital-{h}" for h in "abc"]
+    assert "Secret" not in {kind for kind, _ in kinds}  # secrets come only from Secrets the operator created
+
+
+def pod_specs(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m["spec"]["template"]["spec"] for m in manifests if m["kind"] in ("Deployment", "StatefulSet")]
+
+
+def test_every_pod_runs_unprivileged_and_reads_secrets_only_from_secrets() -> None:
+    for pod in pod_specs(render({"supernodes": HOSPITALS})):
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert "livenessProbe" in container and "readinessProbe" in container
+            for env in container.get("env", []):
+                assert not (SECRETISH.search(env["name"]) and "value" in env), env
+        assert all("hostPath" not in v for v in pod["volumes"])
+
+
+def test_a_hospitals_policy_and_gpu_reach_its_node_only() -> None:
+    nodes = [dict(HOSPITALS[0], policy={"max_epsilon_per_run": 4, "min_noise_multiplier": 0.8}, gpu=1),
+             HOSPITALS[1]]
+    manifests = render({"supernodes": nodes})
+    configs = {m["metadata"]["name"]: m["data"] for m in manifests if m["kind"] == "ConfigMap"}
+    a, b = configs["fed-federated-dp-llm-hospital-a"], configs["fed-federated-dp-llm-hospital-b"]
+    assert yaml.safe_load(a["policy.yaml"]) == {"max_epsilon_per_run": 4, "min_noise_multiplier": 0.8}
+    assert tomllib.loads(a["node.toml"])["policy-file"] == "/etc/fl/policy.yaml"
+    assert "policy.yaml" not in b and "policy-file" not in tomllib.loads(b["node.toml"])
+    limits = {m["metadata"]["name"]: m["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+              for m in manifests if m["kind"] == "StatefulSet"}
+    assert limits["fed-federated-dp-llm-hospital-a"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in limits["fed-federated-dp-llm-hospital-b"]
+
+
+def test_a_node_without_its_key_secret_fails_to_render_naming_the_value() -> None:
+    with pytest.raises(Exception, match=r"supernodes\[hospital-a\]\.keySecret"):
+        render({"supernodes": [{"hospital": "hospital-a", "dataClaim": "a"}]})
