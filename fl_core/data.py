@@ -22,6 +22,7 @@ from .cache import cache_root
 from .config import DataConfig, FederationConfig
 
 TRAIN_FILE, TEST_FILE = "train.jsonl", "test.jsonl"
+ICD10_BUILD = 1
 
 CLINICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("women's health", ("birth control", "contracept", "vagin", "uterine", "menopaus", "endometriosis",
@@ -82,7 +83,8 @@ def icd10_examples() -> TextDataset:
     """
     from importlib.metadata import version
 
-    cached = cache_root() / "data" / f"icd10-{version('simple-icd-10-cm')}.json"
+    # Keyed by the package's version and by ICD10_BUILD, which changes whenever the build below does.
+    cached = cache_root() / "data" / f"icd10-{version('simple-icd-10-cm')}-build{ICD10_BUILD}.json"
     if cached.exists():
         raw = json.loads(cached.read_text())
         return TextDataset(tuple(raw["texts"]), tuple(raw["labels"]), tuple(raw["label_names"]))
@@ -234,7 +236,7 @@ def read_examples(path: Path, label_names: tuple[str, ...]) -> TextDataset:
                 raise DataError(f"data-dir: {path.name} line {number}: not JSON ({err.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
                 raise DataError(f"data-dir: {path.name} line {number}: needs a non-empty string 'text'")
-            if row.get("label") not in index:
+            if not isinstance(row.get("label"), str) or row["label"] not in index:
                 raise DataError(f"data-dir: {path.name} line {number}: label {row.get('label')!r} is not one of "
                                 f"the dataset's {len(label_names)} labels")
             texts.append(row["text"])
@@ -247,5 +249,5 @@ def read_examples(path: Path, label_names: tuple[str, ...]) -> TextDataset:
 def local_examples(data_dir: Path, cfg: DataConfig) -> DataSplits:
     """A hospital's own training and held-out examples (`train.jsonl`, `test.jsonl`), labelled as `data.name`."""
     label_names = load_splits(cfg).train.label_names
-    return DataSplits(read_examples(data_dir / TRAIN_FILE, label_names), read_examples(data_dir / TEST_FILE,
-                                                                                       label_names))
+    train = read_examples(data_dir / TRAIN_FILE, label_names)
+    return DataSplits(train, read_examples(data_dir / TEST_FILE, label_names))

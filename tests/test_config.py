@@ -54,3 +54,13 @@ def test_cli_bad_config_fails_in_one_line_before_loading_anything() -> None:
     assert lines == ["fl-train-local: config error: privacy.target_epsilon: must be > 0 (got -2.0)"]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert time.perf_counter() - start < 60
+
+
+def test_the_tracking_server_comes_from_the_environment_unless_the_run_names_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert to_app_config(compose_config([])).tracking.mlflow_uri == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # as the ServerApp runner's container sets it
+    assert to_app_config(compose_config([])).tracking.mlflow_uri == "http://mlflow:5000"
+    named = to_app_config(compose_config(["tracking.mlflow_uri=sqlite:///run.db"]))
+    assert named.tracking.mlflow_uri == "sqlite:///run.db"

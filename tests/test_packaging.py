@@ -146,3 +146,26 @@ def test_a_hospitals_policy_and_gpu_reach_its_node_only() -> None:
 def test_a_node_without_its_key_secret_fails_to_render_naming_the_value() -> None:
     with pytest.raises(Exception, match=r"supernodes\[hospital-a\]\.keySecret"):
         render({"supernodes": [{"hospital": "hospital-a", "dataClaim": "a"}]})
+
+
+def test_runs_are_tracked_on_the_mlflow_service_which_answers_its_own_name() -> None:
+    manifests = render({"supernodes": HOSPITALS})
+    deployments = {m["metadata"]["name"]: m["spec"]["template"]["spec"]["containers"][0]
+                   for m in manifests if m["kind"] == "Deployment"}
+    env = {e["name"]: e["value"] for e in deployments["fed-federated-dp-llm-serverapp"]["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == "http://fed-federated-dp-llm-mlflow:5000"
+    allowed = [a for a in deployments["fed-federated-dp-llm-mlflow"]["command"] if a.startswith("--allowed-hosts=")]
+    assert "fed-federated-dp-llm-mlflow:5000" in allowed[0].split("=", 1)[1].split(",")
+    services = compose()["services"]
+    assert services["serverapp"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "mlflow:5000" in services["mlflow"]["command"][1].split(",")
+
+
+def test_a_hospital_id_that_is_no_dns_name_still_gives_valid_resource_names() -> None:
+    manifests = render({"supernodes": [{"hospital": "St_Marys.Oncology", "keySecret": "k", "dataClaim": "d"}]})
+    version = kubernetes_validate.latest_version()
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, version, strict=True)
+    config = next(m for m in manifests if m["kind"] == "ConfigMap")
+    assert config["metadata"]["name"] == "fed-federated-dp-llm-st-marys-oncology"
+    assert tomllib.loads(config["data"]["node.toml"])["hospital-id"] == "St_Marys.Oncology"
