@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from privacy.ledger import COMMITTED, RESERVED, Entry, Ledger
-from scripts.federation import connect, init, write_partitions
+from scripts.federation import connect, flower_command, init, write_partitions
 
 pytestmark = pytest.mark.slow
 
@@ -150,8 +150,8 @@ def test_a_node_killed_mid_round_is_survived_and_resumes_its_ledger_after_restar
                  f"output_dir={root / 'run'}", f"tracking.mlflow_uri=sqlite:///{root / 'mlflow.db'}"]
     (root / "run.toml").write_text(f'overrides = "{" ".join(overrides)}"\n')
     log = (root / "flwr-run.log").open("wb")
-    run = subprocess.Popen(["flwr", "run", ".", FEDERATION, "--stream", "--run-config", str(root / "run.toml")],
-                           cwd=REPO, env=federation.env, stdout=log, stderr=subprocess.STDOUT,
+    submit = [flower_command("flwr"), "run", ".", FEDERATION, "--stream", "--run-config", str(root / "run.toml")]
+    run = subprocess.Popen(submit, cwd=REPO, env=federation.env, stdout=log, stderr=subprocess.STDOUT,
                            start_new_session=True)
     federation.processes["flwr-run"] = run
 
