@@ -39,12 +39,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(0.5)
+        time.sleep(poll)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
@@ -144,7 +144,7 @@ def test_a_node_killed_mid_round_is_survived_and_resumes_its_ledger_after_restar
     restart its run entry continues from disk, and the epsilon it reports in round 3 is that of all three rounds.
     """
     root = federation.root
-    overrides = [*DATA, "train.device=cpu", "train.batch_size=16", "train.num_threads=1",
+    overrides = [*DATA, "train.device=cpu", "train.batch_size=16", "train.num_threads=1", "train.local_epochs=2",
                  "federation.num_rounds=3", "federation.min_participants=2", "federation.rejoin_timeout=120",
                  "strategy.federated_evaluation=false", "strategy.secagg.reconstruction_threshold=2",
                  f"output_dir={root / 'run'}", f"tracking.mlflow_uri=sqlite:///{root / 'mlflow.db'}"]
@@ -171,7 +171,8 @@ def test_a_node_killed_mid_round_is_survived_and_resumes_its_ledger_after_restar
         return check
 
     federation_rounds = 3
-    wait_until(running(lambda: charged_rounds() == 2), 420, "h2 to start training in round 2")
+    # Polled fast: between the charge and the end of its training h2 has a few seconds (two local epochs).
+    wait_until(running(lambda: charged_rounds() == 2), 420, "h2 to start training in round 2", poll=0.1)
     federation.kill("h2")
     wait_until(running(lambda: "[round 2/3]" in run_log.read_text(errors="replace")), 300, "round 2 without h2")
     federation.start_node("h2")
