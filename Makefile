@@ -9,7 +9,7 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check .
-	.venv/bin/mypy fl_core fl_server fl_client strategies privacy scripts
+	.venv/bin/mypy fl_core fl_server fl_client strategies privacy gateway scripts
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python -m pytest -q -p no:cacheprovider tests
 
 bench: setup

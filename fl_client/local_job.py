@@ -1,20 +1,27 @@
-"""`fl-train-local`: one hospital fine-tunes the adapter alone under DP-SGD (the federation's baseline)."""
+"""`fl-train-local`: one hospital fine-tunes the adapter alone under DP-SGD (the federation's baseline).
+
+Its output folder is a servable run, like the federation's: a hospital inference node serves it with
+`fl-gateway replica --hospital NAME`, and the gateway's noisy vote asks such nodes.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
 
-from fl_core.config import AppConfig, compose_config, to_app_config
+from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, PRIVACY_REPORT_FILE
+from fl_core.config import AppConfig, ConfigError, compose_config, config_as_dict, to_app_config
 from fl_core.data import hospital_datasets, load_splits
 from fl_core.device import resolve_device
 from fl_core.entry import exit_on_bad_input, quiet_libraries
 from fl_core.model import build_model, load_tokenizer, save_adapter
 from fl_core.training import evaluate, train_local
+from fl_server.privacy_report import build_report
 from privacy.accountant import AccountantState
 
 from .hospital import privacy_plan
@@ -41,7 +48,14 @@ def run_local(cfg: AppConfig, hospital: int = 0) -> dict[str, object]:
               f"epsilon {result.epsilon:.3f}, {time.perf_counter() - start:.1f}s", flush=True)
     after = evaluate(cfg, model, tokenizer, splits.test, device)
     out = Path(cfg.output_dir)
-    save_adapter(model, out / "adapter")
+    save_adapter(model, out / ADAPTER_DIR)
+    spend = {f"hospital-{hospital}": {"epsilon": result.epsilon, "noise_multiplier": sigma,
+                                      "sample_rate": plan.sample_rate, "steps": plan.total_steps}}
+    report = build_report(cfg, f"local-hospital-{hospital}-{uuid.uuid4().hex[:8]}", spend,
+                          cfg.federation.num_rounds, None, {})
+    report["secure_aggregation"] = {"protocol": "none: trained by one hospital alone"}
+    (out / PRIVACY_REPORT_FILE).write_text(json.dumps(report, indent=2))
+    (out / CONFIG_FILE).write_text(json.dumps(config_as_dict(cfg), indent=2))
     summary = {"hospital": hospital, "before": before, "after": after, "epsilon": result.epsilon,
                "delta": cfg.privacy.delta, "noise_multiplier": sigma, "steps": plan.total_steps}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -50,9 +64,23 @@ def run_local(cfg: AppConfig, hospital: int = 0) -> dict[str, object]:
 
 
 def main() -> None:
+    """`fl-train-local [--hospital N] [overrides...]`: hospital N's partition of the configured federation."""
     quiet_libraries()
     overrides = sys.argv[1:]
-    exit_on_bad_input("fl-train-local", lambda: run_local(to_app_config(compose_config(overrides))))
+    hospital = 0
+    if overrides[:1] == ["--hospital"]:
+        if len(overrides) < 2 or not overrides[1].isdigit():
+            print("fl-train-local: --hospital: must be a partition number 0..N-1", file=sys.stderr)
+            raise SystemExit(2)
+        hospital, overrides = int(overrides[1]), overrides[2:]
+
+    def run() -> None:
+        cfg = to_app_config(compose_config(overrides))
+        if hospital >= cfg.federation.num_clients:
+            raise ConfigError("--hospital", f"must be below federation.num_clients={cfg.federation.num_clients}")
+        run_local(cfg, hospital)
+
+    exit_on_bad_input("fl-train-local", run)
 
 
 if __name__ == "__main__":

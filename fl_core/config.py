@@ -146,6 +146,7 @@ class StrategyConfig:
 class TrackingConfig:
     mlflow_uri: str = "sqlite:///mlflow.db"
     experiment: str = "federated-dp-llm"
+    registered_model: str = "federated-dp-llm"  # each finished run becomes a version the gateway can serve
 
 
 @dataclass

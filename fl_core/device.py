@@ -7,11 +7,11 @@ import torch
 from .config import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, field_path: str = "train.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("train.device", f"{name!r} requested but CUDA is not available here (use auto or cpu)")
+        raise ConfigError(field_path, f"{name!r} requested but CUDA is not available here (use auto or cpu)")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("train.device", "'mps' requested but not available here (use auto or cpu)")
+        raise ConfigError(field_path, "'mps' requested but not available here (use auto or cpu)")
     return torch.device(name)

@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    PeftModel,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -150,3 +157,15 @@ def save_adapter(model: PeftModel, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder))
     return folder
+
+
+def load_trained_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int, adapter_dir: Path,
+                       device: torch.device) -> PeftModel:
+    """The model a run trained: the same base and LoRA layout as `build_model`, then the saved adapter weights."""
+    model = build_model(cfg, tokenizer, num_labels, device)
+    result = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir), device=str(device)))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"{adapter_dir}: adapter tensors not in the model: {unexpected[:3]}")
+    model.eval()
+    return model

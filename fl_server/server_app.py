@@ -23,6 +23,13 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
+from fl_core.artifacts import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    PRIVACY_REPORT_FILE,
+    PRIVACY_REPORT_MARKDOWN,
+    SUMMARY_FILE,
+)
 from fl_core.config import AppConfig, compose_config, config_as_dict, secagg_count_or_fraction, to_app_config
 from fl_core.data import load_splits
 from fl_core.device import resolve_device
@@ -38,10 +45,6 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .privacy_report import build_report, hospital_level_epsilon, report_markdown
 from .tracking import RunTracker
 from .workflow import ConvergenceMonitor, FederatedWorkflow, FitWorkflow, LoopOutcome, RoundResult, current_arrays
-
-SUMMARY_FILE = "summary.json"
-PRIVACY_REPORT_FILE = "privacy_report.json"
-PRIVACY_REPORT_MARKDOWN = "privacy_report.md"
 
 
 def fit_workflow_for(cfg: AppConfig) -> FitWorkflow:
@@ -204,11 +207,13 @@ class FederatedRun:
 
     def finish(self, outcome: LoopOutcome, arrays: NDArrays, first_round: int) -> dict[str, Any]:
         load_adapter_arrays(self.model, arrays)
-        adapter_dir = save_adapter(self.model, self.output_dir / "adapter")
+        adapter_dir = save_adapter(self.model, self.output_dir / ADAPTER_DIR)
         last = outcome.rounds[-1] if outcome.rounds else None
         rounds = last.server_round if last else first_round - 1
         report = self.write_privacy_report(rounds)
+        (self.output_dir / CONFIG_FILE).write_text(json.dumps(config_as_dict(self.cfg), indent=2))
         self.tracker.log_artifacts(adapter_dir, config_as_dict(self.cfg))
+        model_version = self.tracker.register_model()
         summary = {
             "rounds_completed": rounds,
             "stopped_early": outcome.stopped_early,
@@ -222,6 +227,7 @@ class FederatedRun:
             "ledger": self.closing,
             "round_seconds": {str(r.server_round): r.seconds for r in outcome.rounds},
             "mlflow_run_id": self.tracker.run_id,
+            "mlflow_model": model_version,
             "adapter_path": str(adapter_dir),
         }
         (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

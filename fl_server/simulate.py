@@ -16,11 +16,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from fl_core.artifacts import SUMMARY_FILE
 from fl_core.config import CONF_DIR, AppConfig, compose_config, register_schemas, to_app_config
 from fl_core.entry import exit_on_bad_input, quiet_libraries
 
 from .admission import AdmissionFailed
-from .server_app import SUMMARY_FILE
 
 
 def preflight(cfg: AppConfig) -> dict[str, float | None]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import mlflow
 
+from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, PRIVACY_REPORT_FILE, PRIVACY_REPORT_MARKDOWN
 from fl_core.config import AppConfig, config_as_dict
 
 
@@ -30,6 +31,7 @@ class RunTracker:
         mlflow.set_experiment(cfg.tracking.experiment)
         self.run = mlflow.start_run(run_id=resume_run_id)
         self.run_id: str = self.run.info.run_id
+        self.registered_model = cfg.tracking.registered_model
         if resume_run_id is None:
             mlflow.log_params(flatten(config_as_dict(cfg)))
 
@@ -37,12 +39,22 @@ class RunTracker:
         mlflow.log_metrics({k.replace(" ", "_"): float(v) for k, v in metrics.items()}, step=step)
 
     def log_artifacts(self, adapter_dir: Path, config: dict[str, Any]) -> None:
-        mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
-        mlflow.log_dict(config, "config.json")
+        mlflow.log_artifacts(str(adapter_dir), artifact_path=ADAPTER_DIR)
+        mlflow.log_dict(config, CONFIG_FILE)
+
+    def register_model(self) -> str:
+        """A version of the registered model whose files are this run's (adapter, config, privacy report), so the
+        gateway serves `models:/NAME/VERSION` with the same layout as a run folder. Returns that URI."""
+        client = mlflow.MlflowClient()
+        name = self.registered_model
+        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+            client.create_registered_model(name)
+        version = client.create_model_version(name, source=self.run.info.artifact_uri, run_id=self.run_id)
+        return f"models:/{name}/{version.version}"
 
     def log_privacy_report(self, report: dict[str, Any], markdown: str) -> None:
-        mlflow.log_text(json.dumps(report, indent=2), "privacy_report.json")
-        mlflow.log_text(markdown, "privacy_report.md")
+        mlflow.log_text(json.dumps(report, indent=2), PRIVACY_REPORT_FILE)
+        mlflow.log_text(markdown, PRIVACY_REPORT_MARKDOWN)
 
     def log_admission(self, plans: dict[str, dict[str, Any]], refusals: dict[str, str]) -> None:
         """Who admitted the run with what plan, and every refusal with its reason (a tag per hospital)."""

@@ -1,0 +1,306 @@
+"""The inference gateway: who asks (JWT), how often (rate limit), at what privacy cost (budgets), through which
+replica (routing), all of it in the audit log and in Prometheus metrics."""
+
+# No `from __future__ import annotations`: FastAPI must see the dependency aliases defined inside the factory.
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import aiohttp
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from privacy.noisy_vote import NoisyVote
+
+from .audit import AuditEvent, AuditLog
+from .auth import AuthError, Principal, TokenVerifier, bearer_token
+from .config import GatewayConfig, secret_from_env
+from .limits import LimitStore, RedisLimitStore, SQLiteLimitStore
+from .metrics import GatewayMetrics
+from .routing import Backend, NoBackendAvailable, Reply, Router
+from .schemas import (
+    BackendState,
+    BudgetResponse,
+    CircuitChange,
+    ClassifyRequest,
+    ClassifyResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    PrivacyInfo,
+)
+
+HOUR = 3600.0
+AUDITED_PREFIXES = ("/v1/", "/admin/")
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 403, 429, 503, 504)}
+
+
+@dataclass
+class GatewayServices:
+    """Everything a gateway process holds, built from config and the environment before it listens."""
+
+    cfg: GatewayConfig
+    jwt_secret: str
+    audit: AuditLog
+    limits: LimitStore
+    metrics: GatewayMetrics
+    vote: NoisyVote
+
+
+def build_services(cfg: GatewayConfig) -> GatewayServices:
+    secret = secret_from_env(cfg.auth.secret_env, "auth.secret_env")
+    audit_key = secret_from_env(cfg.audit.key_env, "audit.key_env")
+    lim = cfg.limits
+    limits: LimitStore = (RedisLimitStore(lim.redis_url) if lim.store == "redis" and lim.redis_url
+                          else SQLiteLimitStore(Path(lim.sqlite_path)))
+    vote = NoisyVote(cfg.privacy.epsilon_per_query, cfg.privacy.epsilon_per_user, cfg.privacy.delta)
+    _ = vote.max_queries  # calibrate before listening, not on the first query
+    return GatewayServices(cfg, secret, AuditLog(Path(cfg.audit.path), audit_key), limits, GatewayMetrics(), vote)
+
+
+class CapTimeAndAudit:
+    """Outermost layer for /v1 and /admin: refuses past the concurrency cap (503) before any other work, then times
+    each request into the metrics and writes its audit record, whatever the outcome (pure ASGI: no extra task)."""
+
+    def __init__(self, app: ASGIApp, services: GatewayServices) -> None:
+        self.app, self.services, self.in_flight = app, services, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(AUDITED_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        services, metrics = self.services, self.services.metrics
+        start = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["deadline"] = time.monotonic() + services.cfg.limits.request_timeout
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.in_flight >= services.cfg.limits.max_concurrent:
+                busy = JSONResponse({"detail": "gateway at capacity, retry shortly"}, 503, {"Retry-After": "1"})
+                await busy(scope, receive, send_status)
+                return
+            self.in_flight += 1
+            metrics.in_flight.inc()
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                self.in_flight -= 1
+                metrics.in_flight.dec()
+        finally:
+            route = str(getattr(scope.get("route"), "path", "unmatched"))
+            metrics.request_duration.labels(route).observe(time.perf_counter() - start)
+            metrics.requests.labels(route, str(status)).inc()
+            principal: Principal | None = state.get("principal")
+            services.audit.append(AuditEvent(
+                user=principal.user if principal else "-", role=principal.role if principal else "-", route=route,
+                model=state.get("model", "-"), query_mode=state.get("query_mode", "-"),
+                epsilon=state.get("epsilon", 0.0), status=status, request_text=state.get("request_text", "")))
+
+
+def create_gateway_app(services: GatewayServices) -> FastAPI:
+    cfg, metrics = services.cfg, services.metrics
+    state: dict[str, Any] = {}
+    verify = TokenVerifier(services.jwt_secret, cfg.auth.issuer)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=cfg.limits.max_concurrent)
+        async with aiohttp.ClientSession(connector=connector) as client:
+            router = Router(cfg.routing, client)
+            state["router"] = router
+            await router.check_all()
+            checker = asyncio.create_task(router.health_loop())
+            try:
+                yield
+            finally:
+                checker.cancel()
+                services.audit.close()
+
+    app = FastAPI(title="federated-dp-llm gateway", version="1", lifespan=lifespan,
+                  description="Serves the federated model to clinicians. Every answer carries the model's "
+                              "training privacy guarantee; every request is audited.")
+    app.add_middleware(CapTimeAndAudit, services=services)
+    if cfg.cors_origins:  # added last, so outermost: preflight requests are answered before the cap and audit
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    def router() -> Router:
+        r: Router = state["router"]
+        return r
+
+    async def authenticate(request: Request) -> Principal:
+        try:
+            principal = verify(bearer_token(request.headers.get("authorization")))
+        except AuthError as err:
+            raise HTTPException(err.status, str(err), headers={"WWW-Authenticate": "Bearer"}) from None
+        request.state.principal = principal
+        return principal
+
+    Authenticated = Annotated[Principal, Depends(authenticate)]
+
+    async def rate_limited(principal: Authenticated) -> Principal:
+        take = services.limits.take_window(f"rate:{principal.user}", cfg.limits.requests_per_hour, HOUR)
+        if not take.allowed:
+            raise HTTPException(429, f"rate limit: {cfg.limits.requests_per_hour} requests per hour",
+                                headers={"Retry-After": str(max(1, int(take.retry_after + 0.999)))})
+        return principal
+
+    async def admin(principal: Authenticated) -> Principal:
+        if principal.role != "admin":
+            raise HTTPException(403, "admin role required")
+        return principal
+
+    Caller = Annotated[Principal, Depends(rate_limited)]
+    Admin = Annotated[Principal, Depends(admin)]
+
+    async def forward(request: Request, path: str, body: dict[str, Any]) -> tuple[Backend, dict[str, Any]]:
+        try:
+            backend, response = await router().call(path, body, request.state.deadline)
+        except NoBackendAvailable as err:
+            raise HTTPException(503, str(err), headers={"Retry-After": "5"}) from None
+        except TimeoutError:
+            raise HTTPException(504, f"no answer within {cfg.limits.request_timeout} s") from None
+        request.state.model = str(backend.info.get("model", backend.url))
+        if response.status != 200:
+            raise HTTPException(response.status, str(response.body.get("detail", "backend refused the request")))
+        return backend, response.body
+
+    def budget(user: str) -> BudgetResponse:
+        vote = services.vote
+        used = services.limits.counter(f"budget:{user}")
+        spent = vote.epsilon_after(used)
+        metrics.budget_remaining.labels(user).set(cfg.privacy.epsilon_per_user - spent)
+        return BudgetResponse(user=user, epsilon_spent=spent, epsilon_remaining=cfg.privacy.epsilon_per_user - spent,
+                              epsilon_per_user=cfg.privacy.epsilon_per_user,
+                              queries_left=max(vote.max_queries - used, 0))
+
+    async def noisy_vote(request: Request, principal: Principal, body: ClassifyRequest) -> ClassifyResponse:
+        vote = services.vote
+        voters = router().voters()
+        if not voters:
+            raise HTTPException(503, "no hospital model backends are available for a noisy vote")
+        take = services.limits.take_counter(f"budget:{principal.user}", vote.max_queries)
+        if not take.allowed:
+            metrics.budget_exhausted.inc()
+            raise HTTPException(403, f"privacy budget exhausted: epsilon {vote.epsilon_after(take.count):.4g} of "
+                                     f"{cfg.privacy.epsilon_per_user} spent")
+        charged = vote.epsilon_after(take.count) - vote.epsilon_after(take.count - 1)
+        request.state.epsilon = charged  # charged on the attempt: a failed vote is not refunded
+        timeout = request.state.deadline - time.monotonic()
+        answers = await asyncio.gather(*(router().call_one(b, "/v1/classify", {"text": body.text}, timeout)
+                                         for b in voters),
+                                       return_exceptions=True)
+        replies = [a for a in answers if isinstance(a, Reply) and a.status == 200]
+        if not replies:
+            raise HTTPException(503, "no hospital model answered the vote")
+        labels = list(replies[0].body["probabilities"])
+        ballots = [r.body["label"] for r in replies if list(r.body["probabilities"]) == labels]
+        winner = labels[vote.release([labels.index(b) for b in ballots], len(labels), np.random.default_rng())]
+        request.state.model = "noisy-vote:" + ",".join(sorted(b.hospital or "" for b in voters))
+        status = budget(principal.user)
+        return ClassifyResponse(
+            label=winner, probabilities=None, request_id=request.state.request_id, model=request.state.model,
+            privacy=PrivacyInfo(provenance={
+                "mechanism": "Gaussian noisy vote (PATE GNMax) over the hospitals' own models",
+                "unit_of_privacy": "one training record of one hospital", "hospitals": len(ballots),
+                "noise_std": vote.vote_sigma, "delta": cfg.privacy.delta, "accountant": "rdp"},
+                query_mode="noisy-vote", epsilon_charged=charged, budget_remaining=status.epsilon_remaining))
+
+    @app.get("/health", tags=["operations"])
+    async def health() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "alive"}
+
+    @app.get("/ready", tags=["operations"], responses={503: {"model": ErrorResponse}})
+    async def ready() -> JSONResponse:
+        """A model is loaded on at least one healthy backend."""
+        healthy = [b.url for b in router().available()]
+        if not healthy:
+            return JSONResponse({"detail": "no healthy model backend"}, status_code=503)
+        return JSONResponse({"status": "ready", "backends": healthy})
+
+    @app.get("/metrics", tags=["operations"])
+    def metrics_endpoint() -> Response:
+        refresh_backend_gauges()
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def refresh_backend_gauges() -> None:
+        now = time.monotonic()
+        for b in router().backends:
+            metrics.node_health.labels(b.url, b.hospital or "").set(1.0 if b.healthy else 0.0)
+            metrics.circuit_open.labels(b.url).set(
+                1.0 if b.circuit(cfg.routing.circuit_cooldown, now) in ("open", "forced-open") else 0.0)
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, tags=["inference"])
+    async def classify(request: Request, body: ClassifyRequest,
+                       principal: Caller) -> ClassifyResponse:
+        """Label a clinical text with the federated classifier."""
+        request.state.request_id = uuid.uuid4().hex
+        request.state.request_text = body.text
+        request.state.query_mode = body.privacy
+        if body.privacy == "noisy-vote":
+            return await noisy_vote(request, principal, body)
+        backend, answer = await forward(request, "/v1/classify", {"text": body.text})
+        return ClassifyResponse(
+            label=answer["label"], probabilities=answer["probabilities"], request_id=request.state.request_id,
+            model=request.state.model, privacy=PrivacyInfo(provenance=backend.info.get("provenance", {}),
+                                                           query_mode="standard", epsilon_charged=0.0,
+                                                           budget_remaining=None))
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS, tags=["inference"])
+    async def completions(request: Request, body: CompletionRequest,
+                          principal: Caller) -> CompletionResponse:
+        """OpenAI-compatible text completion with the federated causal-LM adapter."""
+        request.state.request_id = uuid.uuid4().hex
+        request.state.request_text = body.prompt
+        request.state.query_mode = "standard"
+        backend, answer = await forward(request, "/v1/completions", body.model_dump())
+        return CompletionResponse(**answer, request_id=request.state.request_id, privacy=PrivacyInfo(
+            provenance=backend.info.get("provenance", {}), query_mode="standard", epsilon_charged=0.0,
+            budget_remaining=None))
+
+    @app.get("/v1/privacy/budget", response_model=BudgetResponse, responses=ERRORS, tags=["privacy"])
+    async def my_budget(principal: Authenticated) -> BudgetResponse:
+        """Your epsilon budget for noisy-vote queries."""
+        return budget(principal.user)
+
+    def backend_state(b: Backend) -> BackendState:
+        return BackendState(index=b.index, url=b.url, healthy=b.healthy,
+                            circuit=b.circuit(cfg.routing.circuit_cooldown, time.monotonic()),
+                            response_time_ms=1000 * b.response_time, hospital=b.hospital)
+
+    @app.get("/admin/backends", response_model=list[BackendState], responses=ERRORS, tags=["admin"])
+    async def list_backends(_: Admin) -> list[BackendState]:
+        return [backend_state(b) for b in router().backends]
+
+    @app.post("/admin/backends/{index}/circuit", response_model=BackendState,
+              responses={**ERRORS, 404: {"model": ErrorResponse}}, tags=["admin"])
+    async def set_circuit(index: int, change: CircuitChange, _: Admin) -> BackendState:
+        """Open a backend's circuit (drain it) or close it (back in rotation, failures forgotten)."""
+        backends = router().backends
+        if not 0 <= index < len(backends):
+            raise HTTPException(404, f"no backend {index}; there are {len(backends)}")
+        b = backends[index]
+        b.forced_open = change.state == "open"
+        if change.state == "closed":
+            b.failures, b.opened_at = 0, None
+        return backend_state(b)
+
+    return app

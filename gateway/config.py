@@ -1,0 +1,182 @@
+"""Typed gateway configuration: a Hydra structured config under `conf/gateway/`, validated before anything starts.
+
+The gateway has its own config tree (it serves a trained model; it does not train one), composed the same way as
+the training tree: `fl-gateway serve +preset=production routing.backends=[...]`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fl_core.config import CONF_DIR, ConfigError, composition_error
+
+GATEWAY_CONF_DIR = CONF_DIR / "gateway"
+STORES = ("sqlite", "redis")
+ROLES = ("clinician", "admin")
+
+
+@dataclass
+class TLSConfig:
+    certfile: str | None = None
+    keyfile: str | None = None
+    client_ca: str | None = None  # set: every client must present a certificate signed by this CA (mTLS)
+
+
+@dataclass
+class AuthConfig:
+    secret_env: str = "FL_GATEWAY_JWT_SECRET"  # HS256 signing secret, read from this environment variable
+    token_minutes: float = 30.0
+    issuer: str = "federated-dp-llm"
+
+
+@dataclass
+class LimitsConfig:
+    requests_per_hour: int = 30  # per user, sliding window
+    max_concurrent: int = 500  # requests in flight; beyond it: 503
+    request_timeout: float = 45.0  # seconds, from arrival to answer, failover included
+    store: str = "sqlite"  # sqlite: one gateway; redis: several gateway replicas sharing limits and budgets
+    sqlite_path: str = "gateway-state.sqlite"
+    redis_url: str | None = None
+
+
+@dataclass
+class QueryPrivacyConfig:
+    """Budgets for queries that spend epsilon (the noisy vote over hospital models); plain queries spend none."""
+
+    epsilon_per_query: float = 0.05
+    epsilon_per_user: float = 5.0
+    delta: float = 1e-6
+
+
+@dataclass
+class AuditConfig:
+    path: str = "audit.sqlite"
+    key_env: str = "FL_AUDIT_KEY"  # Fernet key: encrypts request text and keys the hash chain
+    retention_days: int = 2555
+
+
+@dataclass
+class RoutingConfig:
+    backends: list[str] = field(default_factory=list)  # model replica URLs, e.g. http://127.0.0.1:9001
+    health_interval: float = 5.0  # seconds between active health checks
+    failure_threshold: int = 3  # consecutive failures that open a backend's circuit
+    circuit_cooldown: float = 30.0  # seconds an opened circuit waits before one trial request
+
+
+@dataclass
+class ReplicaConfig:
+    """A model replica: a trained run (folder, `runs:/ID` or `models:/NAME/VERSION`) served on one device."""
+
+    source: str = "outputs/latest"
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    device: str = "auto"
+    max_new_tokens: int = 256
+    num_threads: int | None = None
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    metrics_port: int | None = None  # also serve /metrics here, in plain HTTP, for a Prometheus behind mTLS
+    cors_origins: list[str] = field(default_factory=list)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    privacy: QueryPrivacyConfig = field(default_factory=QueryPrivacyConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+
+
+def compose_gateway_config(overrides: Sequence[str] = ()) -> GatewayConfig:
+    """Compose `conf/gateway/config.yaml` with overrides, then validate."""
+    ConfigStore.instance().store(name="gateway_schema", node=GatewayConfig)
+    try:
+        with initialize_config_dir(config_dir=str(GATEWAY_CONF_DIR), version_base="1.3"):
+            raw = compose(config_name="config", overrides=list(overrides))
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GatewayConfig), raw))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise composition_error(err) from err
+    assert isinstance(cfg, GatewayConfig)
+    validate_gateway(cfg)
+    return cfg
+
+
+def _require(ok: bool, field_path: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(field_path, problem)
+
+
+def _positive(value: float, field_path: str) -> None:
+    _require(math.isfinite(value) and value > 0, field_path, f"must be > 0 (got {value})")
+
+
+def _port(value: int, field_path: str) -> None:
+    _require(1 <= value <= 65535, field_path, f"must be a TCP port, 1-65535 (got {value})")
+
+
+def _file(path: str | None, field_path: str) -> None:
+    _require(path is None or Path(path).is_file(), field_path, f"no such file: {path}")
+
+
+def validate_gateway(cfg: GatewayConfig) -> None:
+    """Check every value; the first bad one raises ConfigError naming its field."""
+    _port(cfg.port, "port")
+    if cfg.metrics_port is not None:
+        _port(cfg.metrics_port, "metrics_port")
+        _require(cfg.metrics_port != cfg.port, "metrics_port", "must differ from port")
+    for origin in cfg.cors_origins:
+        parsed = urlparse(origin)
+        _require(origin == "*" or (parsed.scheme in ("http", "https") and bool(parsed.netloc) and not parsed.path),
+                 "cors_origins", f"{origin!r} is not an origin like https://ehr.example.org")
+    t = cfg.tls
+    _require((t.certfile is None) == (t.keyfile is None), "tls.keyfile", "tls.certfile and tls.keyfile go together")
+    _require(t.client_ca is None or t.certfile is not None, "tls.client_ca", "client certificates need tls.certfile")
+    for name in ("certfile", "keyfile", "client_ca"):
+        _file(getattr(t, name), f"tls.{name}")
+    _positive(cfg.auth.token_minutes, "auth.token_minutes")
+    _require(bool(cfg.auth.secret_env), "auth.secret_env", "must name an environment variable")
+    lim = cfg.limits
+    _positive(lim.requests_per_hour, "limits.requests_per_hour")
+    _positive(lim.max_concurrent, "limits.max_concurrent")
+    _positive(lim.request_timeout, "limits.request_timeout")
+    _require(lim.store in STORES, "limits.store", f"unknown value {lim.store!r}; choose one of {', '.join(STORES)}")
+    if lim.store == "redis":
+        _require(lim.redis_url is not None and urlparse(lim.redis_url).scheme in ("redis", "rediss", "unix"),
+                 "limits.redis_url", f"must be redis://HOST:PORT/DB for store redis (got {lim.redis_url!r})")
+    p = cfg.privacy
+    _positive(p.epsilon_per_query, "privacy.epsilon_per_query")
+    _require(p.epsilon_per_user >= p.epsilon_per_query, "privacy.epsilon_per_user",
+             f"must be >= privacy.epsilon_per_query={p.epsilon_per_query} (got {p.epsilon_per_user})")
+    _require(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
+    _positive(cfg.audit.retention_days, "audit.retention_days")
+    r = cfg.routing
+    for url in r.backends:
+        parsed = urlparse(url)
+        _require(parsed.scheme in ("http", "https") and bool(parsed.hostname), "routing.backends",
+                 f"{url!r} is not a URL like http://127.0.0.1:9001")
+    _positive(r.health_interval, "routing.health_interval")
+    _positive(r.failure_threshold, "routing.failure_threshold")
+    _positive(r.circuit_cooldown, "routing.circuit_cooldown")
+    _positive(cfg.replica.max_new_tokens, "replica.max_new_tokens")
+    _require(cfg.replica.num_threads is None or cfg.replica.num_threads >= 1, "replica.num_threads",
+             f"must be >= 1 or null (got {cfg.replica.num_threads})")
+
+
+def secret_from_env(name: str, field_path: str) -> str:
+    """A secret the deployment passes in the environment; missing is a one-line config error, not a crash later."""
+    value = os.environ.get(name, "")
+    _require(len(value) >= 16, field_path, f"environment variable {name} must hold a secret of at least 16 characters")
+    return value

@@ -1,0 +1,27 @@
+"""Prometheus metrics of one gateway; the alert rules and Grafana dashboard in `docker/monitoring/` use these names."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 45.0)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_duration = Histogram(
+            "request_duration_seconds", "Time from a request's arrival to its answer.", ["route"],
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter("requests", "Requests answered, by route and HTTP status.", ["route", "status"],
+                                registry=self.registry)
+        self.budget_remaining = Gauge(
+            "privacy_budget_remaining", "epsilon a user may still spend on noisy-vote queries.", ["user"],
+            registry=self.registry)
+        self.node_health = Gauge("federated_node_health", "1 if a model backend passes its health check, else 0.",
+                                 ["backend", "hospital"], registry=self.registry)
+        self.circuit_open = Gauge("backend_circuit_open", "1 if a backend's circuit is open (by failures or admin).",
+                                  ["backend"], registry=self.registry)
+        self.in_flight = Gauge("requests_in_flight", "Requests being answered now.", registry=self.registry)
+        self.budget_exhausted = Counter("privacy_budget_refusals", "Noisy-vote queries refused: budget exhausted.",
+                                        registry=self.registry)

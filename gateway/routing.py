@@ -1,0 +1,151 @@
+"""Routing over model replicas: weighted response time, active health checks, a circuit breaker per backend,
+and failover within the request's time budget."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+
+from .config import RoutingConfig
+
+EWMA_WEIGHT = 0.2  # weight of the newest response time in a backend's running average
+INITIAL_RESPONSE_TIME = 0.05
+CircuitState = Literal["closed", "open", "half-open", "forced-open"]
+
+
+class NoBackendAvailable(Exception):
+    """Every backend is unhealthy, has an open circuit, or failed this request."""
+
+
+@dataclass
+class Backend:
+    index: int
+    url: str
+    response_time: float = INITIAL_RESPONSE_TIME  # seconds, exponentially weighted
+    healthy: bool = False  # set by the active health check
+    info: dict[str, Any] = field(default_factory=dict)  # the replica's /health body
+    failures: int = 0  # consecutive
+    opened_at: float | None = None  # circuit opened by failures at this monotonic time
+    forced_open: bool = False  # an admin opened the circuit
+    trial_in_flight: bool = False
+
+    def circuit(self, cooldown: float, now: float) -> CircuitState:
+        if self.forced_open:
+            return "forced-open"
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if now - self.opened_at >= cooldown else "open"
+
+    @property
+    def hospital(self) -> str | None:
+        value = self.info.get("hospital")
+        return str(value) if value else None
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: dict[str, Any]
+
+
+class BackendError(Exception):
+    """A backend answered 5xx, timed out or could not be reached: count it against the backend and fail over."""
+
+
+class Router:
+    def __init__(self, cfg: RoutingConfig, client: aiohttp.ClientSession) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.backends = [Backend(i, url.rstrip("/")) for i, url in enumerate(cfg.backends)]
+
+    def available(self, now: float | None = None) -> list[Backend]:
+        now = time.monotonic() if now is None else now
+        out = []
+        for b in self.backends:
+            state = b.circuit(self.cfg.circuit_cooldown, now)
+            if b.healthy and (state == "closed" or (state == "half-open" and not b.trial_in_flight)):
+                out.append(b)
+        return out
+
+    def _pick(self, exclude: set[int]) -> Backend:
+        """Weighted response time: a backend twice as fast gets twice the share."""
+        candidates = [b for b in self.available() if b.index not in exclude]
+        if not candidates:
+            raise NoBackendAvailable("no healthy model backend")
+        weights = [1.0 / max(b.response_time, 1e-4) for b in candidates]
+        return random.choices(candidates, weights=weights)[0]
+
+    def record_success(self, backend: Backend, seconds: float) -> None:
+        backend.response_time = (1 - EWMA_WEIGHT) * backend.response_time + EWMA_WEIGHT * seconds
+        backend.failures, backend.opened_at = 0, None
+
+    def record_failure(self, backend: Backend) -> None:
+        backend.failures += 1
+        if backend.failures >= self.cfg.failure_threshold or backend.opened_at is not None:
+            backend.opened_at = time.monotonic()  # open, or re-open after a failed half-open trial
+
+    async def call_one(self, backend: Backend, path: str, body: dict[str, Any], timeout: float) -> Reply:
+        """One backend, no failover. 4xx answers are the request's fault and are returned as they are."""
+        half_open = backend.circuit(self.cfg.circuit_cooldown, time.monotonic()) == "half-open"
+        backend.trial_in_flight = half_open
+        start = time.perf_counter()
+        try:
+            async with self.client.post(backend.url + path, json=body,
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                status = response.status
+                answer = await response.json() if status < 500 else {}
+        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+            self.record_failure(backend)
+            raise BackendError(f"{backend.url}: {type(err).__name__}") from err
+        finally:
+            backend.trial_in_flight = False
+        if status >= 500:
+            self.record_failure(backend)
+            raise BackendError(f"{backend.url}: HTTP {status}")
+        self.record_success(backend, time.perf_counter() - start)
+        return Reply(status, answer)
+
+    async def call(self, path: str, body: dict[str, Any], deadline: float) -> tuple[Backend, Reply]:
+        """POST to one backend, failing over to the others until one answers or the deadline passes."""
+        tried: set[int] = set()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            backend = self._pick(tried)
+            tried.add(backend.index)
+            try:
+                return backend, await self.call_one(backend, path, body, remaining)
+            except BackendError:
+                continue
+
+    def voters(self) -> list[Backend]:
+        """One available backend per hospital model, for the noisy vote."""
+        by_hospital: dict[str, Backend] = {}
+        for b in self.available():
+            if b.hospital and b.hospital not in by_hospital:
+                by_hospital[b.hospital] = b
+        return list(by_hospital.values())
+
+    async def check(self, backend: Backend) -> None:
+        try:
+            timeout = aiohttp.ClientTimeout(total=max(1.0, self.cfg.health_interval))
+            async with self.client.get(backend.url + "/health", timeout=timeout) as response:
+                backend.healthy = response.status == 200
+                if backend.healthy:
+                    backend.info = await response.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            backend.healthy = False
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(b) for b in self.backends))
+
+    async def health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.health_interval)
+            await self.check_all()
