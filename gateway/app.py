@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from privacy.noisy_vote import NoisyVote
@@ -40,6 +41,7 @@ from .schemas import (
 )
 
 HOUR = 3600.0
+BACKEND_HEADER = "X-Backend"  # which replica answered (its index in routing.backends), for operators
 AUDITED_PREFIXES = ("/v1/", "/admin/")
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 403, 429, 503, 504)}
@@ -66,6 +68,14 @@ def build_services(cfg: GatewayConfig) -> GatewayServices:
     vote = NoisyVote(cfg.privacy.epsilon_per_query, cfg.privacy.epsilon_per_user, cfg.privacy.delta)
     _ = vote.max_queries  # calibrate before listening, not on the first query
     return GatewayServices(cfg, secret, AuditLog(Path(cfg.audit.path), audit_key), limits, GatewayMetrics(), vote)
+
+
+def _route_path(scope: Scope) -> str:
+    """The route template ("/v1/classify"), never the raw path: metric labels stay few whatever clients send."""
+    route = scope.get("route")
+    if route is None:  # refused before routing (capacity): match it here
+        route = next((r for r in scope["app"].router.routes if r.matches(scope)[0] == Match.FULL), None)
+    return str(getattr(route, "path", "unmatched"))
 
 
 class CapTimeAndAudit:
@@ -104,7 +114,7 @@ class CapTimeAndAudit:
                 self.in_flight -= 1
                 metrics.in_flight.dec()
         finally:
-            route = str(getattr(scope.get("route"), "path", "unmatched"))
+            route = _route_path(scope)
             metrics.request_duration.labels(route).observe(time.perf_counter() - start)
             metrics.requests.labels(route, str(status)).inc()
             principal: Principal | None = state.get("principal")
@@ -231,9 +241,9 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
     @app.get("/ready", tags=["operations"], responses={503: {"model": ErrorResponse}})
     async def ready() -> JSONResponse:
         """A model is loaded on at least one healthy backend."""
-        healthy = [b.url for b in router().available()]
+        healthy = [b.url for b in router().available() if not b.hospital]
         if not healthy:
-            return JSONResponse({"detail": "no healthy model backend"}, status_code=503)
+            return JSONResponse({"detail": "no healthy replica of the federated model"}, status_code=503)
         return JSONResponse({"status": "ready", "backends": healthy})
 
     @app.get("/metrics", tags=["operations"])
@@ -249,7 +259,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
                 1.0 if b.circuit(cfg.routing.circuit_cooldown, now) in ("open", "forced-open") else 0.0)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, tags=["inference"])
-    async def classify(request: Request, body: ClassifyRequest,
+    async def classify(request: Request, response: Response, body: ClassifyRequest,
                        principal: Caller) -> ClassifyResponse:
         """Label a clinical text with the federated classifier."""
         request.state.request_id = uuid.uuid4().hex
@@ -258,6 +268,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         if body.privacy == "noisy-vote":
             return await noisy_vote(request, principal, body)
         backend, answer = await forward(request, "/v1/classify", {"text": body.text})
+        response.headers[BACKEND_HEADER] = str(backend.index)
         return ClassifyResponse(
             label=answer["label"], probabilities=answer["probabilities"], request_id=request.state.request_id,
             model=request.state.model, privacy=PrivacyInfo(provenance=backend.info.get("provenance", {}),
@@ -265,13 +276,14 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
                                                            budget_remaining=None))
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS, tags=["inference"])
-    async def completions(request: Request, body: CompletionRequest,
+    async def completions(request: Request, response: Response, body: CompletionRequest,
                           principal: Caller) -> CompletionResponse:
         """OpenAI-compatible text completion with the federated causal-LM adapter."""
         request.state.request_id = uuid.uuid4().hex
         request.state.request_text = body.prompt
         request.state.query_mode = "standard"
         backend, answer = await forward(request, "/v1/completions", body.model_dump())
+        response.headers[BACKEND_HEADER] = str(backend.index)
         return CompletionResponse(**answer, request_id=request.state.request_id, privacy=PrivacyInfo(
             provenance=backend.info.get("provenance", {}), query_mode="standard", epsilon_charged=0.0,
             budget_remaining=None))

@@ -73,8 +73,9 @@ class Router:
         return out
 
     def _pick(self, exclude: set[int]) -> Backend:
-        """Weighted response time: a backend twice as fast gets twice the share."""
-        candidates = [b for b in self.available() if b.index not in exclude]
+        """Weighted response time over the replicas of the federated model (hospital nodes only vote): a backend
+        twice as fast gets twice the share."""
+        candidates = [b for b in self.available() if b.index not in exclude and not b.hospital]
         if not candidates:
             raise NoBackendAvailable("no healthy model backend")
         weights = [1.0 / max(b.response_time, 1e-4) for b in candidates]

@@ -126,6 +126,23 @@ def create_server_certificate(certs: Path, dns_names: Sequence[str], days: int) 
     (certs / SERVER_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+def create_client_certificate(certs: Path, name: str, days: int) -> tuple[Path, Path]:
+    """A client certificate from the federation CA, for a system that calls the gateway with mTLS (an EHR, a
+    Prometheus): CERTS/clients/NAME.crt and NAME.key (0600)."""
+    check_hospitals([name])
+    ca_cert, ca_key = load_ca(certs)
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (_certificate(_name(name), ca_cert.subject, key.public_key(), ca_key, days)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    folder = certs / "clients"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_private(folder / f"{name}.key", _pem_key(key))
+    (folder / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return folder / f"{name}.crt", folder / f"{name}.key"
+
+
 def create_node_keys(certs: Path, hospital: str) -> None:
     """ECDSA P-384 key pair in OpenSSH format: the private key stays on the hospital's node."""
     key = ec.generate_private_key(ec.SECP384R1())
@@ -252,6 +269,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--hospitals", nargs="+", required=True)
     i.add_argument("--dns", nargs="*", default=[], help="DNS names of the SuperLink besides localhost")
     i.add_argument("--days", type=int, default=365)
+    k = sub.add_parser("client-cert", help="a client certificate for the gateway's mTLS, signed by the CA")
+    k.add_argument("certs", type=Path)
+    k.add_argument("name")
+    k.add_argument("--days", type=int, default=365)
     c = sub.add_parser("connect", help="add the SuperLink to this machine's Flower config ($FLWR_HOME/config.toml)")
     c.add_argument("name")
     c.add_argument("address", help="HOST:PORT of the SuperLink")
@@ -285,6 +306,10 @@ def run(argv: Sequence[str] | None = None) -> None:
     certs: Path = getattr(args, "certs", Path())
     if args.command == "init":
         for path in init(certs, args.hospitals, args.dns, args.days):
+            print(path)
+    elif args.command == "client-cert":
+        _require_file(certs / CA_KEY, "CERTS")
+        for path in create_client_certificate(certs, args.name, args.days):
             print(path)
     elif args.command == "connect":
         print(connect(args.name, args.address, args.ca))

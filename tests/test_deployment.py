@@ -14,13 +14,13 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from servers import accepts_connections, free_port, wait_until
 
 from privacy.ledger import COMMITTED, RESERVED, Entry, Ledger
 from scripts.federation import connect, flower_command, init, write_partitions
@@ -32,26 +32,6 @@ HOSPITALS = ("h0", "h1", "h2")
 FEDERATION = "hospitals"
 DATA = ["model=tiny", "data.max_train_examples=256", "data.max_test_examples=64", "federation.partitioning=iid"]
 UNREGISTERED_NODE = 305  # Flower's error code for a SuperNode whose public key the SuperLink does not know
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(poll)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def accepts_connections(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @dataclass

@@ -1,0 +1,63 @@
+"""Gateway config: the reference deployment's values, one-line errors naming the field, token minting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jwt
+import pytest
+
+from fl_core.config import ConfigError
+from gateway.config import compose_gateway_config
+
+
+def test_defaults_are_the_issues_and_the_production_preset_is_the_reference_deployment(monkeypatch) -> None:
+    default = compose_gateway_config()
+    assert (default.limits.request_timeout, default.limits.max_concurrent, default.auth.token_minutes,
+            default.limits.requests_per_hour, default.audit.retention_days) == (45.0, 500, 30.0, 30, 2555)
+    for name in ("FL_GATEWAY_TLS_CERT", "FL_GATEWAY_TLS_KEY"):
+        monkeypatch.setenv(name, __file__)  # the preset names files that must exist; any file will do here
+    prod = compose_gateway_config(["+preset=production"])
+    assert (prod.port, prod.metrics_port, prod.tls.certfile is not None) == (8443, 8080, True)
+    assert (prod.privacy.epsilon_per_query, prod.privacy.epsilon_per_user, prod.privacy.delta) == (0.05, 5.0, 1e-6)
+    assert (prod.limits.max_concurrent, prod.limits.request_timeout, prod.limits.requests_per_hour) == (500, 45.0, 30)
+    assert (prod.auth.token_minutes, prod.audit.retention_days, prod.limits.store) == (30.0, 2555, "redis")
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("port=0", "port"),
+    ("routing.backends=[ftp://x]", "routing.backends"),
+    ("limits.store=memcached", "limits.store"),
+    ("limits.store=redis", "limits.redis_url"),
+    ("tls.certfile=/nonexistent.crt", "tls.keyfile"),
+    ("cors_origins=[https://ehr.example.org/path]", "cors_origins"),
+    ("privacy.epsilon_per_user=0.01", "privacy.epsilon_per_user"),
+    ("limits.max_concurrent=abc", "limits.max_concurrent"),
+])
+def test_a_bad_value_is_an_error_naming_its_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        compose_gateway_config([override])
+    assert err.value.field_path == field and "\n" not in str(err.value)
+
+
+def run_cli(*args: str, secret: str | None) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", **({"FL_GATEWAY_JWT_SECRET": secret} if secret else {})}
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_fl_gateway_token_mints_a_token_with_the_role_and_expiry() -> None:
+    secret = "a-deployment-secret-of-some-length"
+    minted = run_cli("token", "--user", "dr.who", "--role", "admin", "--minutes", "5", secret=secret)
+    assert minted.returncode == 0, minted.stderr
+    claims = jwt.decode(minted.stdout.strip(), secret, algorithms=["HS256"], issuer="federated-dp-llm")
+    assert (claims["sub"], claims["role"], claims["exp"] - claims["iat"]) == ("dr.who", "admin", 300)
+    no_secret = run_cli("token", "--user", "x", "--role", "clinician", secret=None)
+    assert no_secret.returncode == 2
+    assert no_secret.stderr.strip() == ("fl-gateway: auth.secret_env: environment variable FL_GATEWAY_JWT_SECRET "
+                                        "must hold a secret of at least 16 characters")
+    bad_role = run_cli("token", "--user", "x", "--role", "nurse", secret=secret)
+    assert bad_role.returncode == 2 and "--role" in bad_role.stderr and len(bad_role.stderr.splitlines()) == 1
+    serve = run_cli("serve", "limits.store=redis", secret=secret)
+    assert serve.returncode == 2 and serve.stderr.startswith("fl-gateway: limits.redis_url:")
