@@ -15,3 +15,4 @@ test: setup
 bench: setup
 	.venv/bin/python scripts/bench_dp_step.py
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python scripts/bench_federated_round.py
+	.venv/bin/python scripts/bench_gateway.py

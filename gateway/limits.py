@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+SWEEP_INTERVAL = 60.0  # seconds between deletions of expired window events
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS window_events (key TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS window_events_key_at ON window_events (key, at);
@@ -43,15 +44,18 @@ class SQLiteLimitStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
+        self._swept = 0.0
 
     def take_window(self, key: str, cap: int, window: float) -> Take:
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("DELETE FROM window_events WHERE key = ? AND at <= ?", (key, now - window))
-                count, oldest = self._db.execute(
-                    "SELECT COUNT(*), MIN(at) FROM window_events WHERE key = ?", (key,)).fetchone()
+                if now - self._swept > SWEEP_INTERVAL:  # expired events cost nothing but space: sweep now and then
+                    self._db.execute("DELETE FROM window_events WHERE at <= ?", (now - window,))
+                    self._swept = now
+                count, oldest = self._db.execute("SELECT COUNT(*), MIN(at) FROM window_events WHERE key = ? AND at > ?",
+                                                 (key, now - window)).fetchone()
                 if count >= cap:
                     self._db.execute("COMMIT")
                     return Take(False, count, max(oldest + window - now, 0.0))

@@ -1,0 +1,160 @@
+"""The gateway's own overhead: the same load sent straight to a fast backend and through `fl-gateway`, in one run.
+
+The backend stands in for a model replica and answers /v1/classify at once, so what differs between the two paths
+is the gateway's work alone: JWT check, rate limit, routing, the proxied call, audit record and metrics. Load comes
+from wrk (Debian package `wrk`) over loopback, rotating the tokens of many users as a ward's clients would.
+
+Usage: `python scripts/bench_gateway.py [--seconds 15] [--connections 32] [--users 200]`.
+Writes docs/benchmarks.md between the markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+from cryptography.fernet import Fernet
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.auth import mint_token  # noqa: E402
+from scripts.bench_dp_step import write_section  # noqa: E402
+
+BEGIN, END = "<!-- gateway:begin -->", "<!-- gateway:end -->"
+SECRET = "benchmark-secret-0123456789abcdef"
+FAST_BACKEND = textwrap.dedent("""
+    import sys
+    import uvicorn
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    ANSWER = {"label": "Injury (S00-T88)", "probabilities": {"Injury (S00-T88)": 0.9, "Neoplasms (C00-D49)": 0.1}}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": "fast-backend", "task": "classification", "hospital": None,
+                "provenance": {"run_id": "benchmark", "guarantees": []}}
+
+    @app.post("/v1/classify")
+    async def classify(body: dict):
+        return ANSWER
+
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+""")
+WRK_SCRIPT = """
+local tokens = {%s}
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json",
+                    ["Authorization"] = "Bearer " .. tokens[(n %% #tokens) + 1]},
+                    '{"text": "Displaced fracture of shaft of left femur"}')
+end
+done = function(summary, latency, requests)
+  io.write(string.format('RESULT {"p50_ms": %%f, "p95_ms": %%f, "p99_ms": %%f, "rps": %%f, "errors": %%d, ' ..
+    '"non2xx": %%d}\\n', latency:percentile(50) / 1000, latency:percentile(95) / 1000,
+    latency:percentile(99) / 1000, summary.requests / (summary.duration / 1e6),
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status))
+end
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def load(wrk: str, url: str, script: Path, seconds: int, connections: int) -> dict[str, float]:
+    out = subprocess.run([wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    result: dict[str, float] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--users", type=int, default=200)
+    args = parser.parse_args()
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        sys.exit("bench_gateway: wrk is not installed (Debian: apt-get install wrk)")
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FL_GATEWAY_JWT_SECRET": SECRET,
+           "FL_AUDIT_KEY": Fernet.generate_key().decode()}
+    backend_port, gateway_port = free_port(), free_port()
+    (work / "backend.py").write_text(FAST_BACKEND)
+    tokens = ", ".join(f'"{mint_token(SECRET, f"user-{i}", "clinician", 60, "federated-dp-llm")}"'
+                       for i in range(args.users))
+    script = work / "load.lua"
+    script.write_text(WRK_SCRIPT % tokens)
+    processes = [
+        subprocess.Popen([sys.executable, str(work / "backend.py"), str(backend_port)], env=env,
+                         start_new_session=True),
+        subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", f"port={gateway_port}",
+                          f"routing.backends=[http://127.0.0.1:{backend_port}]", "limits.requests_per_hour=1000000",
+                          f"audit.path={work / 'audit.sqlite'}", f"limits.sqlite_path={work / 'limits.sqlite'}"],
+                         env=env, cwd=work, start_new_session=True),
+    ]
+    try:
+        wait_ready(f"http://127.0.0.1:{backend_port}/health")
+        wait_ready(f"http://127.0.0.1:{gateway_port}/ready")
+        results = {}
+        for name, port in (("direct to the backend", backend_port), ("through the gateway", gateway_port)):
+            load(wrk, f"http://127.0.0.1:{port}/v1/classify", script, 3, args.connections)  # warm-up
+            results[name] = load(wrk, f"http://127.0.0.1:{port}/v1/classify", script, args.seconds,
+                                 args.connections)
+            print(name, results[name], flush=True)
+    finally:
+        for proc in processes:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    direct, gateway = results["direct to the backend"], results["through the gateway"]
+    rows = [f"| {name} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['rps']:.0f} | "
+            f"{r['errors'] + r['non2xx']:.0f} |" for name, r in results.items()]
+    markdown = "\n".join([
+        f"wrk, 1 thread, {args.connections} connections, {args.seconds} s per path after a 3 s warm-up, "
+        f"POST /v1/classify rotating {args.users} users' tokens; gateway with SQLite limits and audit, one process.",
+        "",
+        "| path | p50 (ms) | p95 (ms) | p99 (ms) | requests/s | errors |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Gateway against direct: p95 {gateway['p95_ms'] / direct['p95_ms']:.2f}x, throughput "
+        f"{gateway['rps'] / direct['rps']:.2f}x; the gateway adds {gateway['p50_ms'] - direct['p50_ms']:.2f} ms "
+        "at the median.",
+    ])
+    print(markdown)
+    print(f"wrote {write_section(markdown, BEGIN, END, 'Inference gateway overhead')}")
+
+
+if __name__ == "__main__":
+    main()
