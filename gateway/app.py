@@ -5,7 +5,7 @@ replica (routing), all of it in the audit log and in Prometheus metrics."""
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +17,8 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.routing import Match
+from starlette.applications import Starlette
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from privacy.noisy_vote import NoisyVote
@@ -233,10 +234,10 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
                 "noise_std": vote.vote_sigma, "delta": cfg.privacy.delta, "accountant": "rdp"},
                 query_mode="noisy-vote", epsilon_charged=charged, budget_remaining=status.epsilon_remaining))
 
-    @app.get("/health", tags=["operations"])
-    async def health() -> dict[str, str]:
+    @app.get("/health", tags=["operations"], response_model=dict[str, str])
+    async def health() -> JSONResponse:
         """The process is alive."""
-        return {"status": "alive"}
+        return JSONResponse({"status": "alive"})
 
     @app.get("/ready", tags=["operations"], responses={503: {"model": ErrorResponse}})
     async def ready() -> JSONResponse:
@@ -247,7 +248,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         return JSONResponse({"status": "ready", "backends": healthy})
 
     @app.get("/metrics", tags=["operations"])
-    def metrics_endpoint() -> Response:
+    async def metrics_endpoint() -> Response:
         refresh_backend_gauges()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -315,4 +316,17 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
             b.failures, b.opened_at = 0, None
         return backend_state(b)
 
+    app.state.operations = {"/health": health, "/ready": ready, "/metrics": metrics_endpoint}
     return app
+
+
+def create_operations_app(gateway: FastAPI) -> Starlette:
+    """/health, /ready and /metrics in plain HTTP on their own port, for kubelet probes and Prometheus: the API
+    port may require client certificates that neither has."""
+    routes = []
+    for path, handler in gateway.state.operations.items():
+        async def endpoint(_: Request, handler: Callable[[], Awaitable[Response]] = handler) -> Response:
+            return await handler()
+
+        routes.append(Route(path, endpoint))
+    return Starlette(routes=routes)

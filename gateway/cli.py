@@ -6,6 +6,7 @@ Each takes Hydra overrides of `conf/gateway/` after its flags; bad input is one 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ssl
 import sys
 from typing import NoReturn
@@ -44,21 +45,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(cfg: GatewayConfig) -> None:
-    from prometheus_client import start_http_server
+    from .app import build_services, create_gateway_app, create_operations_app
 
-    from .app import build_services, create_gateway_app
-
-    services = build_services(cfg)
-    app = create_gateway_app(services)
-    if cfg.metrics_port is not None:
-        start_http_server(cfg.metrics_port, addr=cfg.host, registry=services.metrics.registry)
+    app = create_gateway_app(build_services(cfg))
     tls = cfg.tls
+    servers = [uvicorn.Server(uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False, ssl_certfile=tls.certfile,
+        ssl_keyfile=tls.keyfile, ssl_ca_certs=tls.client_ca,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE))]
+    if cfg.metrics_port is not None:
+        servers.append(uvicorn.Server(uvicorn.Config(create_operations_app(app), host=cfg.host,
+                                                     port=cfg.metrics_port, log_level="warning", access_log=False,
+                                                     lifespan="off")))
     print(f"fl-gateway: {'https' if tls.certfile else 'http'}://{cfg.host}:{cfg.port} over "
-          f"{len(cfg.routing.backends)} backends{', client certificates required' if tls.client_ca else ''}",
+          f"{len(cfg.routing.backends)} backends{', client certificates required' if tls.client_ca else ''}"
+          + (f"; /health /ready /metrics also on http://{cfg.host}:{cfg.metrics_port}" if cfg.metrics_port else ""),
           flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                ssl_certfile=tls.certfile, ssl_keyfile=tls.keyfile, ssl_ca_certs=tls.client_ca,
-                ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE)
+    asyncio.run(_serve_all(servers))
+
+
+async def _serve_all(servers: list[uvicorn.Server]) -> None:
+    """Both listeners in one event loop; when one stops (a signal reaches only the last to install its handler),
+    the other is told to stop too."""
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for server in servers:
+        server.should_exit = True
+    await asyncio.gather(*tasks)
 
 
 def _replica(cfg: GatewayConfig, host: str, port: int, hospital: str | None) -> None:

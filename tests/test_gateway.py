@@ -28,7 +28,7 @@ import redis
 import schemathesis
 from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, given, settings
-from servers import accepts_connections, free_port, wait_until
+from servers import free_port, wait_until
 
 from gateway.audit import AuditLog
 from gateway.auth import mint_token
@@ -91,8 +91,10 @@ class Stack:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
     def wait_ready(self, name: str, timeout: float = 180) -> None:
+        process = name.removesuffix("-operations")  # a gateway's plain operations port
+
         def ready() -> bool:
-            if self.processes[name].poll() is not None:
+            if self.processes[process].poll() is not None:
                 raise RuntimeError(f"{name} exited:\n{self.log(name)[-3000:]}")
             try:
                 return httpx.get(self.url(name) + "/ready", timeout=2).status_code == 200
@@ -138,15 +140,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                   "routing.circuit_cooldown=300")
         s.gateway("busy", ["replica-a"], "limits.max_concurrent=1", "limits.requests_per_hour=1000000")
         certs = root / "certs"
+        s.ports["tls-operations"] = free_port()
         s.gateway("tls", ["replica-a"], f"tls.certfile={certs / 'superlink.crt'}",
-                  f"tls.keyfile={certs / 'superlink.key'}", f"tls.client_ca={certs / 'ca.crt'}")
+                  f"tls.keyfile={certs / 'superlink.key'}", f"tls.client_ca={certs / 'ca.crt'}",
+                  f"metrics_port={s.ports['tls-operations']}")
         redis_url = f"redis://127.0.0.1:{s.ports['redis']}/0"
         for name in ("shared-1", "shared-2"):
             s.gateway(name, ["replica-a"], "limits.store=redis", f"limits.redis_url={redis_url}",
                       "limits.requests_per_hour=4")
-        for name in ("main", "busy", "shared-1", "shared-2"):
+        for name in ("main", "busy", "shared-1", "shared-2", "tls-operations"):
             s.wait_ready(name)
-        wait_until(lambda: accepts_connections(s.ports["tls"]), 120, "the TLS gateway")
         yield s
     finally:
         for name in list(s.processes):
@@ -242,12 +245,15 @@ def test_tls_gateway_requires_a_client_certificate_from_the_ca(stack: Stack) -> 
     with_certificate = ssl.create_default_context(cafile=certs / "ca.crt")
     with_certificate.load_cert_chain(certs / "clients" / "ehr.crt", certs / "clients" / "ehr.key")
     with httpx.Client(verify=with_certificate, timeout=30) as mutual:
-        wait_until(lambda: mutual.get(url + "/ready").status_code == 200, 60, "the TLS gateway's backend")
         assert mutual.post(url + "/v1/classify", json={"text": TEXT}, headers=token("gil")).status_code == 200
     with pytest.raises(httpx.TransportError), httpx.Client(verify=trusting_the_ca, timeout=30) as anonymous:
         anonymous.get(url + "/health")
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{stack.ports['tls']}/health", timeout=10)
+    # probes and Prometheus use the plain operations port, which serves nothing else
+    assert httpx.get(stack.url("tls-operations") + "/metrics", timeout=10).text.startswith("# HELP")
+    assert httpx.post(stack.url("tls-operations") + "/v1/classify", json={"text": TEXT}, headers=token("gil"),
+                      timeout=10).status_code == 404
 
 
 def test_gateways_sharing_redis_share_one_rate_limit(stack: Stack) -> None:
