@@ -7,6 +7,7 @@ Every entry point (local job, simulation, Flower apps) composes the same tree un
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,9 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Installed images (gateway, model replica) point this at their copy of conf/; a checkout and a Flower app bundle
+# find it beside the code.
+CONF_DIR = Path(os.environ.get("FEDERATED_DP_LLM_CONF", Path(__file__).resolve().parents[1] / "conf"))
 
 MODELS = ("tiny", "smollm2-135m", "minilm")
 CLASSIFICATION_ONLY_MODELS = ("minilm",)

@@ -176,7 +176,12 @@ def validate_gateway(cfg: GatewayConfig) -> None:
 
 
 def secret_from_env(name: str, field_path: str) -> str:
-    """A secret the deployment passes in the environment; missing is a one-line config error, not a crash later."""
+    """A secret the deployment passes in the environment, or in a file named by NAME_FILE (Docker and Kubernetes
+    secrets); missing is a one-line config error, not a crash later."""
     value = os.environ.get(name, "")
+    if not value and os.environ.get(f"{name}_FILE"):
+        path = Path(os.environ[f"{name}_FILE"])
+        _require(path.is_file(), field_path, f"{name}_FILE names no readable file: {path}")
+        value = path.read_text().strip()
     _require(len(value) >= 16, field_path, f"environment variable {name} must hold a secret of at least 16 characters")
     return value

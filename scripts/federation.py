@@ -110,8 +110,9 @@ def load_ca(certs: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def create_server_certificate(certs: Path, dns_names: Sequence[str], days: int) -> None:
-    """The SuperLink's certificate: valid for loopback (tests, one-machine trials) and its DNS names."""
+def create_server_certificate(certs: Path, dns_names: Sequence[str], days: int, stem: str = "superlink") -> None:
+    """A server's certificate (the SuperLink's, or the gateway's with stem "gateway"): valid for loopback (tests,
+    one-machine trials) and its DNS names."""
     ca_cert, ca_key = load_ca(certs)
     key = ec.generate_private_key(ec.SECP384R1())
     names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
@@ -122,8 +123,8 @@ def create_server_certificate(certs: Path, dns_names: Sequence[str], days: int) 
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA384()))
-    _write_private(certs / SERVER_KEY, _pem_key(key))
-    (certs / SERVER_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(certs / f"{stem}.key", _pem_key(key))
+    (certs / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def create_client_certificate(certs: Path, name: str, days: int) -> tuple[Path, Path]:
@@ -269,6 +270,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--hospitals", nargs="+", required=True)
     i.add_argument("--dns", nargs="*", default=[], help="DNS names of the SuperLink besides localhost")
     i.add_argument("--days", type=int, default=365)
+    g = sub.add_parser("gateway-cert", help="the inference gateway's TLS certificate (gateway.crt), signed by the CA")
+    g.add_argument("certs", type=Path)
+    g.add_argument("--dns", nargs="*", default=[], help="DNS names of the gateway besides localhost")
+    g.add_argument("--days", type=int, default=365)
     k = sub.add_parser("client-cert", help="a client certificate for the gateway's mTLS, signed by the CA")
     k.add_argument("certs", type=Path)
     k.add_argument("name")
@@ -307,6 +312,12 @@ def run(argv: Sequence[str] | None = None) -> None:
     if args.command == "init":
         for path in init(certs, args.hospitals, args.dns, args.days):
             print(path)
+    elif args.command == "gateway-cert":
+        _require_file(certs / CA_KEY, "CERTS")
+        if args.days < 1:
+            raise SetupError(f"--days: must be at least 1, got {args.days}")
+        create_server_certificate(certs, args.dns, args.days, stem="gateway")
+        print(certs / "gateway.crt")
     elif args.command == "client-cert":
         _require_file(certs / CA_KEY, "CERTS")
         for path in create_client_certificate(certs, args.name, args.days):

@@ -19,22 +19,24 @@ import yaml
 from compose_spec import PyOptions
 from helm_python.chart import Chart
 
+from gateway.config import compose_gateway_config
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 CHART = REPO / "helm" / "federated-dp-llm"
-TARGETS = ("superlink", "serverapp", "supernode", "mlflow")
+TARGETS = ("superlink", "serverapp", "supernode", "mlflow", "gateway", "replica")
 HOSPITALS = [{"hospital": f"hospital-{h}", "keySecret": f"hospital-{h}-node", "dataClaim": f"hospital-{h}-data"}
              for h in "abc"]
 SECRETISH = re.compile(r"secret|password|token|key", re.IGNORECASE)
 
 
 def dockerfile_stages() -> dict[str, list[str]]:
-    """Instructions of each named stage, continuation lines joined."""
+    """Instructions of each named stage, with those of the stage it builds on; continuation lines joined."""
     stages: dict[str, list[str]] = {}
     current: list[str] = []
     for line in re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text()).splitlines():
-        if match := re.match(r"FROM \S+ AS (\S+)", line):
-            current = stages.setdefault(match.group(1), [])
+        if match := re.match(r"FROM (\S+) AS (\S+)", line):
+            current = stages.setdefault(match.group(2), list(stages.get(match.group(1), [])))
         elif line.strip() and not line.startswith("#"):
             current.append(line.strip())
     return stages
@@ -73,8 +75,9 @@ def compose() -> dict[str, Any]:
 def test_compose_file_is_a_valid_three_hospital_federation() -> None:
     spec = compose()
     services = spec["services"]
-    targets = {name: s["build"]["target"] for name, s in services.items()}
+    targets = {name: s["build"]["target"] for name, s in services.items() if "build" in s}
     assert set(targets.values()) == set(TARGETS)
+    assert {name for name in services if name not in targets} == {"redis"}  # the one upstream image
     hospitals = [name for name, target in targets.items() if target == "supernode"]
     assert len(hospitals) == 3
     for name, service in services.items():
@@ -86,7 +89,8 @@ def test_compose_file_is_a_valid_three_hospital_federation() -> None:
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             assert source.startswith("..") or source in spec["volumes"], (name, volume)
-        assert not any(SECRETISH.search(str(k)) for k in service.get("environment", {})), name
+        for variable, value in service.get("environment", {}).items():  # secrets only as files, never values
+            assert not SECRETISH.search(variable) or str(value).startswith("/run/secrets/"), (name, variable)
     for hospital in hospitals:
         node_config = tomllib.loads(spec["configs"][hospital]["content"])
         assert node_config == {"hospital-id": hospital, "state-dir": "/var/lib/node", "data-dir": "/data"}
@@ -169,3 +173,51 @@ def test_a_hospital_id_that_is_no_dns_name_still_gives_valid_resource_names() ->
     config = next(m for m in manifests if m["kind"] == "ConfigMap")
     assert config["metadata"]["name"] == "fed-federated-dp-llm-st-marys-oncology"
     assert tomllib.loads(config["data"]["node.toml"])["hospital-id"] == "St_Marys.Oncology"
+
+
+SERVING = {"serving": {"enabled": True, "replica": {"modelSource": "models:/federated-dp-llm/3", "count": 3},
+                       "gateway": {"clientCertificates": True, "corsOrigins": ["https://ehr.example.org"]}}}
+
+
+def test_serving_renders_a_scaled_probed_scraped_gateway_over_each_replica(tmp_path: Path, monkeypatch) -> None:
+    manifests = render(SERVING)
+    version = kubernetes_validate.latest_version()
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, version, strict=True)
+    by_kind = {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+    gateway = by_kind[("Deployment", "fed-federated-dp-llm-gateway")]
+    hpa = by_kind[("HorizontalPodAutoscaler", "fed-federated-dp-llm-gateway")]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": "fed-federated-dp-llm-gateway"}
+    assert "replicas" not in gateway["spec"]  # the autoscaler owns the count
+    pod = gateway["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    operations = next(p["containerPort"] for p in container["ports"] if p["name"] == "operations")
+    assert pod["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": str(operations),
+                                              "prometheus.io/path": "/metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "operations"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "operations"}
+    replicas = by_kind[("StatefulSet", "fed-federated-dp-llm-replica")]
+    assert replicas["spec"]["replicas"] == 3
+    assert "replica.source=models:/federated-dp-llm/3" in replicas["spec"]["template"]["spec"]["containers"][0][
+        "command"]
+    policy = by_kind[("NetworkPolicy", "fed-federated-dp-llm-replica")]
+    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"][
+        "app.kubernetes.io/component"] == "gateway"
+
+    # The gateway's arguments are a valid gateway config (files stand in for the mounted Secrets)
+    args = container["command"][container["command"].index("serve") + 1:]
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        (tmp_path / name).write_text("")
+    args = [a.replace("/run/secrets/tls", str(tmp_path)).replace("$(POD_NAME)", "pod-0") for a in args]
+    cfg = compose_gateway_config(args)
+    assert cfg.routing.backends == [f"http://fed-federated-dp-llm-replica-{i}.fed-federated-dp-llm-replica:9000"
+                                    for i in range(3)]
+    assert (cfg.port, cfg.metrics_port, cfg.limits.store, cfg.cors_origins) == (
+        8443, operations, "redis", ["https://ehr.example.org"])
+    assert cfg.tls.client_ca is not None and cfg.privacy.epsilon_per_query == 0.05
+
+
+def test_serving_without_a_model_source_fails_to_render_naming_the_value() -> None:
+    with pytest.raises(Exception, match=r"serving\.replica\.modelSource is required"):
+        render({"serving": {"enabled": True}})
