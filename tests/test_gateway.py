@@ -150,6 +150,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                       "limits.requests_per_hour=4")
         for name in ("main", "busy", "shared-1", "shared-2", "tls-operations"):
             s.wait_ready(name)
+        admin = token("root", "admin")
+        wait_until(lambda: all(b["healthy"] for b in httpx.get(s.url("main") + "/admin/backends",
+                                                                  headers=admin).json()), 120, "every backend")
         yield s
     finally:
         for name in list(s.processes):
