@@ -49,7 +49,7 @@ def run_local(cfg: AppConfig, hospital: int = 0) -> dict[str, object]:
     after = evaluate(cfg, model, tokenizer, splits.test, device)
     out = Path(cfg.output_dir)
     save_adapter(model, out / ADAPTER_DIR)
-    spend = {f"hospital-{hospital}": {"epsilon": result.epsilon, "noise_multiplier": sigma,
+    spend = {f"hospital-{hospital}": {"epsilon": result.epsilon, "noise_multiplier": sigma or 0.0,
                                       "sample_rate": plan.sample_rate, "steps": plan.total_steps}}
     report = build_report(cfg, f"local-hospital-{hospital}-{uuid.uuid4().hex[:8]}", spend,
                           cfg.federation.num_rounds, None, {})

@@ -181,9 +181,9 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
     Caller = Annotated[Principal, Depends(rate_limited)]
     Admin = Annotated[Principal, Depends(admin)]
 
-    async def forward(request: Request, path: str, body: dict[str, Any]) -> tuple[Backend, dict[str, Any]]:
+    async def forward(request: Request, task: str, path: str, body: dict[str, Any]) -> tuple[Backend, dict[str, Any]]:
         try:
-            backend, response = await router().call(path, body, request.state.deadline)
+            backend, response = await router().call(task, path, body, request.state.deadline)
         except NoBackendAvailable as err:
             raise HTTPException(503, str(err), headers={"Retry-After": "5"}) from None
         except TimeoutError:
@@ -268,7 +268,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         request.state.query_mode = body.privacy
         if body.privacy == "noisy-vote":
             return await noisy_vote(request, principal, body)
-        backend, answer = await forward(request, "/v1/classify", {"text": body.text})
+        backend, answer = await forward(request, "classification", "/v1/classify", {"text": body.text})
         response.headers[BACKEND_HEADER] = str(backend.index)
         return ClassifyResponse(
             label=answer["label"], probabilities=answer["probabilities"], request_id=request.state.request_id,
@@ -283,7 +283,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         request.state.request_id = uuid.uuid4().hex
         request.state.request_text = body.prompt
         request.state.query_mode = "standard"
-        backend, answer = await forward(request, "/v1/completions", body.model_dump())
+        backend, answer = await forward(request, "causal-lm", "/v1/completions", body.model_dump())
         response.headers[BACKEND_HEADER] = str(backend.index)
         return CompletionResponse(**answer, request_id=request.state.request_id, privacy=PrivacyInfo(
             provenance=backend.info.get("provenance", {}), query_mode="standard", epsilon_charged=0.0,

@@ -72,12 +72,14 @@ class Router:
                 out.append(b)
         return out
 
-    def _pick(self, exclude: set[int]) -> Backend:
-        """Weighted response time over the replicas of the federated model (hospital nodes only vote): a backend
-        twice as fast gets twice the share."""
-        candidates = [b for b in self.available() if b.index not in exclude and not b.hospital]
+    def _pick(self, task: str, exclude: set[int]) -> Backend:
+        """Weighted response time over the replicas of the federated model for `task` (hospital nodes only vote):
+        a backend twice as fast gets twice the share."""
+        candidates = [b for b in self.available()
+                      if b.index not in exclude and not b.hospital and b.info.get("task") == task]
         if not candidates:
-            raise NoBackendAvailable("no healthy model backend")
+            raise NoBackendAvailable(f"every healthy replica serving a {task} model failed this request" if exclude
+                                     else f"no healthy replica serves a {task} model")
         weights = [1.0 / max(b.response_time, 1e-4) for b in candidates]
         return random.choices(candidates, weights=weights)[0]
 
@@ -111,14 +113,15 @@ class Router:
         self.record_success(backend, time.perf_counter() - start)
         return Reply(status, answer)
 
-    async def call(self, path: str, body: dict[str, Any], deadline: float) -> tuple[Backend, Reply]:
-        """POST to one backend, failing over to the others until one answers or the deadline passes."""
+    async def call(self, task: str, path: str, body: dict[str, Any], deadline: float) -> tuple[Backend, Reply]:
+        """POST to one backend serving `task`, failing over to the others until one answers or the deadline
+        passes."""
         tried: set[int] = set()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            backend = self._pick(tried)
+            backend = self._pick(task, tried)
             tried.add(backend.index)
             try:
                 return backend, await self.call_one(backend, path, body, remaining)
@@ -126,10 +129,10 @@ class Router:
                 continue
 
     def voters(self) -> list[Backend]:
-        """One available backend per hospital model, for the noisy vote."""
+        """One available classifier per hospital model, for the noisy vote."""
         by_hospital: dict[str, Backend] = {}
         for b in self.available():
-            if b.hospital and b.hospital not in by_hospital:
+            if b.hospital and b.hospital not in by_hospital and b.info.get("task") == "classification":
                 by_hospital[b.hospital] = b
         return list(by_hospital.values())
 

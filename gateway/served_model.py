@@ -97,7 +97,8 @@ class ServedModel:
     @torch.inference_mode()
     def complete(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> tuple[str, int, int]:
         """(text, prompt tokens, completion tokens)."""
-        batch = self.tokenizer([prompt], return_tensors="pt").to(self.device)
+        encoded = self.tokenizer([prompt], return_tensors="pt")
+        batch = {k: encoded[k].to(self.device) for k in ("input_ids", "attention_mask")}  # no token_type_ids (BERT)
         with self._lock:
             if seed is not None:
                 torch.manual_seed(seed)

@@ -105,11 +105,13 @@ class Stack:
 
 
 def train_hospitals(root: Path) -> dict[str, Path]:
-    """Two hospitals' own DP models (a real DP-SGD run each, in parallel), as servable run folders."""
-    runs = {h: root / f"run-{h}" for h in ("hospital-0", "hospital-1")}
-    jobs = [subprocess.Popen([sys.executable, "-m", "fl_client.local_job", "--hospital", h[-1], *TRAIN,
-                              f"output_dir={out}"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            for h, out in runs.items()]
+    """Two hospitals' own DP classifiers and one DP causal LM (a real DP-SGD run each, in parallel), as servable
+    run folders."""
+    runs = {name: root / f"run-{name}" for name in ("hospital-0", "hospital-1", "causal-lm")}
+    jobs = [subprocess.Popen([sys.executable, "-m", "fl_client.local_job", "--hospital", hospital, *TRAIN, *extra,
+                              f"output_dir={runs[name]}"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for name, hospital, extra in (("hospital-0", "0", []), ("hospital-1", "1", []),
+                                          ("causal-lm", "0", ["task=causal-lm"]))]
     for job in jobs:
         output, _ = job.communicate(timeout=600)
         assert job.returncode == 0, output.decode()[-3000:]
@@ -128,6 +130,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.replica("replica-b", runs["hospital-0"])
         s.replica("node-0", runs["hospital-0"], "hospital-0")
         s.replica("node-1", runs["hospital-1"], "hospital-1")
+        s.replica("lm", runs["causal-lm"])
         init(root / "certs", [], [], days=1)
         create_client_certificate(root / "certs", "ehr", days=1)
         s.ports["redis"] = free_port()
@@ -138,7 +141,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                   f"privacy.epsilon_per_user={VOTE.epsilon_per_user}", f"privacy.delta={VOTE.delta}",
                   "cors_origins=[https://ehr.example.org]", "routing.failure_threshold=2",
                   "routing.circuit_cooldown=300")
-        s.gateway("busy", ["replica-a"], "limits.max_concurrent=1", "limits.requests_per_hour=1000000")
+        s.gateway("busy", ["replica-a", "lm"], "limits.max_concurrent=1", "limits.requests_per_hour=1000000")
         certs = root / "certs"
         s.ports["tls-operations"] = free_port()
         s.gateway("tls", ["replica-a"], f"tls.certfile={certs / 'superlink.crt'}",
@@ -151,8 +154,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for name in ("main", "busy", "shared-1", "shared-2", "tls-operations"):
             s.wait_ready(name)
         admin = token("root", "admin")
-        wait_until(lambda: all(b["healthy"] for b in httpx.get(s.url("main") + "/admin/backends",
-                                                                  headers=admin).json()), 120, "every backend")
+        for name in ("main", "busy"):
+            wait_until(lambda name=name: all(b["healthy"] for b in httpx.get(  # type: ignore[misc]
+                s.url(name) + "/admin/backends", headers=admin).json()), 120, f"every backend of {name}")
         yield s
     finally:
         for name in list(s.processes):
@@ -195,6 +199,22 @@ def test_an_answer_carries_the_models_training_guarantee(stack: Stack) -> None:
     assert "training example" in guarantee["unit_of_privacy"]
     assert body["privacy"]["epsilon_charged"] == 0.0 and body["privacy"]["query_mode"] == "standard"
     assert response.headers["x-backend"] in ("0", "1")  # replicas of the federated model, never a hospital node
+
+
+def test_completions_are_openai_shaped_and_come_from_the_causal_lm_replica(stack: Stack) -> None:
+    response = httpx.post(stack.url("busy") + "/v1/completions", headers=token("kim"), timeout=60,
+                          json={"prompt": "Patient presents with", "max_tokens": 5, "seed": 1})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and len(body["choices"]) == 1
+    assert body["usage"]["completion_tokens"] <= 5 and body["choices"][0]["finish_reason"] in ("length", "stop")
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    report = json.loads((stack.runs["causal-lm"] / "privacy_report.json").read_text())
+    assert body["privacy"]["provenance"]["run_id"] == report["run_id"] and response.headers["x-backend"] == "1"
+    # a gateway without a causal-LM replica says so instead of sending the prompt to a classifier
+    refused = httpx.post(stack.url("main") + "/v1/completions", headers=token("kim"), timeout=60,
+                         json={"prompt": "Patient presents with"})
+    assert refused.status_code == 503 and "causal-lm" in refused.json()["detail"]
 
 
 def test_past_the_rate_limit_a_user_gets_429_and_others_do_not(stack: Stack) -> None:
