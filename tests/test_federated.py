@@ -17,6 +17,8 @@ from mlflow.tracking import MlflowClient
 from fl_core.model import adapter_to_arrays, build_model, load_tokenizer
 from fl_server.checkpoint import load_checkpoint
 from fl_server.privacy_report import hospital_level_epsilon
+from gateway.config import ReplicaConfig
+from gateway.served_model import ServedModel
 from privacy.ledger import Ledger
 from tests.conftest import tiny_config
 
@@ -85,6 +87,16 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
     assert report["admission"] == {"admitted": ["hospital-0", "hospital-1", "hospital-2"], "refused": {}}
     assert "| hospital-1 | committed |" in (run_dir / "privacy_report.md").read_text()
     assert (Path(summary["adapter_path"]) / "adapter_config.json").exists()
+
+    # The run is a version of the registered model, from which a gateway replica loads the very same model.
+    assert summary["mlflow_model"].startswith("models:/federated-dp-llm/")
+    from_registry = ServedModel(ReplicaConfig(source=summary["mlflow_model"], device="cpu",
+                                              mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    from_folder = ServedModel(ReplicaConfig(source=str(run_dir), device="cpu"))
+    assert from_registry.provenance["run_id"] == summary["mlflow_run_id"]
+    assert from_registry.provenance["guarantees"][0]["epsilon"] == max(summary["epsilon_per_client"].values())
+    text = "Type 2 diabetes mellitus with hyperglycemia"
+    assert from_registry.classify(text).probabilities == pytest.approx(from_folder.classify(text).probabilities)
 
 
 def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Path) -> None:
