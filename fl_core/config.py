@@ -208,17 +208,18 @@ def to_app_config(cfg: DictConfig | AppConfig) -> AppConfig:
     return app
 
 
-def _require(ok: bool, field_path: str, problem: str) -> None:
+def require(ok: bool, field_path: str, problem: str) -> None:
+    """Raise ConfigError naming `field_path` unless `ok`."""
     if not ok:
         raise ConfigError(field_path, problem)
 
 
 def _one_of(value: str, options: Sequence[str], field_path: str) -> None:
-    _require(value in options, field_path, f"unknown value {value!r}; choose one of {', '.join(options)}")
+    require(value in options, field_path, f"unknown value {value!r}; choose one of {', '.join(options)}")
 
 
-def _positive(value: float, field_path: str) -> None:
-    _require(math.isfinite(value) and value > 0, field_path, f"must be > 0 (got {value})")
+def positive(value: float, field_path: str) -> None:
+    require(math.isfinite(value) and value > 0, field_path, f"must be > 0 (got {value})")
 
 
 def validate(cfg: AppConfig) -> None:
@@ -226,98 +227,98 @@ def validate(cfg: AppConfig) -> None:
     _one_of(cfg.model.name, MODELS, "model.name")
     _one_of(cfg.data.name, DATASETS, "data.name")
     _one_of(cfg.task.name, TASKS, "task.name")
-    _require(
+    require(
         not (cfg.task.name == "causal-lm" and cfg.model.name in CLASSIFICATION_ONLY_MODELS),
         "task.name",
         f"model {cfg.model.name!r} is an encoder and supports only 'classification'",
     )
     for name in ("hidden_size", "num_layers", "num_heads"):
-        _positive(getattr(cfg.model, name), f"model.{name}")
-    _require(cfg.model.hidden_size % cfg.model.num_heads == 0, "model.hidden_size",
+        positive(getattr(cfg.model, name), f"model.{name}")
+    require(cfg.model.hidden_size % cfg.model.num_heads == 0, "model.hidden_size",
              "must be divisible by model.num_heads")
-    _require(0 < cfg.data.test_fraction < 1, "data.test_fraction",
+    require(0 < cfg.data.test_fraction < 1, "data.test_fraction",
              f"must be in (0, 1) (got {cfg.data.test_fraction})")
     for name in ("max_train_examples", "max_test_examples"):
         value = getattr(cfg.data, name)
-        _require(value is None or value >= 1, f"data.{name}", f"must be >= 1 or null (got {value})")
+        require(value is None or value >= 1, f"data.{name}", f"must be >= 1 or null (got {value})")
 
-    _positive(cfg.lora.r, "lora.r")
-    _positive(cfg.lora.alpha, "lora.alpha")
-    _require(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1) (got {cfg.lora.dropout})")
+    positive(cfg.lora.r, "lora.r")
+    positive(cfg.lora.alpha, "lora.alpha")
+    require(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1) (got {cfg.lora.dropout})")
     targets = cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_targets
-    _require(len(targets) > 0, "lora.target_modules", "must name at least one module")
+    require(len(targets) > 0, "lora.target_modules", "must name at least one module")
 
     p = cfg.privacy
-    _require(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
-    _positive(p.max_grad_norm, "privacy.max_grad_norm")
+    require(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
+    positive(p.max_grad_norm, "privacy.max_grad_norm")
     _one_of(p.accountant, ACCOUNTANTS, "privacy.accountant")
     _one_of(p.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode")
     if p.noise_multiplier is None:
-        _positive(p.target_epsilon, "privacy.target_epsilon")
+        positive(p.target_epsilon, "privacy.target_epsilon")
     else:
-        _require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (got {p.noise_multiplier})")
+        require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (got {p.noise_multiplier})")
 
     c = p.client_level
     if c.enabled:
-        _positive(c.clipping_norm, "privacy.client_level.clipping_norm")
-        _require(c.noise_multiplier >= 0, "privacy.client_level.noise_multiplier",
+        positive(c.clipping_norm, "privacy.client_level.clipping_norm")
+        require(c.noise_multiplier >= 0, "privacy.client_level.noise_multiplier",
                  f"must be >= 0 (got {c.noise_multiplier})")
-        _require(0 < c.delta < 1, "privacy.client_level.delta", f"must be in (0, 1) (got {c.delta})")
+        require(0 < c.delta < 1, "privacy.client_level.delta", f"must be in (0, 1) (got {c.delta})")
 
     t = cfg.train
-    _positive(t.batch_size, "train.batch_size")
-    _positive(t.local_epochs, "train.local_epochs")
-    _positive(t.lr, "train.lr")
-    _require(t.max_seq_len >= 4, "train.max_seq_len", f"must be >= 4 (got {t.max_seq_len})")
+    positive(t.batch_size, "train.batch_size")
+    positive(t.local_epochs, "train.local_epochs")
+    positive(t.lr, "train.lr")
+    require(t.max_seq_len >= 4, "train.max_seq_len", f"must be >= 4 (got {t.max_seq_len})")
     _one_of(t.optimizer, OPTIMIZERS, "train.optimizer")
-    _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None, "train.device",
+    require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None, "train.device",
              f"must be auto, cpu, cuda, cuda:N or mps (got {t.device!r})")
-    _require(t.num_threads is None or t.num_threads >= 1, "train.num_threads",
+    require(t.num_threads is None or t.num_threads >= 1, "train.num_threads",
              f"must be >= 1 or null (got {t.num_threads})")
 
     f = cfg.federation
-    _positive(f.num_clients, "federation.num_clients")
-    _positive(f.num_rounds, "federation.num_rounds")
+    positive(f.num_clients, "federation.num_clients")
+    positive(f.num_rounds, "federation.num_rounds")
     _one_of(f.partitioning, PARTITIONINGS, "federation.partitioning")
-    _positive(f.dirichlet_alpha, "federation.dirichlet_alpha")
-    _require(1 <= f.min_participants <= f.num_clients, "federation.min_participants",
+    positive(f.dirichlet_alpha, "federation.dirichlet_alpha")
+    require(1 <= f.min_participants <= f.num_clients, "federation.min_participants",
              f"must be between 1 and federation.num_clients={f.num_clients} (got {f.min_participants})")
-    _positive(f.join_timeout, "federation.join_timeout")
-    _require(f.rejoin_timeout >= 0, "federation.rejoin_timeout", f"must be >= 0 (got {f.rejoin_timeout})")
+    positive(f.join_timeout, "federation.join_timeout")
+    require(f.rejoin_timeout >= 0, "federation.rejoin_timeout", f"must be >= 0 (got {f.rejoin_timeout})")
 
     s = cfg.strategy
     _one_of(s.name, STRATEGIES, "strategy.name")
-    _require(s.proximal_mu >= 0, "strategy.proximal_mu", f"must be >= 0 (got {s.proximal_mu})")
-    _require(s.convergence_threshold >= 0, "strategy.convergence_threshold",
+    require(s.proximal_mu >= 0, "strategy.proximal_mu", f"must be >= 0 (got {s.proximal_mu})")
+    require(s.convergence_threshold >= 0, "strategy.convergence_threshold",
              f"must be >= 0 (got {s.convergence_threshold})")
-    _positive(s.patience, "strategy.patience")
+    positive(s.patience, "strategy.patience")
     if s.secagg.enabled:
         _validate_secagg(s.secagg, f.min_participants)
 
 
 def _validate_secagg(sa: SecAggConfig, min_participants: int) -> None:
-    _require(min_participants >= 2, "federation.min_participants",
+    require(min_participants >= 2, "federation.min_participants",
              "SecAgg+ needs at least 2 hospitals per round (or strategy.secagg.enabled=false)")
-    _positive(sa.num_shares, "strategy.secagg.num_shares")
-    _require(sa.num_shares <= 1 or (float(sa.num_shares).is_integer() and sa.num_shares > 2),
+    positive(sa.num_shares, "strategy.secagg.num_shares")
+    require(sa.num_shares <= 1 or (float(sa.num_shares).is_integer() and sa.num_shares > 2),
              "strategy.secagg.num_shares", f"a count must be an integer > 2 (got {sa.num_shares})")
-    _require(sa.reconstruction_threshold > 0, "strategy.secagg.reconstruction_threshold",
+    require(sa.reconstruction_threshold > 0, "strategy.secagg.reconstruction_threshold",
              f"must be > 0 (got {sa.reconstruction_threshold})")
     if sa.num_shares > 1 and sa.reconstruction_threshold > 1:
-        _require(sa.reconstruction_threshold < sa.num_shares, "strategy.secagg.reconstruction_threshold",
+        require(sa.reconstruction_threshold < sa.num_shares, "strategy.secagg.reconstruction_threshold",
                  "must be less than strategy.secagg.num_shares")
-    _positive(sa.clipping_range, "strategy.secagg.clipping_range")
-    _positive(sa.quantization_range, "strategy.secagg.quantization_range")
-    _positive(sa.max_weight, "strategy.secagg.max_weight")
+    positive(sa.clipping_range, "strategy.secagg.clipping_range")
+    positive(sa.quantization_range, "strategy.secagg.quantization_range")
+    positive(sa.max_weight, "strategy.secagg.max_weight")
     mod = sa.modulus_range
-    _require(mod > sa.quantization_range and mod & (mod - 1) == 0 and mod <= 2**32,
+    require(mod > sa.quantization_range and mod & (mod - 1) == 0 and mod <= 2**32,
              "strategy.secagg.modulus_range",
              "must be a power of 2, at most 2**32, above strategy.secagg.quantization_range")
 
 
 def validate_delta(delta: float, smallest_partition: int) -> None:
     """delta must be below 1/n for the smallest hospital dataset, or DP says little about a record."""
-    _require(delta < 1 / smallest_partition, "privacy.delta",
+    require(delta < 1 / smallest_partition, "privacy.delta",
              f"must be < 1/n = {1 / smallest_partition:.3g} for the smallest hospital "
              f"dataset (n={smallest_partition}); got {delta}")
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Callable
+from typing import NoReturn
 
 from .config import ConfigError
 from .data import DataError
@@ -32,3 +34,10 @@ def exit_on_bad_input(program: str, run: Callable[[], object]) -> None:
     except (ConfigError, DataError) as err:
         print(f"{program}: config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (program: problem) and exit code 2, like config errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")

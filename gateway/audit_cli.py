@@ -15,17 +15,14 @@ from typing import NoReturn
 
 from cryptography.fernet import Fernet
 
+from fl_core.entry import OneLineParser
+
 from .audit import AuditKeyError, AuditLog
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fl-audit", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="fl-audit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, text in (("verify", "check the whole chain; exit 1 on any edit, deletion or reordering"),
                        ("prune", "delete records older than --days, keeping the chain verifiable"),
                        ("show", "print records as JSON lines")):

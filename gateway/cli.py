@@ -9,25 +9,20 @@ import argparse
 import asyncio
 import ssl
 import sys
-from typing import NoReturn
 
 import uvicorn
 
 from fl_core.config import ConfigError
 from fl_core.data import DataError
+from fl_core.entry import OneLineParser
 
 from .audit import AuditKeyError
 from .config import ROLES, GatewayConfig, compose_gateway_config, secret_from_env
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fl-gateway", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="fl-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     serve = sub.add_parser("serve", help="run the gateway (config: conf/gateway, e.g. +preset=production)")
     serve.add_argument("overrides", nargs="*")
     replica = sub.add_parser("replica", help="run one model replica on HOST:PORT")

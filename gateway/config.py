@@ -6,7 +6,6 @@ the training tree: `fl-gateway serve +preset=production routing.backends=[...]`.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fl_core.config import CONF_DIR, ConfigError, composition_error
+from fl_core.config import CONF_DIR, composition_error, positive, require
 
 GATEWAY_CONF_DIR = CONF_DIR / "gateway"
 STORES = ("sqlite", "redis")
@@ -70,7 +69,7 @@ class AuditConfig:
 class RoutingConfig:
     backends: list[str] = field(default_factory=list)  # model replica URLs, e.g. http://127.0.0.1:9001
     health_interval: float = 5.0  # seconds between active health checks
-    failure_threshold: int = 3  # consecutive failures that open a backend's circuit
+    failure_threshold: int = 3  # consecutive failed requests that open its circuit, or failed health checks
     circuit_cooldown: float = 30.0  # seconds an opened circuit waits before one trial request
 
 
@@ -89,7 +88,7 @@ class ReplicaConfig:
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    metrics_port: int | None = None  # also serve /metrics here, in plain HTTP, for a Prometheus behind mTLS
+    metrics_port: int | None = None  # also /health, /ready, /metrics here in plain HTTP (probes, Prometheus)
     cors_origins: list[str] = field(default_factory=list)
     tls: TLSConfig = field(default_factory=TLSConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -114,21 +113,12 @@ def compose_gateway_config(overrides: Sequence[str] = ()) -> GatewayConfig:
     return cfg
 
 
-def _require(ok: bool, field_path: str, problem: str) -> None:
-    if not ok:
-        raise ConfigError(field_path, problem)
-
-
-def _positive(value: float, field_path: str) -> None:
-    _require(math.isfinite(value) and value > 0, field_path, f"must be > 0 (got {value})")
-
-
 def _port(value: int, field_path: str) -> None:
-    _require(1 <= value <= 65535, field_path, f"must be a TCP port, 1-65535 (got {value})")
+    require(1 <= value <= 65535, field_path, f"must be a TCP port, 1-65535 (got {value})")
 
 
 def _file(path: str | None, field_path: str) -> None:
-    _require(path is None or Path(path).is_file(), field_path, f"no such file: {path}")
+    require(path is None or Path(path).is_file(), field_path, f"no such file: {path}")
 
 
 def validate_gateway(cfg: GatewayConfig) -> None:
@@ -136,42 +126,42 @@ def validate_gateway(cfg: GatewayConfig) -> None:
     _port(cfg.port, "port")
     if cfg.metrics_port is not None:
         _port(cfg.metrics_port, "metrics_port")
-        _require(cfg.metrics_port != cfg.port, "metrics_port", "must differ from port")
+        require(cfg.metrics_port != cfg.port, "metrics_port", "must differ from port")
     for origin in cfg.cors_origins:
         parsed = urlparse(origin)
-        _require(origin == "*" or (parsed.scheme in ("http", "https") and bool(parsed.netloc) and not parsed.path),
+        require(origin == "*" or (parsed.scheme in ("http", "https") and bool(parsed.netloc) and not parsed.path),
                  "cors_origins", f"{origin!r} is not an origin like https://ehr.example.org")
     t = cfg.tls
-    _require((t.certfile is None) == (t.keyfile is None), "tls.keyfile", "tls.certfile and tls.keyfile go together")
-    _require(t.client_ca is None or t.certfile is not None, "tls.client_ca", "client certificates need tls.certfile")
+    require((t.certfile is None) == (t.keyfile is None), "tls.keyfile", "tls.certfile and tls.keyfile go together")
+    require(t.client_ca is None or t.certfile is not None, "tls.client_ca", "client certificates need tls.certfile")
     for name in ("certfile", "keyfile", "client_ca"):
         _file(getattr(t, name), f"tls.{name}")
-    _positive(cfg.auth.token_minutes, "auth.token_minutes")
-    _require(bool(cfg.auth.secret_env), "auth.secret_env", "must name an environment variable")
+    positive(cfg.auth.token_minutes, "auth.token_minutes")
+    require(bool(cfg.auth.secret_env), "auth.secret_env", "must name an environment variable")
     lim = cfg.limits
-    _positive(lim.requests_per_hour, "limits.requests_per_hour")
-    _positive(lim.max_concurrent, "limits.max_concurrent")
-    _positive(lim.request_timeout, "limits.request_timeout")
-    _require(lim.store in STORES, "limits.store", f"unknown value {lim.store!r}; choose one of {', '.join(STORES)}")
+    positive(lim.requests_per_hour, "limits.requests_per_hour")
+    positive(lim.max_concurrent, "limits.max_concurrent")
+    positive(lim.request_timeout, "limits.request_timeout")
+    require(lim.store in STORES, "limits.store", f"unknown value {lim.store!r}; choose one of {', '.join(STORES)}")
     if lim.store == "redis":
-        _require(lim.redis_url is not None and urlparse(lim.redis_url).scheme in ("redis", "rediss", "unix"),
+        require(lim.redis_url is not None and urlparse(lim.redis_url).scheme in ("redis", "rediss", "unix"),
                  "limits.redis_url", f"must be redis://HOST:PORT/DB for store redis (got {lim.redis_url!r})")
     p = cfg.privacy
-    _positive(p.epsilon_per_query, "privacy.epsilon_per_query")
-    _require(p.epsilon_per_user >= p.epsilon_per_query, "privacy.epsilon_per_user",
+    positive(p.epsilon_per_query, "privacy.epsilon_per_query")
+    require(p.epsilon_per_user >= p.epsilon_per_query, "privacy.epsilon_per_user",
              f"must be >= privacy.epsilon_per_query={p.epsilon_per_query} (got {p.epsilon_per_user})")
-    _require(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
-    _positive(cfg.audit.retention_days, "audit.retention_days")
+    require(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
+    positive(cfg.audit.retention_days, "audit.retention_days")
     r = cfg.routing
     for url in r.backends:
         parsed = urlparse(url)
-        _require(parsed.scheme in ("http", "https") and bool(parsed.hostname), "routing.backends",
+        require(parsed.scheme in ("http", "https") and bool(parsed.hostname), "routing.backends",
                  f"{url!r} is not a URL like http://127.0.0.1:9001")
-    _positive(r.health_interval, "routing.health_interval")
-    _positive(r.failure_threshold, "routing.failure_threshold")
-    _positive(r.circuit_cooldown, "routing.circuit_cooldown")
-    _positive(cfg.replica.max_new_tokens, "replica.max_new_tokens")
-    _require(cfg.replica.num_threads is None or cfg.replica.num_threads >= 1, "replica.num_threads",
+    positive(r.health_interval, "routing.health_interval")
+    positive(r.failure_threshold, "routing.failure_threshold")
+    positive(r.circuit_cooldown, "routing.circuit_cooldown")
+    positive(cfg.replica.max_new_tokens, "replica.max_new_tokens")
+    require(cfg.replica.num_threads is None or cfg.replica.num_threads >= 1, "replica.num_threads",
              f"must be >= 1 or null (got {cfg.replica.num_threads})")
 
 
@@ -181,7 +171,7 @@ def secret_from_env(name: str, field_path: str) -> str:
     value = os.environ.get(name, "")
     if not value and os.environ.get(f"{name}_FILE"):
         path = Path(os.environ[f"{name}_FILE"])
-        _require(path.is_file(), field_path, f"{name}_FILE names no readable file: {path}")
+        require(path.is_file(), field_path, f"{name}_FILE names no readable file: {path}")
         value = path.read_text().strip()
-    _require(len(value) >= 16, field_path, f"environment variable {name} must hold a secret of at least 16 characters")
+    require(len(value) >= 16, field_path, f"environment variable {name} must hold a secret of at least 16 characters")
     return value

@@ -21,6 +21,17 @@ CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NUL
 """
 
 
+def open_database(path: Path, schema: str) -> sqlite3.Connection:
+    """The gateway's SQLite files (limits, audit): autocommit with explicit write transactions, WAL so readers
+    never block the writer, and NORMAL sync (a commit survives a process crash; a power cut may lose the last ones)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.executescript(schema)
+    return db
+
+
 @dataclass(frozen=True)
 class Take:
     allowed: bool
@@ -38,11 +49,7 @@ class SQLiteLimitStore:
     """One gateway process: a write transaction per take (BEGIN IMMEDIATE) makes check-and-add atomic."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db = open_database(path, SCHEMA)
         self._lock = threading.Lock()
         self._swept = 0.0
 

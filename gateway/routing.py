@@ -15,6 +15,7 @@ from .config import RoutingConfig
 
 EWMA_WEIGHT = 0.2  # weight of the newest response time in a backend's running average
 INITIAL_RESPONSE_TIME = 0.05
+HEALTH_TIMEOUT = 3.0  # seconds, at least
 CircuitState = Literal["closed", "open", "half-open", "forced-open"]
 
 
@@ -27,7 +28,8 @@ class Backend:
     index: int
     url: str
     response_time: float = INITIAL_RESPONSE_TIME  # seconds, exponentially weighted
-    healthy: bool = False  # set by the active health check
+    healthy: bool = False  # set by the active health checks
+    failed_checks: int = 0  # consecutive
     info: dict[str, Any] = field(default_factory=dict)  # the replica's /health body
     failures: int = 0  # consecutive
     opened_at: float | None = None  # circuit opened by failures at this monotonic time
@@ -137,14 +139,18 @@ class Router:
         return list(by_hospital.values())
 
     async def check(self, backend: Backend) -> None:
+        """One health check. A backend is marked unhealthy after `failure_threshold` failed checks in a row, so
+        one slow answer on a busy machine does not take it out of rotation."""
+        ok = False
         try:
-            timeout = aiohttp.ClientTimeout(total=max(1.0, self.cfg.health_interval))
+            timeout = aiohttp.ClientTimeout(total=max(HEALTH_TIMEOUT, self.cfg.health_interval))
             async with self.client.get(backend.url + "/health", timeout=timeout) as response:
-                backend.healthy = response.status == 200
-                if backend.healthy:
-                    backend.info = await response.json()
+                if response.status == 200:
+                    backend.info, ok = await response.json(), True
         except (aiohttp.ClientError, TimeoutError, ValueError):
-            backend.healthy = False
+            pass
+        backend.failed_checks = 0 if ok else backend.failed_checks + 1
+        backend.healthy = ok or (backend.healthy and backend.failed_checks < self.cfg.failure_threshold)
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(b) for b in self.backends))

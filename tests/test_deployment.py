@@ -6,10 +6,8 @@ own session, and killed with its whole process group at the end, so nothing outl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from servers import accepts_connections, free_port, wait_until
+from servers import accepts_connections, free_port, kill_group, wait_until
 
 from privacy.ledger import COMMITTED, RESERVED, Entry, Ledger
 from scripts.federation import connect, flower_command, init, write_partitions
@@ -62,11 +60,7 @@ class Federation:
         return self.root / "state" / hospital
 
     def kill(self, name: str) -> None:
-        """SIGKILL the process and everything it started: a crash, not a shutdown."""
-        proc = self.processes.pop(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_group(self.processes.pop(name))
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")

@@ -5,13 +5,11 @@ client certificates, two sharing a real redis-server), all started with `fl-gate
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import re
 import shutil
-import signal
 import sqlite3
 import ssl
 import subprocess
@@ -28,7 +26,7 @@ import redis
 import schemathesis
 from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, given, settings
-from servers import free_port, wait_until
+from servers import free_port, kill_group, wait_until
 
 from gateway.audit import AuditLog
 from gateway.auth import mint_token
@@ -82,10 +80,7 @@ class Stack:
         return f"http://127.0.0.1:{self.ports[name]}"
 
     def kill(self, name: str) -> None:
-        proc = self.processes.pop(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_group(self.processes.pop(name))
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
