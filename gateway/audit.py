@@ -21,7 +21,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .limits import open_database
+from .database import open_database, write_transaction
 
 GENESIS = "0" * 64
 SCHEMA = """
@@ -82,18 +82,12 @@ class AuditLog:
         """Add one record at the head of the chain; returns its sequence number."""
         stamp = (at or datetime.now(UTC)).isoformat()
         token = self._fernet.encrypt(event.request_text.encode())
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                last_seq, prev = self._head()
-                values: list[object] = [last_seq + 1, stamp, event.user, event.role, event.route, event.model,
-                                        event.query_mode, float(event.epsilon), int(event.status), token, prev]
-                self._db.execute(f"INSERT INTO audit ({', '.join(FIELDS)}, mac) VALUES ({', '.join('?' * 12)})",
-                                 [*values, _mac(self._chain_key, values)])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with write_transaction(self._db, self._lock) as db:
+            last_seq, prev = self._head()
+            values: list[object] = [last_seq + 1, stamp, event.user, event.role, event.route, event.model,
+                                    event.query_mode, float(event.epsilon), int(event.status), token, prev]
+            db.execute(f"INSERT INTO audit ({', '.join(FIELDS)}, mac) VALUES ({', '.join('?' * 12)})",
+                       [*values, _mac(self._chain_key, values)])
         return last_seq + 1
 
     def verify(self) -> tuple[int, list[str]]:
@@ -122,22 +116,15 @@ class AuditLog:
     def prune(self, retention_days: int, now: datetime | None = None) -> int:
         """Delete records older than the retention period, keeping the chain verifiable; returns how many."""
         cutoff = ((now or datetime.now(UTC)) - timedelta(days=retention_days)).isoformat()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                last = self._db.execute("SELECT seq, mac FROM audit WHERE at < ? ORDER BY seq DESC LIMIT 1",
-                                        (cutoff,)).fetchone()
-                if last is None:
-                    self._db.execute("COMMIT")
-                    return 0
-                removed = self._db.execute("DELETE FROM audit WHERE seq <= ?", (last[0],)).rowcount
-                anchor_mac = _mac(self._chain_key, ["anchor", last[0], last[1], cutoff])
-                self._db.execute("INSERT OR REPLACE INTO anchor (id, seq, mac, pruned_before, anchor_mac) "
-                                 "VALUES (1, ?, ?, ?, ?)", (last[0], last[1], cutoff, anchor_mac))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with write_transaction(self._db, self._lock) as db:
+            last = db.execute("SELECT seq, mac FROM audit WHERE at < ? ORDER BY seq DESC LIMIT 1",
+                              (cutoff,)).fetchone()
+            if last is None:
+                return 0
+            removed = db.execute("DELETE FROM audit WHERE seq <= ?", (last[0],)).rowcount
+            anchor_mac = _mac(self._chain_key, ["anchor", last[0], last[1], cutoff])
+            db.execute("INSERT OR REPLACE INTO anchor (id, seq, mac, pruned_before, anchor_mac) "
+                       "VALUES (1, ?, ?, ?, ?)", (last[0], last[1], cutoff, anchor_mac))
         return int(removed)
 
     def records(self, decrypt: bool = False) -> list[dict[str, object]]:

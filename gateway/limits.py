@@ -6,12 +6,13 @@ queries a user may still make). A refused take changes nothing.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from .database import open_database, write_transaction
 
 SWEEP_INTERVAL = 60.0  # seconds between deletions of expired window events
 SCHEMA = """
@@ -19,17 +20,6 @@ CREATE TABLE IF NOT EXISTS window_events (key TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS window_events_key_at ON window_events (key, at);
 CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-
-
-def open_database(path: Path, schema: str) -> sqlite3.Connection:
-    """The gateway's SQLite files (limits, audit): autocommit with explicit write transactions, WAL so readers
-    never block the writer, and NORMAL sync (a commit survives a process crash; a power cut may lose the last ones)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.executescript(schema)
-    return db
 
 
 @dataclass(frozen=True)
@@ -55,38 +45,24 @@ class SQLiteLimitStore:
 
     def take_window(self, key: str, cap: int, window: float) -> Take:
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if now - self._swept > SWEEP_INTERVAL:  # expired events cost nothing but space: sweep now and then
-                    self._db.execute("DELETE FROM window_events WHERE at <= ?", (now - window,))
-                    self._swept = now
-                count, oldest = self._db.execute("SELECT COUNT(*), MIN(at) FROM window_events WHERE key = ? AND at > ?",
-                                                 (key, now - window)).fetchone()
-                if count >= cap:
-                    self._db.execute("COMMIT")
-                    return Take(False, count, max(oldest + window - now, 0.0))
-                self._db.execute("INSERT INTO window_events (key, at) VALUES (?, ?)", (key, now))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with write_transaction(self._db, self._lock) as db:
+            if now - self._swept > SWEEP_INTERVAL:  # expired events cost nothing but space: sweep now and then
+                db.execute("DELETE FROM window_events WHERE at <= ?", (now - window,))
+                self._swept = now
+            count, oldest = db.execute("SELECT COUNT(*), MIN(at) FROM window_events WHERE key = ? AND at > ?",
+                                       (key, now - window)).fetchone()
+            if count >= cap:
+                return Take(False, count, max(oldest + window - now, 0.0))
+            db.execute("INSERT INTO window_events (key, at) VALUES (?, ?)", (key, now))
         return Take(True, count + 1, 0.0)
 
     def take_counter(self, key: str, cap: int) -> Take:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                value = self._counter(key)
-                if value >= cap:
-                    self._db.execute("COMMIT")
-                    return Take(False, value, 0.0)
-                self._db.execute("INSERT INTO counters (key, value) VALUES (?, 1) "
-                                 "ON CONFLICT (key) DO UPDATE SET value = value + 1", (key,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with write_transaction(self._db, self._lock) as db:
+            value = self._counter(key)
+            if value >= cap:
+                return Take(False, value, 0.0)
+            db.execute("INSERT INTO counters (key, value) VALUES (?, 1) "
+                       "ON CONFLICT (key) DO UPDATE SET value = value + 1", (key,))
         return Take(True, value + 1, 0.0)
 
     def _counter(self, key: str) -> int:

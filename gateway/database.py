@@ -1,0 +1,34 @@
+"""The gateway's SQLite files (limits and budgets, audit log): how they are opened and written."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def open_database(path: Path, schema: str) -> sqlite3.Connection:
+    """Autocommit with explicit write transactions, WAL so readers never block the writer, and NORMAL sync (a commit
+    survives a process crash; a power cut may lose the last ones)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.executescript(schema)
+    return db
+
+
+@contextmanager
+def write_transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[sqlite3.Connection]:
+    """One writer at a time: the thread lock within this process, BEGIN IMMEDIATE across processes sharing the file.
+    Commits when the block ends (a `return` inside it included), rolls back if it raises."""
+    with lock:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
