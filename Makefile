@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up .venv on first use (scripts/setup.sh, about 3 minutes).
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench study
 
 setup:
 	@scripts/setup.sh
@@ -16,3 +16,6 @@ bench: setup
 	.venv/bin/python scripts/bench_dp_step.py
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python scripts/bench_federated_round.py
 	.venv/bin/python scripts/bench_gateway.py
+
+study: setup
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python -m scripts.study $(ARGS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from peft import (
     set_peft_model_state_dict,
 )
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -121,6 +123,34 @@ def build_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_labels: 
     model = get_peft_model(base, lora)
     assert isinstance(model, PeftModel)
     return model
+
+
+@torch.no_grad()
+def sentence_embeddings(texts: Sequence[str], device: torch.device, batch_size: int = 128) -> np.ndarray:
+    """all-MiniLM-L6-v2 sentence embeddings (mean-pooled over tokens, L2-normalised, as sentence-transformers
+    computes them), float32, one row per text. Texts go through in length order to keep padding short."""
+    folder = minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoder = AutoModel.from_pretrained(folder, dtype=torch.float32)
+    torch.nn.Module.to(encoder, device)
+    encoder.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros((len(texts), encoder.config.hidden_size), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=128,
+                          return_tensors="pt").to(device)
+        hidden = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+    return out
+
+
+def build_linear_head(num_features: int, num_labels: int, seed: int) -> torch.nn.Linear:
+    """A classifier over frozen sentence embeddings: the cheapest model DP-SGD can train (the study's)."""
+    torch.manual_seed(seed)
+    return torch.nn.Linear(num_features, num_labels)
 
 
 def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:

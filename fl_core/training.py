@@ -89,6 +89,16 @@ def make_optimizer(cfg: AppConfig, params: list[nn.Parameter]) -> torch.optim.Op
     return torch.optim.Adam(params, lr=cfg.train.lr)
 
 
+Forward = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.device], tuple[torch.Tensor, torch.Tensor]]
+
+
+def text_forward(module: nn.Module, batch: tuple[torch.Tensor, ...],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a tokenised batch (input ids, attention mask, labels)."""
+    input_ids, mask, labels = batch
+    return module(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits, labels.to(device)
+
+
 def train_local(
     cfg: AppConfig,
     model: PeftModel,
@@ -102,7 +112,29 @@ def train_local(
     poisson_sampling: bool = True,
     rng_seed: int | None = None,
 ) -> LocalTrainResult:
-    """Train `model`'s adapter in place for `train.local_epochs` epochs from its current (global) state.
+    """Train `model`'s adapter in place for `train.local_epochs` epochs from its current (global) state."""
+    seed = rng_seed if rng_seed is not None else secrets.randbits(62)
+    loader = data_loader(cfg, dataset, tokenizer, shuffle=True, batch_size=cfg.train.batch_size,
+                         generator=torch.Generator().manual_seed(seed))
+    return train_epochs(cfg, model, loader, text_forward, device, noise_multiplier=noise_multiplier,
+                        accountant=accountant, proximal_mu=proximal_mu, poisson_sampling=poisson_sampling,
+                        seed=seed)
+
+
+def train_epochs(
+    cfg: AppConfig,
+    model: nn.Module,
+    loader: DataLoader,
+    forward: Forward,
+    device: torch.device,
+    *,
+    noise_multiplier: float | None,
+    accountant: AccountantState | None,
+    proximal_mu: float,
+    poisson_sampling: bool,
+    seed: int,
+) -> LocalTrainResult:
+    """`train.local_epochs` epochs over `loader` of the model's trainable parameters, in place.
 
     With `noise_multiplier` set, runs DP-SGD resuming `accountant`; FedProx's proximal gradient
     mu * (w - w_global) is added after clipping and noise, since it does not depend on patient data.
@@ -110,7 +142,6 @@ def train_local(
     private = noise_multiplier is not None
     if private and accountant is None:
         raise ValueError("train_local: a private run needs the hospital's accountant state")
-    seed = rng_seed if rng_seed is not None else secrets.randbits(62)
     trainable = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in trainable]
 
@@ -122,8 +153,7 @@ def train_local(
                 p.grad.add_(p.detach() - w_global, alpha=proximal_mu)
 
     model.train()
-    loader = data_loader(cfg, dataset, tokenizer, shuffle=True, batch_size=cfg.train.batch_size,
-                         generator=torch.Generator().manual_seed(seed))
+    num_examples = len(loader.dataset)  # type: ignore[arg-type]
     optimizer = make_optimizer(cfg, trainable)
     loss_module = make_criterion(cfg)
     criterion: Callable[..., torch.Tensor] = loss_module
@@ -145,15 +175,15 @@ def train_local(
     steps = 0
     try:
         for _ in range(cfg.train.local_epochs):
-            for input_ids, mask, labels in loader:
+            for batch in loader:
                 optimizer.zero_grad(set_to_none=True)
                 steps += 1
-                if input_ids.shape[0] == 0:
+                if batch[0].shape[0] == 0:
                     assert session is not None
                     session.step_on_empty_batch()
                     continue
-                logits = module(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-                loss = criterion(logits, labels.to(device))
+                logits, labels = forward(module, batch, device)
+                loss = criterion(logits, labels)
                 loss.backward()
                 if session is None:
                     add_proximal_gradient()
@@ -164,7 +194,18 @@ def train_local(
         if session is not None:
             session.close()
     epsilon = state.epsilon(cfg.privacy.delta) if state is not None else math.inf
-    return LocalTrainResult(len(dataset), float(np.mean(losses)) if losses else math.nan, steps, state, epsilon)
+    return LocalTrainResult(num_examples, float(np.mean(losses)) if losses else math.nan, steps, state, epsilon)
+
+
+def classification_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 of a whole evaluation set's logits."""
+    predictions = logits.argmax(dim=-1).cpu().numpy()
+    truth = labels.cpu().numpy()
+    return {
+        "loss": float(nn.functional.cross_entropy(logits.float(), labels)),
+        "accuracy": float(np.mean(predictions == truth)),
+        "macro_f1": float(f1_score(truth, predictions, average="macro", zero_division=0)),
+    }
 
 
 @torch.no_grad()
@@ -174,18 +215,12 @@ def evaluate(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBas
     model.eval()
     loader = data_loader(cfg, dataset, tokenizer, shuffle=False, batch_size=batch_size)
     if cfg.task.name == "classification":
-        total_loss, predictions, truth = 0.0, [], []
+        logits, truth = [], []
         for input_ids, mask, labels in loader:
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-            total_loss += float(nn.functional.cross_entropy(logits, labels.to(device), reduction="sum"))
-            predictions.extend(logits.argmax(dim=-1).cpu().tolist())
-            truth.extend(labels.tolist())
+            logits.append(model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float().cpu())
+            truth.append(labels)
         model.train()
-        return {
-            "loss": total_loss / len(truth),
-            "accuracy": float(np.mean(np.array(predictions) == np.array(truth))),
-            "macro_f1": float(f1_score(truth, predictions, average="macro", zero_division=0)),
-        }
+        return classification_scores(torch.cat(logits), torch.cat(truth))
     nll, tokens = 0.0, 0
     for input_ids, mask, labels in loader:
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()

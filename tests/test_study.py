@@ -1,4 +1,5 @@
-"""The privacy-utility study's smoke run completes and writes its report, figures and raw results."""
+"""The privacy-utility study: its features do not depend on how texts are batched, and its smoke run completes
+through a real Flower SecAgg+ simulation and writes its report, figures and raw results."""
 
 from __future__ import annotations
 
@@ -7,9 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+from fl_core.model import sentence_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_sentence_embeddings_are_unit_rows_in_input_order_whatever_the_batching() -> None:
+    texts = ["Malignant neoplasm of upper lobe, right bronchus or lung", "Fever", "Fever",
+             "Displaced fracture of shaft of right clavicle, initial encounter for closed fracture"]
+    one_batch = sentence_embeddings(texts, torch.device("cpu"), batch_size=8)
+    one_by_one = sentence_embeddings(texts, torch.device("cpu"), batch_size=1)
+    assert one_batch.shape == (4, 384) and one_batch.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(one_batch, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(one_batch, one_by_one, atol=1e-5)
+    assert np.array_equal(one_batch[1], one_batch[2])
+    assert one_batch[0] @ one_batch[3] < one_batch[1] @ one_batch[2]
 
 
 @pytest.mark.slow
@@ -26,4 +43,6 @@ def test_the_quick_study_writes_tables_plots_and_raw_results(tmp_path: Path) -> 
     arms = {(r["arm"], r["epsilon"]) for r in raw["results"]}
     assert {("pooled", 8.0), ("federated", 8.0), ("alone-mean", 8.0), ("alone-best", 8.0)} <= arms
     assert all(r["epsilon_spent"] <= r["epsilon"] for r in raw["results"])
-    assert raw["communication"]["full_model_bytes"] > raw["communication"]["adapter_bytes"] > 0
+    traffic = raw["traffic_per_hospital_per_round"]["3"]
+    assert traffic["bytes_down"] > 0 and traffic["bytes_up"] > 0
+    assert raw["communication"]["full_model_bytes"] > raw["communication"]["head_bytes"] > 0

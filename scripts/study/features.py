@@ -1,0 +1,131 @@
+"""The study's model and data: a DP-SGD linear head over frozen all-MiniLM-L6-v2 embeddings of ICD-10-CM texts.
+
+LoRA fine-tuning of MiniLM costs about a second per DP step on one core here, so the full grid (hundreds of arms)
+would take most of a day; the encoder's forward pass is the cost. Embedding every text once and training only a
+classifier on top keeps the question (what federation and DP do to a model trained on split hospital data) and
+fits the grid in under an hour. Training still goes through `fl_core.training.train_epochs` (Opacus, the
+hospital's accountant carried across rounds, FedProx's proximal term after the noise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fl_core.cache import cache_root
+from fl_core.config import AppConfig
+from fl_core.data import load_splits, partition_indices
+from fl_core.model import build_linear_head, sentence_embeddings
+from fl_core.training import LocalTrainResult, classification_scores, train_epochs
+from privacy.accountant import AccountantState
+
+from .plan import Setting, StudyPlan
+
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class StudyData:
+    """Train and test embeddings with their chapter labels; row i of `train_x` is training text i."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    label_names: tuple[str, ...]
+
+    @property
+    def num_features(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def save(self, path: Path) -> Path:
+        np.savez(path, train_x=self.train_x, train_y=self.train_y, test_x=self.test_x, test_y=self.test_y,
+                 label_names=np.array(self.label_names))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> StudyData:
+        with np.load(path) as f:
+            return cls(f["train_x"], f["train_y"], f["test_x"], f["test_y"], tuple(str(n) for n in f["label_names"]))
+
+
+def cached_embeddings(texts: tuple[str, ...], log_progress: bool = True) -> np.ndarray:
+    """Embeddings of `texts`, computed once per machine (about 100 texts a second on one core)."""
+    key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    path = cache_root() / "study" / f"minilm-{key}.npy"
+    if path.exists():
+        return np.load(path)
+    if log_progress:
+        print(f"study: embedding {len(texts)} texts with all-MiniLM-L6-v2 (once per machine)", flush=True)
+    embeddings = sentence_embeddings(texts, CPU)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".{secrets.token_hex(4)}.npy")
+    np.save(staging, embeddings)
+    staging.rename(path)
+    return embeddings
+
+
+def load_study_data(plan: StudyPlan) -> StudyData:
+    cfg = plan.config(float("inf"), 0, plan.baseline)
+    splits = load_splits(cfg.data)
+    embeddings = cached_embeddings(splits.train.texts + splits.test.texts)
+    n = len(splits.train)
+    return StudyData(embeddings[:n], np.array(splits.train.labels, dtype=np.int64), embeddings[n:],
+                     np.array(splits.test.labels, dtype=np.int64), splits.train.label_names)
+
+
+def hospital_rows(plan: StudyPlan, setting: Setting, seed: int) -> list[list[int]]:
+    """Each hospital's training rows, split as `fl_core.data` splits a federation's data."""
+    cfg = plan.config(float("inf"), seed, setting)
+    splits = load_splits(cfg.data)
+    return partition_indices(splits.train, cfg.federation, seed)
+
+
+def new_head(data: StudyData, seed: int) -> nn.Linear:
+    return build_linear_head(data.num_features, data.num_labels, seed)
+
+
+def head_to_arrays(head: nn.Module) -> list[np.ndarray]:
+    return [p.detach().cpu().numpy().astype(np.float32) for p in head.parameters()]
+
+
+def load_head_arrays(head: nn.Module, arrays: list[np.ndarray]) -> None:
+    with torch.no_grad():
+        for p, a in zip(head.parameters(), arrays, strict=True):
+            p.copy_(torch.as_tensor(np.asarray(a, dtype=np.float32)))
+
+
+def _head_forward(module: nn.Module, batch: tuple[torch.Tensor, ...],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    features, labels = batch
+    return module(features.to(device)), labels.to(device)
+
+
+def train_head(cfg: AppConfig, head: nn.Module, data: StudyData, rows: list[int], *, sigma: float | None,
+               accountant: AccountantState | None, proximal_mu: float) -> LocalTrainResult:
+    """One round (`train.local_epochs` epochs) on `rows`, DP-SGD when `sigma` is set."""
+    seed = secrets.randbits(62)
+    dataset = TensorDataset(torch.from_numpy(data.train_x[rows]), torch.from_numpy(data.train_y[rows]))
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    return train_epochs(cfg, head, loader, _head_forward, CPU, noise_multiplier=sigma, accountant=accountant,
+                        proximal_mu=proximal_mu, poisson_sampling=True, seed=seed)
+
+
+@torch.no_grad()
+def evaluate_head(head: nn.Module, data: StudyData) -> dict[str, float]:
+    head.eval()
+    scores = classification_scores(head(torch.from_numpy(data.test_x)), torch.from_numpy(data.test_y))
+    head.train()
+    return scores

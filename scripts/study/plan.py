@@ -1,0 +1,70 @@
+"""What the study runs: the settings (hospital count, data split, FedProx mu), epsilons, seeds and budgets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fl_core.config import AppConfig, compose_config, to_app_config
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One federation: how many hospitals, how their data is split, and FedProx's mu (0: FedAvg)."""
+
+    hospitals: int = 3
+    partitioning: str = "dirichlet"
+    alpha: float = 0.3
+    mu: float = 0.01
+
+    @property
+    def label(self) -> str:
+        split = "IID" if self.partitioning == "iid" else f"Dirichlet a={self.alpha}"
+        return f"{self.hospitals} hospitals, {split}, {'FedAvg' if self.mu == 0 else f'FedProx mu={self.mu}'}"
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    train_examples: int
+    test_examples: int
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    epsilons: tuple[float, ...]
+    seeds: tuple[int, ...]
+    baseline: Setting
+    ablations: tuple[Setting, ...]
+    ablation_epsilons: tuple[float, ...]
+    delta: float = 1e-5
+
+    @property
+    def settings(self) -> tuple[Setting, ...]:
+        return (self.baseline, *self.ablations)
+
+    def config(self, epsilon: float, seed: int, setting: Setting) -> AppConfig:
+        """The project config of one arm: the same schema and validation as a training run."""
+        overrides = [
+            "data=icd10", "task=classification", f"data.max_train_examples={self.train_examples}",
+            f"data.max_test_examples={self.test_examples}", f"train.batch_size={self.batch_size}",
+            "train.device=cpu", f"train.lr={self.lr}", f"train.local_epochs={self.local_epochs}",
+            f"train.seed={seed}", "data.seed=0", f"federation.num_rounds={self.rounds}",
+            f"federation.num_clients={setting.hospitals}", f"federation.min_participants={setting.hospitals}",
+            f"federation.partitioning={setting.partitioning}", f"federation.dirichlet_alpha={setting.alpha}",
+            f"strategy.proximal_mu={setting.mu}", f"privacy.delta={self.delta}",
+            f"strategy.secagg.max_weight={self.train_examples}",  # no share is larger: the finest quantisation
+            *(["privacy.enabled=false"] if math.isinf(epsilon) else [f"privacy.target_epsilon={epsilon}"]),
+        ]
+        return to_app_config(compose_config(overrides))
+
+
+FULL = StudyPlan(train_examples=20000, test_examples=4000, rounds=10, local_epochs=1, batch_size=256, lr=0.01,
+                 epsilons=(1.0, 2.0, 4.0, 8.0, INF), seeds=(0, 1, 2), baseline=Setting(),
+                 ablations=(Setting(partitioning="iid"), Setting(mu=0.0), Setting(hospitals=10)),
+                 ablation_epsilons=(1.0, 8.0, INF))
+# The smoke run CI does: every arm and both reports on a few hundred texts; its numbers mean nothing.
+QUICK = StudyPlan(train_examples=600, test_examples=200, rounds=2, local_epochs=1, batch_size=64, lr=0.01,
+                  epsilons=(8.0, INF), seeds=(0,), baseline=Setting(), ablations=(Setting(partitioning="iid"),),
+                  ablation_epsilons=(8.0, INF))
