@@ -141,7 +141,7 @@ def train_epochs(
     """
     private = noise_multiplier is not None
     if private and accountant is None:
-        raise ValueError("train_local: a private run needs the hospital's accountant state")
+        raise ValueError("train_epochs: a private run needs the hospital's accountant state")
     trainable = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in trainable]
 

@@ -106,7 +106,7 @@ def plot(study: StudyResults, out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     settings = [plan.baseline, *plan.ablations]
-    fig, axes = plt.subplots(1, len(plan.ablation_epsilons), figsize=(4.2 * len(plan.ablation_epsilons), 4.2),
+    fig, axes = plt.subplots(1, len(plan.ablation_epsilons), figsize=(5.2 * len(plan.ablation_epsilons), 4.4),
                              squeeze=False)
     for ax, epsilon in zip(axes[0], plan.ablation_epsilons, strict=True):
         x = np.arange(len(settings))
@@ -162,9 +162,11 @@ def findings(study: StudyResults) -> list[str]:
         for epsilon in plan.ablation_epsilons:
             new = _select(results, "federated", setting.label, epsilon)
             alone = _summary(_select(results, "alone-mean", setting.label, epsilon), "accuracy")[0]
-            lines.append(f"- {setting.label} at ε {_eps(epsilon)}: federated {_summary(new, 'accuracy')[0]:.3f}, "
-                         f"{_compare(new, _select(results, 'federated', base, epsilon))} against the baseline; "
-                         f"alone {alone:.3f} (mean).")
+            fed = _summary(new, "accuracy")[0]
+            verdict = "beats" if fed > alone else "does **not** beat"
+            lines.append(f"- {setting.label} at ε {_eps(epsilon)}: federated {fed:.3f}, "
+                         f"{_compare(new, _select(results, 'federated', base, epsilon))} against the baseline; it "
+                         f"{verdict} the average hospital alone ({alone:.3f}).")
     return lines
 
 
