@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from privacy.ledger import immediate_transaction
+
 
 def open_database(path: Path, schema: str) -> sqlite3.Connection:
     """Autocommit with explicit write transactions, WAL so readers never block the writer, and NORMAL sync (a commit
@@ -22,13 +24,7 @@ def open_database(path: Path, schema: str) -> sqlite3.Connection:
 
 @contextmanager
 def write_transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[sqlite3.Connection]:
-    """One writer at a time: the thread lock within this process, BEGIN IMMEDIATE across processes sharing the file.
-    Commits when the block ends (a `return` inside it included), rolls back if it raises."""
-    with lock:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    """One writer at a time: the thread lock within this process (threads share `db`), the ledger's immediate
+    transaction across processes sharing the file."""
+    with lock, immediate_transaction(db):
+        yield db

@@ -134,6 +134,20 @@ class Balance:
         }
 
 
+@contextmanager
+def immediate_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE (the write lock up front, so a check and the write it guards see the same file, across
+    processes); commits when the block ends, a `return` inside it included, and rolls back if it raises.
+    `db` must be in autocommit mode (`isolation_level=None`)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -179,14 +193,8 @@ class Ledger:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: the check and the write it guards see the same ledger."""
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        with closing(self._connect()) as db, immediate_transaction(db):
+            yield db
 
     def set_budget(self, hospital: str, epsilon: float, delta: float, dataset: str = ANY_DATASET) -> None:
         if not (epsilon > 0 and 0 < delta < 1):
