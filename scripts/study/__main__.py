@@ -43,6 +43,13 @@ class Study:
         self.data: StudyData = load_study_data(plan)
         self.results = StudyResults(plan, self.data.num_labels)
         self._sigmas: dict[tuple[float, int], float | None] = {}
+        self._rows: dict[tuple[Setting, int], list[list[int]]] = {}
+
+    def rows(self, setting: Setting, seed: int) -> list[list[int]]:
+        """Each hospital's rows, split once per setting and seed (every epsilon and arm sees the same split)."""
+        if (setting, seed) not in self._rows:
+            self._rows[setting, seed] = hospital_rows(self.plan, setting, seed)
+        return self._rows[setting, seed]
 
     def sigma(self, cfg: AppConfig, epsilon: float, num_examples: int) -> float | None:
         """Calibrated once per (epsilon, dataset size): every arm plans the same rounds, epochs and batch."""
@@ -79,7 +86,7 @@ class Study:
     def run_alone(self, epsilon: float, seed: int, setting: Setting) -> None:
         start = time.perf_counter()
         cfg = self.plan.config(epsilon, seed, setting)
-        runs = [self.train_party(cfg, epsilon, rows, seed) for rows in hospital_rows(self.plan, setting, seed)]
+        runs = [self.train_party(cfg, epsilon, rows, seed) for rows in self.rows(setting, seed)]
         seconds = time.perf_counter() - start
         mean = {k: statistics.fmean(scores[k] for scores, _ in runs) for k in ("accuracy", "macro_f1")}
         best = max((scores for scores, _ in runs), key=lambda s: s["accuracy"])
@@ -89,7 +96,7 @@ class Study:
 
     def federated_arm(self, key: str, epsilon: float, seed: int, setting: Setting) -> FederatedArm:
         cfg = self.plan.config(epsilon, seed, setting)
-        rows = hospital_rows(self.plan, setting, seed)
+        rows = self.rows(setting, seed)
         return FederatedArm(key, cfg, epsilon, seed, setting,
                             tuple(tuple(r) for r in rows), tuple(self.sigma(cfg, epsilon, len(r)) for r in rows))
 
