@@ -1,8 +1,9 @@
-"""Flower ClientApp: each hospital's SuperNode runs this; only adapter weights leave the hospital.
+"""Flower ClientApp: each hospital's node runs this; only DP-trained adapter weights leave the hospital.
 
 Configuration comes from the same Hydra tree as the server: the run's `overrides` (run-config in deployment, or
 the list `fl-simulate` passes in simulation). Which hospital this is, where its ledger lives and which policy it
-enforces come from the node alone (see `node.py`).
+enforces come from the node alone (see `node.py`). In deployment `fl-node` runs this installed module, never the
+copy inside the app bundle the SuperLink sends (see `runtime.py`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 from flwr.client import Client, ClientApp
-from flwr.client.mod import fixedclipping_mod, secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import Context, Message
+from flwr.clientapp.typing import Mod
+from flwr.common import Context
 
 from fl_core.config import AppConfig, compose_config, to_app_config
 from fl_core.entry import quiet_libraries
 
+from .mods import make_hospital_level_clipping, make_release_guard, make_secure_aggregation_as_admitted
 from .node import NodeSettings
 
 
@@ -35,6 +36,8 @@ def run_config(context: Context, overrides: Sequence[str] | None) -> AppConfig:
 
 
 def make_client_fn(overrides: Sequence[str] | None) -> Callable[[Context], Client]:
+    simulated = overrides is not None
+
     def client_fn(context: Context) -> Client:
         # Imported here: a deployed node starts a process per message, and SecAgg+'s key-exchange and unmasking
         # stages never reach client_fn, so they skip torch, transformers and Opacus (about 10 s a process).
@@ -42,35 +45,23 @@ def make_client_fn(overrides: Sequence[str] | None) -> Callable[[Context], Clien
 
         quiet_libraries()
         cfg = run_config(context, overrides)
-        return HospitalClient(cfg, NodeSettings.from_node_config(context.node_config)).to_client()
+        node = NodeSettings.from_node_config(context.node_config, simulated=simulated)
+        return HospitalClient(cfg, node, context.run_id).to_client()
 
     return client_fn
 
 
-def when_run_asks(enabled: Callable[[AppConfig], bool], mod: Mod, overrides: Sequence[str] | None) -> Mod:
-    """`mod` on exactly the runs whose config turns it on; for other runs messages pass straight through."""
+def client_mods(overrides: Sequence[str] | None) -> list[Mod]:
+    """Outermost first: the release guard sees every reply last; SecAgg+ wraps the hospital-level clipping."""
+    def config_for(context: Context) -> AppConfig:
+        return run_config(context, overrides)
 
-    def conditional(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if enabled(run_config(context, overrides)):
-            return mod(msg, context, call_next)
-        return call_next(msg, context)
-
-    return conditional
-
-
-def make_secure_aggregation_mod(overrides: Sequence[str] | None) -> Mod:
-    """SecAgg+ on exactly when the run asks for it; a SecAgg+ run then refuses plaintext train messages."""
-    return when_run_asks(lambda cfg: cfg.strategy.secagg.enabled, secaggplus_mod, overrides)
-
-
-def make_update_clipping_mod(overrides: Sequence[str] | None) -> Mod:
-    """Hospital-level DP: clip this hospital's update on its own node, inside SecAgg+ (before masking)."""
-    return when_run_asks(lambda cfg: cfg.privacy.client_level.enabled, fixedclipping_mod, overrides)
+    return [make_release_guard(overrides is not None), make_secure_aggregation_as_admitted(config_for),
+            make_hospital_level_clipping(config_for)]
 
 
 def build_client_app(overrides: Sequence[str] | None = None) -> ClientApp:
-    return ClientApp(client_fn=make_client_fn(overrides),
-                     mods=[make_secure_aggregation_mod(overrides), make_update_clipping_mod(overrides)])
+    return ClientApp(client_fn=make_client_fn(overrides), mods=client_mods(overrides))
 
 
 app = build_client_app()

@@ -1,14 +1,18 @@
 """`fl-train-local`: one hospital fine-tunes the adapter alone under DP-SGD (the federation's baseline).
 
-Its output folder is a servable run, like the federation's: a hospital inference node serves it with
-`fl-gateway replica --hospital NAME`, and the gateway's noisy vote asks such nodes.
+It spends the hospital's privacy like any federated run: the hospital's node admits the plan against its policy
+and ledger, charges each round before training it, and commits the run at the end (or aborts it, keeping what was
+spent, if training fails). Its output folder is a servable run, like the federation's: a hospital inference node
+serves it with `fl-gateway replica --hospital NAME`, and the gateway's noisy vote asks such nodes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -16,71 +20,112 @@ import torch
 
 from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, PRIVACY_REPORT_FILE
 from fl_core.config import AppConfig, ConfigError, compose_config, config_as_dict, to_app_config
-from fl_core.data import hospital_datasets, load_splits
+from fl_core.data import load_splits
 from fl_core.device import resolve_device
-from fl_core.entry import exit_on_bad_input, quiet_libraries
+from fl_core.entry import OneLineParser, exit_on_bad_input, quiet_libraries
 from fl_core.model import build_model, load_tokenizer, save_adapter
 from fl_core.training import evaluate, train_local
 from fl_server.privacy_report import build_report
 from privacy.accountant import AccountantState
+from privacy.governance import Governance, Refused
+from privacy.ledger import ABORTED, COMMITTED, LOCAL_RUN
 
-from .hospital import privacy_plan
+from .hospital import hospital_data
+from .node import NodeSettings, NodeSettingsError
+from .plan import privacy_plan, run_plan
 
 
-def run_local(cfg: AppConfig, hospital: int = 0) -> dict[str, object]:
-    """Train hospital `hospital`'s partition for `federation.num_rounds` rounds of local epochs."""
+def local_config(cfg: AppConfig) -> AppConfig:
+    """The run as one hospital makes it alone: nothing is aggregated, so no SecAgg+, no hospital-level DP and no
+    federated evaluation (a policy that requires secure aggregation refuses local jobs)."""
+    strategy = dataclasses.replace(cfg.strategy, federated_evaluation=False,
+                                   secagg=dataclasses.replace(cfg.strategy.secagg, enabled=False))
+    privacy = dataclasses.replace(cfg.privacy,
+                                  client_level=dataclasses.replace(cfg.privacy.client_level, enabled=False))
+    return dataclasses.replace(cfg, strategy=strategy, privacy=privacy)
+
+
+def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
+    """Train the node's hospital's data for `federation.num_rounds` rounds of local epochs, in its ledger."""
+    cfg = local_config(cfg)
     device = resolve_device(cfg.train.device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    splits = load_splits(cfg.data)
-    data = hospital_datasets(splits.train, cfg.federation, cfg.data.seed)[hospital]
-    plan, sigma = privacy_plan(cfg, len(data))
+    public_test = load_splits(cfg.data).test
+    data = hospital_data(cfg, node)
+    sampling, sigma = privacy_plan(cfg, len(data.train))
+    plan = run_plan(cfg, sampling, sigma, len(data.test))
+    governance = Governance(node.rules, cfg.data.name)
+    run_id = f"local-{node.hospital}-{uuid.uuid4().hex[:8]}"
+    admission = governance.admit(run_id, LOCAL_RUN, plan)
+    print(f"{node.hospital}: {len(data.train)} examples, sigma={sigma}, {sampling.total_steps} steps, planned "
+          f"epsilon {admission.entry.planned_epsilon:.3f}; run {run_id} in {node.ledger_path}", flush=True)
     tokenizer = load_tokenizer(cfg.model)
-    model = build_model(cfg, tokenizer, len(splits.train.label_names), device)
-    before = evaluate(cfg, model, tokenizer, splits.test, device)
-    print(f"hospital {hospital}: {len(data)} examples, sigma={sigma}, {plan.total_steps} steps; before: {before}")
-    accountant = AccountantState(cfg.privacy.accountant) if sigma is not None else None
-    for epoch_round in range(1, cfg.federation.num_rounds + 1):
-        start = time.perf_counter()
-        result = train_local(cfg, model, tokenizer, data, device, noise_multiplier=sigma, accountant=accountant)
-        accountant = result.accountant
-        print(f"round {epoch_round}/{cfg.federation.num_rounds}: loss {result.train_loss:.4f}, "
-              f"epsilon {result.epsilon:.3f}, {time.perf_counter() - start:.1f}s", flush=True)
-    after = evaluate(cfg, model, tokenizer, splits.test, device)
+    model = build_model(cfg, tokenizer, len(data.train.label_names), device)
+    before = evaluate(cfg, model, tokenizer, public_test, device)
+    print(f"before: {before}", flush=True)
+    status = ABORTED
+    try:
+        for epoch_round in range(1, cfg.federation.num_rounds + 1):
+            start = time.perf_counter()
+            entry = governance.begin_round(run_id, LOCAL_RUN, plan)
+            result = train_local(cfg, model, tokenizer, data.train, device, plan=sampling, noise_multiplier=sigma,
+                                 accountant=AccountantState(entry.spent.history[:-1]) if sigma is not None else None)
+            print(f"round {epoch_round}/{cfg.federation.num_rounds}: loss {result.train_loss:.4f}, "
+                  f"epsilon {entry.epsilon:.3f}, {time.perf_counter() - start:.1f}s", flush=True)
+        status = COMMITTED
+    finally:
+        closed, _ = governance.close(run_id, LOCAL_RUN, status)
+    after = evaluate(cfg, model, tokenizer, public_test, device)
     out = Path(cfg.output_dir)
     save_adapter(model, out / ADAPTER_DIR)
-    spend = {f"hospital-{hospital}": {"epsilon": result.epsilon, "noise_multiplier": sigma or 0.0,
-                                      "sample_rate": plan.sample_rate, "steps": plan.total_steps}}
-    report = build_report(cfg, f"local-hospital-{hospital}-{uuid.uuid4().hex[:8]}", spend,
-                          cfg.federation.num_rounds, None, {})
+    spend = {node.hospital: {"epsilon": closed.epsilon, "noise_multiplier": sigma or 0.0,
+                             "sample_rate": sampling.sample_rate, "steps": closed.spent.steps}}
+    report = build_report(cfg, run_id, spend, cfg.federation.num_rounds, None, {})
     report["secure_aggregation"] = {"protocol": "none: trained by one hospital alone"}
     (out / PRIVACY_REPORT_FILE).write_text(json.dumps(report, indent=2))
     (out / CONFIG_FILE).write_text(json.dumps(config_as_dict(cfg), indent=2))
-    summary = {"hospital": hospital, "before": before, "after": after, "epsilon": result.epsilon,
-               "delta": cfg.privacy.delta, "noise_multiplier": sigma, "steps": plan.total_steps}
+    summary = {"hospital": node.hospital, "run_id": run_id, "before": before, "after": after,
+               "epsilon": closed.epsilon, "delta": cfg.privacy.delta, "noise_multiplier": sigma,
+               "steps": closed.spent.steps, "ledger": str(node.ledger_path)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary
 
 
+def node_settings(hospital: int | None, node_config: Path | None) -> NodeSettings:
+    """A node's own settings file (a real hospital), else the simulated hospital N under the node home."""
+    if node_config is not None:
+        try:
+            raw = tomllib.loads(node_config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise NodeSettingsError("--node-config", f"{node_config}: {err}") from None
+        return NodeSettings.from_node_config(raw)
+    return NodeSettings.from_node_config({"partition-id": hospital or 0}, simulated=True)
+
+
 def main() -> None:
-    """`fl-train-local [--hospital N] [overrides...]`: hospital N's partition of the configured federation."""
+    """`fl-train-local [--hospital N | --node-config FILE] [overrides...]`."""
     quiet_libraries()
-    overrides = sys.argv[1:]
-    hospital = 0
-    if overrides[:1] == ["--hospital"]:
-        if len(overrides) < 2 or not overrides[1].isdigit():
-            print("fl-train-local: --hospital: must be a partition number 0..N-1", file=sys.stderr)
-            raise SystemExit(2)
-        hospital, overrides = int(overrides[1]), overrides[2:]
+    parser = OneLineParser(prog="fl-train-local", description="One hospital trains alone, in its ledger.")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--hospital", type=int, help="partition N of the packaged data (a simulated hospital)")
+    where.add_argument("--node-config", type=Path, help="the hospital node's settings (TOML), as fl-node reads them")
+    args, overrides = parser.parse_known_args(sys.argv[1:])
+    if args.hospital is not None and args.hospital < 0:
+        parser.error("--hospital: must be a partition number 0..N-1")
 
     def run() -> None:
         cfg = to_app_config(compose_config(overrides))
-        if hospital >= cfg.federation.num_clients:
+        if args.hospital is not None and args.hospital >= cfg.federation.num_clients:
             raise ConfigError("--hospital", f"must be below federation.num_clients={cfg.federation.num_clients}")
-        run_local(cfg, hospital)
+        run_local(cfg, node_settings(args.hospital, args.node_config))
 
-    exit_on_bad_input("fl-train-local", run)
+    try:
+        exit_on_bad_input("fl-train-local", run)
+    except (Refused, NodeSettingsError) as err:
+        print(f"fl-train-local: {err}", file=sys.stderr)
+        raise SystemExit(3 if isinstance(err, Refused) else 2) from None
 
 
 if __name__ == "__main__":

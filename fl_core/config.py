@@ -29,7 +29,7 @@ MODELS = ("tiny", "smollm2-135m", "minilm")
 CLASSIFICATION_ONLY_MODELS = ("minilm",)
 DATASETS = ("icd10", "drugreview")
 TASKS = ("classification", "causal-lm")
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("pld", "rdp")  # privacy.accountant.ACCOUNTANTS, without importing the accountants to check config
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONINGS = ("iid", "dirichlet")
@@ -89,13 +89,17 @@ class ClientLevelDPConfig:
 @dataclass
 class PrivacyConfig:
     enabled: bool = True
-    target_epsilon: float = 8.0
+    target_epsilon: float = 8.0  # replace-one epsilon of everything a hospital releases in the run
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    accountant: str = "rdp"
+    accountant: str = "pld"  # replace-one: pld (dp-accounting, tight) or rdp (Renyi, weak triangle; looser)
     noise_multiplier: float | None = None  # fixed sigma instead of calibrating to target_epsilon
     grad_sample_mode: str = "hooks"
     client_level: ClientLevelDPConfig = field(default_factory=ClientLevelDPConfig)
+    # Federated evaluation (strategy.federated_evaluation) is a Gaussian release of each hospital's held-out scores:
+    # noise std on the count of correct answers and on the sum of losses, each loss clipped to loss_bound.
+    evaluation_noise: float = 30.0
+    evaluation_loss_bound: float = 5.0
 
 
 @dataclass
@@ -138,8 +142,9 @@ class SecAggConfig:
 class StrategyConfig:
     name: str = "fedprox"
     proximal_mu: float = 0.01
-    # Hospitals also evaluate each round's model on their own held-out data (a process per node per round).
-    federated_evaluation: bool = True
+    # Hospitals also score each round's model on their own held-out records, a noised release charged to their
+    # ledgers (privacy.evaluation_noise); off by default.
+    federated_evaluation: bool = False
     convergence_threshold: float = 0.001
     patience: int = 2
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
@@ -251,13 +256,18 @@ def validate(cfg: AppConfig) -> None:
     p = cfg.privacy
     require(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
     positive(p.max_grad_norm, "privacy.max_grad_norm")
-    _one_of(p.accountant, ACCOUNTANTS, "privacy.accountant")
+    require(p.accountant in ACCOUNTANTS, "privacy.accountant",
+            f"unknown value {p.accountant!r}; choose one of {', '.join(ACCOUNTANTS)}"
+            + (" (Opacus's PRV accounts add/remove-one only; pld is the numerical accountant for replace-one)"
+               if p.accountant == "prv" else ""))
     _one_of(p.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode")
     if p.noise_multiplier is None:
         positive(p.target_epsilon, "privacy.target_epsilon")
     else:
         require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0 (got {p.noise_multiplier})")
 
+    positive(p.evaluation_noise, "privacy.evaluation_noise")
+    positive(p.evaluation_loss_bound, "privacy.evaluation_loss_bound")
     c = p.client_level
     if c.enabled:
         positive(c.clipping_norm, "privacy.client_level.clipping_norm")

@@ -1,16 +1,17 @@
-"""One hospital's local work: DP-SGD training of the adapter for k epochs, and evaluation.
+"""One hospital's local work: DP-SGD training of the adapter for one round of its plan, and evaluation.
 
-Randomness: the config seed fixes model initialisation and data splits only. DP noise and Poisson sampling draw
-fresh OS entropy unless a caller (a test) passes `rng_seed`: replaying one seed every round would repeat the
-noise, and the accountant's composition assumes independent noise per step.
+Randomness: the config seed fixes model initialisation and data splits only. DP noise and Poisson sampling come
+from a `SecureRandom` (ChaCha20, a fresh 256-bit key from the OS) unless a caller (a test) passes a keyed one:
+replaying one stream every round would repeat the noise, and the accountant's composition assumes independent
+noise per step.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from privacy.accountant import AccountantState
-from privacy.dp_sgd import PrivateTraining, make_private
+from privacy.calibration import SamplingPlan
+from privacy.dp_sgd import PoissonBatches, PrivateTraining, SecureNoise, ShuffledBatches, make_private
 from privacy.loss import IGNORE_INDEX, PerSequenceLMLoss, SequenceClassificationLoss
+from privacy.secure_random import SecureRandom
 
 from .config import AppConfig
 from .data import TextDataset
@@ -65,7 +68,7 @@ class Collator:
 @dataclass
 class LocalTrainResult:
     num_examples: int
-    train_loss: float
+    train_loss: float  # for the hospital's own console; it never leaves the node unless its policy allows it
     steps: int
     accountant: AccountantState | None  # None when privacy is disabled
     epsilon: float  # spent so far by this hospital (inf without DP)
@@ -75,12 +78,15 @@ def make_criterion(cfg: AppConfig) -> nn.Module:
     return SequenceClassificationLoss() if cfg.task.name == "classification" else PerSequenceLMLoss()
 
 
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
 def data_loader(cfg: AppConfig, dataset: TextDataset, tokenizer: PreTrainedTokenizerBase, *,
-                shuffle: bool, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
-    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+                batch_size: int) -> DataLoader:
+    """Evaluation batches in order; training draws its own batches (`train_epochs`)."""
     return DataLoader(TokenizedDataset(dataset, tokenizer, cfg.train.max_seq_len), batch_size=batch_size,
-                      shuffle=shuffle, collate_fn=Collator(pad_id, cfg.task.name == "causal-lm"),
-                      generator=generator)
+                      shuffle=False, collate_fn=Collator(pad_id_of(tokenizer), cfg.task.name == "causal-lm"))
 
 
 def make_optimizer(cfg: AppConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -90,6 +96,7 @@ def make_optimizer(cfg: AppConfig, params: list[nn.Parameter]) -> torch.optim.Op
 
 
 Forward = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.device], tuple[torch.Tensor, torch.Tensor]]
+Collate = Callable[[list[Any]], tuple[torch.Tensor, ...]]
 
 
 def text_forward(module: nn.Module, batch: tuple[torch.Tensor, ...],
@@ -106,42 +113,46 @@ def train_local(
     dataset: TextDataset,
     device: torch.device,
     *,
+    plan: SamplingPlan,
     noise_multiplier: float | None,
     accountant: AccountantState | None,
     proximal_mu: float = 0.0,
-    poisson_sampling: bool = True,
-    rng_seed: int | None = None,
+    rng: SecureRandom | None = None,
 ) -> LocalTrainResult:
-    """Train `model`'s adapter in place for `train.local_epochs` epochs from its current (global) state."""
-    seed = rng_seed if rng_seed is not None else secrets.randbits(62)
-    loader = data_loader(cfg, dataset, tokenizer, shuffle=True, batch_size=cfg.train.batch_size,
-                         generator=torch.Generator().manual_seed(seed))
-    return train_epochs(cfg, model, loader, text_forward, device, noise_multiplier=noise_multiplier,
-                        accountant=accountant, proximal_mu=proximal_mu, poisson_sampling=poisson_sampling,
-                        seed=seed)
+    """Train `model`'s adapter in place for one round of `plan` from its current (global) state."""
+    tokenized = TokenizedDataset(dataset, tokenizer, cfg.train.max_seq_len)
+    return train_epochs(cfg, model, tokenized, Collator(pad_id_of(tokenizer), cfg.task.name == "causal-lm"),
+                        text_forward, device, plan=plan, noise_multiplier=noise_multiplier, accountant=accountant,
+                        proximal_mu=proximal_mu, rng=rng)
 
 
 def train_epochs(
     cfg: AppConfig,
     model: nn.Module,
-    loader: DataLoader,
+    dataset: Dataset[Any],
+    collate: Collate,
     forward: Forward,
     device: torch.device,
     *,
+    plan: SamplingPlan,
     noise_multiplier: float | None,
     accountant: AccountantState | None,
     proximal_mu: float,
-    poisson_sampling: bool,
-    seed: int,
+    rng: SecureRandom | None = None,
 ) -> LocalTrainResult:
-    """`train.local_epochs` epochs over `loader` of the model's trainable parameters, in place.
+    """One round of `plan` over `dataset`, training the model's trainable parameters in place.
 
-    With `noise_multiplier` set, runs DP-SGD resuming `accountant`; FedProx's proximal gradient
-    mu * (w - w_global) is added after clipping and noise, since it does not depend on patient data.
+    With `noise_multiplier` set, runs DP-SGD on Poisson batches at the plan's rate for exactly the plan's steps,
+    resuming `accountant`; FedProx's proximal gradient mu * (w - w_global) is added after clipping and noise, since
+    it does not depend on patient data. Without it, `train.local_epochs` shuffled passes of the same step count.
     """
     private = noise_multiplier is not None
     if private and accountant is None:
         raise ValueError("train_epochs: a private run needs the hospital's accountant state")
+    num_examples = len(dataset)  # type: ignore[arg-type]
+    if num_examples != plan.num_examples:
+        raise ValueError(f"train_epochs: the plan is for {plan.num_examples} examples, the dataset has {num_examples}")
+    rng = rng or SecureRandom()
     trainable = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in trainable]
 
@@ -153,46 +164,47 @@ def train_epochs(
                 p.grad.add_(p.detach() - w_global, alpha=proximal_mu)
 
     model.train()
-    num_examples = len(loader.dataset)  # type: ignore[arg-type]
-    optimizer = make_optimizer(cfg, trainable)
+    base_optimizer = make_optimizer(cfg, trainable)
+    optimizer: torch.optim.Optimizer | SecureNoise = base_optimizer
     loss_module = make_criterion(cfg)
     criterion: Callable[..., torch.Tensor] = loss_module
     session: PrivateTraining | None = None
     module: nn.Module = model
+    batches: PoissonBatches | ShuffledBatches
     if private:
-        assert noise_multiplier is not None and accountant is not None
+        assert noise_multiplier is not None
         session = make_private(
-            model, optimizer, loader, loss_module, noise_multiplier=noise_multiplier,
-            max_grad_norm=cfg.privacy.max_grad_norm, accountant=accountant,
-            grad_sample_mode=cfg.privacy.grad_sample_mode, poisson_sampling=poisson_sampling,
-            after_noise=add_proximal_gradient,
-            noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
-        )
-        module, optimizer, loader, criterion = session.module, session.optimizer, session.data_loader, \
-            session.criterion
+            model, base_optimizer, loss_module, noise_multiplier=noise_multiplier,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            expected_batch_size=max(1, int(plan.num_examples * plan.sample_rate)),
+            grad_sample_mode=cfg.privacy.grad_sample_mode, secure_random=rng, after_noise=add_proximal_gradient)
+        module, optimizer, criterion = session.module, session.optimizer, session.criterion
+        batches = PoissonBatches(num_examples, plan.sample_rate, plan.steps_per_round, rng)
+    else:
+        batches = ShuffledBatches(num_examples, cfg.train.batch_size, cfg.train.local_epochs, rng)
 
     losses: list[float] = []
     steps = 0
     try:
-        for _ in range(cfg.train.local_epochs):
-            for batch in loader:
-                optimizer.zero_grad(set_to_none=True)
-                steps += 1
-                if batch[0].shape[0] == 0:
-                    assert session is not None
-                    session.step_on_empty_batch()
-                    continue
-                logits, labels = forward(module, batch, device)
-                loss = criterion(logits, labels)
-                loss.backward()
-                if session is None:
-                    add_proximal_gradient()
-                optimizer.step()
-                losses.append(float(loss.item()))
-        state = session.accountant_state() if session is not None else None
+        for indices in batches:
+            optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            steps += 1
+            if not indices:
+                assert session is not None
+                session.optimizer.step_without_data()
+                continue
+            logits, labels = forward(module, collate([dataset[i] for i in indices]), device)
+            loss = criterion(logits, labels)
+            loss.backward()
+            if session is None:
+                add_proximal_gradient()
+            optimizer.step()  # type: ignore[union-attr]
+            losses.append(float(loss.item()))
     finally:
         if session is not None:
             session.close()
+    state = accountant.then(noise_multiplier, plan.sample_rate, steps) \
+        if accountant is not None and noise_multiplier is not None else None
     epsilon = state.epsilon(cfg.privacy.delta) if state is not None else math.inf
     return LocalTrainResult(num_examples, float(np.mean(losses)) if losses else math.nan, steps, state, epsilon)
 
@@ -209,25 +221,44 @@ def classification_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[st
 
 
 @torch.no_grad()
-def evaluate(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset,
-             device: torch.device, batch_size: int = 128) -> dict[str, float]:
-    """Classification: loss, accuracy, macro-F1. Causal LM: per-token loss and perplexity."""
+def classification_logits(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase,
+                          dataset: TextDataset, device: torch.device,
+                          batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every example, in order."""
     model.eval()
-    loader = data_loader(cfg, dataset, tokenizer, shuffle=False, batch_size=batch_size)
-    if cfg.task.name == "classification":
-        logits, truth = [], []
-        for input_ids, mask, labels in loader:
-            logits.append(model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float().cpu())
-            truth.append(labels)
-        model.train()
-        return classification_scores(torch.cat(logits), torch.cat(truth))
-    nll, tokens = 0.0, 0
-    for input_ids, mask, labels in loader:
+    logits, truth = [], []
+    for input_ids, mask, labels in data_loader(cfg, dataset, tokenizer, batch_size=batch_size):
+        logits.append(model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float().cpu())
+        truth.append(labels)
+    model.train()
+    return torch.cat(logits), torch.cat(truth)
+
+
+@torch.no_grad()
+def language_model_losses(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase,
+                          dataset: TextDataset, device: torch.device,
+                          batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's mean next-token loss and its number of target tokens, in order."""
+    model.eval()
+    losses, counts = [], []
+    for input_ids, mask, labels in data_loader(cfg, dataset, tokenizer, batch_size=batch_size):
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
         targets = labels[:, 1:].to(device)
-        nll += float(nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
-                                                 ignore_index=IGNORE_INDEX, reduction="sum"))
-        tokens += int((targets != IGNORE_INDEX).sum())
+        token_nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                                reduction="none")
+        tokens = (targets != IGNORE_INDEX).sum(dim=1)
+        losses.append((token_nll.sum(dim=1) / tokens.clamp(min=1)).cpu())
+        counts.append(tokens.cpu())
     model.train()
-    loss = nll / max(tokens, 1)
+    return torch.cat(losses), torch.cat(counts)
+
+
+def evaluate(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset,
+             device: torch.device) -> dict[str, float]:
+    """Exact scores on a test set the server holds. Classification: loss, accuracy, macro-F1; causal LM: per-token
+    loss and perplexity."""
+    if cfg.task.name == "classification":
+        return classification_scores(*classification_logits(cfg, model, tokenizer, dataset, device))
+    losses, tokens = language_model_losses(cfg, model, tokenizer, dataset, device)
+    loss = float((losses * tokens).sum() / tokens.sum().clamp(min=1))
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}

@@ -18,7 +18,7 @@ from typing import Any
 
 from flwr.common import Context, NDArrays, Scalar
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
@@ -39,6 +39,7 @@ from fl_core.training import evaluate
 from privacy.accountant import AccountantState
 from privacy.ledger import ABORTED, COMMITTED
 from strategies.fedprox import RecordingFedProx
+from strategies.hospital_dp import HospitalLevelDP
 
 from .admission import Admission, AdmissionFailed, Answers, admit_run, close_run
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -62,13 +63,18 @@ def fit_workflow_for(cfg: AppConfig) -> FitWorkflow:
 
 
 def strategy_for(cfg: AppConfig, recorder: RecordingFedProx) -> Strategy:
-    """FedProx, wrapped for hospital-level DP when asked: server noise on the aggregate of clipped updates."""
+    """FedProx, wrapped for hospital-level DP when asked: server noise on the mean of the clipped updates."""
     c = cfg.privacy.client_level
-    if not c.enabled:
-        return recorder
-    # The hospital count is set again at admission, to the number of hospitals that admitted the run.
-    return DifferentialPrivacyClientSideFixedClipping(recorder, c.noise_multiplier, c.clipping_norm,
-                                                      num_sampled_clients=cfg.federation.num_clients)
+    return HospitalLevelDP(recorder, c.noise_multiplier, c.clipping_norm) if c.enabled else recorder
+
+
+def checked_epsilon(hospital: str, epsilon: float, accountant: str, delta: float) -> tuple[float, int]:
+    """A hospital's reported epsilon, checked against a recomputation from its accountant history: (epsilon, steps)."""
+    history = AccountantState.from_json(accountant)
+    recomputed = history.epsilon(delta)
+    if not math.isclose(recomputed, epsilon, rel_tol=1e-9):
+        raise RuntimeError(f"{hospital}: reported epsilon {epsilon}, but its accountant history gives {recomputed}")
+    return epsilon, history.steps
 
 
 def hospital_privacy(result: RoundResult, cfg: AppConfig) -> dict[str, dict[str, float]]:
@@ -78,11 +84,9 @@ def hospital_privacy(result: RoundResult, cfg: AppConfig) -> dict[str, dict[str,
         sigma, q, steps = float(m.get("noise_multiplier", 0.0)), float(m.get("sample_rate", 0.0)), int(m["steps"])
         epsilon = float(m["epsilon"])
         if cfg.privacy.enabled:
-            history = AccountantState.from_json(str(m["accountant"]))
-            recomputed = history.epsilon(cfg.privacy.delta)
-            if history.steps != steps or not math.isclose(recomputed, epsilon, rel_tol=1e-9):
-                raise RuntimeError(f"{hospital}: reported epsilon {epsilon} after {steps} steps, but its "
-                                   f"accountant history gives {recomputed} after {history.steps}")
+            epsilon, counted = checked_epsilon(hospital, epsilon, str(m["accountant"]), cfg.privacy.delta)
+            if counted != steps:
+                raise RuntimeError(f"{hospital}: reported {steps} steps, its accountant history holds {counted}")
         report[hospital] = {"epsilon": epsilon, "noise_multiplier": sigma, "sample_rate": q, "steps": steps}
     return report
 
@@ -128,17 +132,21 @@ class FederatedRun:
                 f"federation.min_participants={f.min_participants}; no training took place. Refusals: "
                 + "; ".join(f"{h}: {r}" for h, r in sorted(admission.refusals.items())))
         self.recorder.admitted = set(admission.admitted)
-        if isinstance(self.strategy, DifferentialPrivacyClientSideFixedClipping):
-            self.strategy.num_sampled_clients = len(admission.admitted)
         print(f"[admission] {len(admission.admitted)} hospitals admitted the run: "
               + ", ".join(f"{h} (planned epsilon {float(plan['planned_epsilon']):.3f})"
                           for h, plan in sorted(admission.plans.items())), flush=True)
 
     def close(self, succeeded: bool) -> None:
         """Commit (or abort) the run in every admitted hospital's ledger; keeps their balances for the report."""
-        if self.admission is not None:
-            self.closing = close_run(self.admission, COMMITTED if succeeded else ABORTED,
-                                     self.cfg.federation.join_timeout)
+        if self.admission is None:
+            return
+        self.closing = close_run(self.admission, COMMITTED if succeeded else ABORTED, self.cfg.federation.join_timeout)
+        for hospital, closed in self.closing.items():  # the final spend, evaluations after the last fit included
+            history = closed.pop("accountant", None)
+            if history is not None and hospital in self.spend and self.cfg.privacy.enabled:
+                epsilon, steps = checked_epsilon(hospital, float(closed["epsilon"]), str(history),
+                                                 self.cfg.privacy.delta)
+                self.spend[hospital].update(epsilon=epsilon, steps=steps)
 
     def evaluate_global(self, server_round: int, arrays: NDArrays,
                         config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
@@ -160,6 +168,7 @@ class FederatedRun:
         metrics["epsilon_max"] = max(s["epsilon"] for s in self.spend.values())
         if self.cfg.privacy.client_level.enabled:
             metrics["epsilon_hospital_level"] = hospital_level_epsilon(self.cfg, result.server_round)
+            metrics["hospital_noise_std"] = float(result.record.hospital_noise_std or 0.0)
         metrics["hospitals_aggregated"] = participants
         metrics["bytes_sent"] = 2.0 * self.adapter_bytes * participants  # adapter down and up, per hospital
         metrics["round_seconds"] = result.seconds

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import aiohttp
-import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -22,6 +21,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from privacy.noisy_vote import NoisyVote
+from privacy.secure_random import SecureRandom
 
 from .audit import AuditEvent, AuditLog
 from .auth import AuthError, Principal, TokenVerifier, bearer_token
@@ -42,6 +42,7 @@ from .schemas import (
 )
 
 HOUR = 3600.0
+SPEND = "spend:"  # a user's noisy-vote spend: the sum of each query's zCDP cost
 BACKEND_HEADER = "X-Backend"  # which replica answered (its index in routing.backends), for operators
 AUDITED_PREFIXES = ("/v1/", "/admin/")
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -58,6 +59,7 @@ class GatewayServices:
     limits: LimitStore
     metrics: GatewayMetrics
     vote: NoisyVote
+    rng: SecureRandom
 
 
 def build_services(cfg: GatewayConfig) -> GatewayServices:
@@ -67,8 +69,11 @@ def build_services(cfg: GatewayConfig) -> GatewayServices:
     limits: LimitStore = (RedisLimitStore(lim.redis_url) if lim.store == "redis" and lim.redis_url
                           else SQLiteLimitStore(Path(lim.sqlite_path)))
     vote = NoisyVote(cfg.privacy.epsilon_per_query, cfg.privacy.epsilon_per_user, cfg.privacy.delta)
-    _ = vote.max_queries  # calibrate before listening, not on the first query
-    return GatewayServices(cfg, secret, AuditLog(Path(cfg.audit.path), audit_key), limits, GatewayMetrics(), vote)
+    _ = vote.rho_cap  # calibrate before listening, not on the first query
+    # Spend kept as query counts by earlier versions is carried over at today's price per query, once.
+    limits.migrate_counts(SPEND, vote.rho_per_query)
+    return GatewayServices(cfg, secret, AuditLog(Path(cfg.audit.path), audit_key), limits, GatewayMetrics(), vote,
+                           SecureRandom())
 
 
 def _route_path(scope: Scope) -> str:
@@ -195,24 +200,23 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
 
     def budget(user: str) -> BudgetResponse:
         vote = services.vote
-        used = services.limits.counter(f"budget:{user}")
-        spent = vote.epsilon_after(used)
+        rho = services.limits.spent(f"{SPEND}{user}")
+        spent = vote.epsilon_of(rho)
         metrics.budget_remaining.labels(user).set(cfg.privacy.epsilon_per_user - spent)
         return BudgetResponse(user=user, epsilon_spent=spent, epsilon_remaining=cfg.privacy.epsilon_per_user - spent,
-                              epsilon_per_user=cfg.privacy.epsilon_per_user,
-                              queries_left=max(vote.max_queries - used, 0))
+                              epsilon_per_user=cfg.privacy.epsilon_per_user, queries_left=vote.queries_left(rho))
 
     async def noisy_vote(request: Request, principal: Principal, body: ClassifyRequest) -> ClassifyResponse:
         vote = services.vote
         voters = router().voters()
         if not voters:
             raise HTTPException(503, "no hospital model backends are available for a noisy vote")
-        take = services.limits.take_counter(f"budget:{principal.user}", vote.max_queries)
+        take = services.limits.take_spend(f"{SPEND}{principal.user}", vote.rho_per_query, vote.rho_cap)
         if not take.allowed:
             metrics.budget_exhausted.inc()
-            raise HTTPException(403, f"privacy budget exhausted: epsilon {vote.epsilon_after(take.count):.4g} of "
+            raise HTTPException(403, f"privacy budget exhausted: epsilon {vote.epsilon_of(take.total):.4g} of "
                                      f"{cfg.privacy.epsilon_per_user} spent")
-        charged = vote.epsilon_after(take.count) - vote.epsilon_after(take.count - 1)
+        charged = vote.epsilon_of(take.total) - vote.epsilon_of(take.total - vote.rho_per_query)
         request.state.epsilon = charged  # charged on the attempt: a failed vote is not refunded
         timeout = request.state.deadline - time.monotonic()
         answers = await asyncio.gather(*(router().call_one(b, "/v1/classify", {"text": body.text}, timeout)
@@ -223,7 +227,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
             raise HTTPException(503, "no hospital model answered the vote")
         labels = list(replies[0].body["probabilities"])
         ballots = [r.body["label"] for r in replies if list(r.body["probabilities"]) == labels]
-        winner = labels[vote.release([labels.index(b) for b in ballots], len(labels), np.random.default_rng())]
+        winner = labels[vote.release([labels.index(b) for b in ballots], len(labels), services.rng)]
         request.state.model = "noisy-vote:" + ",".join(sorted(b.hospital or "" for b in voters))
         status = budget(principal.user)
         return ClassifyResponse(

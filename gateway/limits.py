@@ -1,7 +1,8 @@
-"""Per-user request limits and query budgets, taken atomically in SQLite (one gateway) or Redis (several).
+"""Per-user request limits and privacy spend, taken atomically in SQLite (one gateway) or Redis (several).
 
-Two primitives serve both: a sliding-window counter (requests per hour) and a capped counter (epsilon-spending
-queries a user may still make). A refused take changes nothing.
+Two primitives serve both: a sliding-window counter (requests per hour) and a capped sum (a user's privacy spend,
+each query adding what it cost, so that a change of configuration prices only the queries after it). A refused
+take changes nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS window_events (key TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS window_events_key_at ON window_events (key, at);
 CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS spends (key TEXT PRIMARY KEY, total REAL NOT NULL);
 """
+LEGACY_BUDGET_PREFIX = "budget:"  # query counts, kept before spend was stored as what each query cost
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,17 @@ class Take:
     retry_after: float  # seconds until a refused take could succeed; 0 when allowed
 
 
+@dataclass(frozen=True)
+class Spend:
+    allowed: bool
+    total: float  # the sum after this take (unchanged when refused)
+
+
 class LimitStore(Protocol):
     def take_window(self, key: str, cap: int, window: float) -> Take: ...
-    def take_counter(self, key: str, cap: int) -> Take: ...
-    def counter(self, key: str) -> int: ...
+    def take_spend(self, key: str, cost: float, cap: float) -> Spend: ...
+    def spent(self, key: str) -> float: ...
+    def migrate_counts(self, prefix: str, cost_per_count: float) -> int: ...
 
 
 class SQLiteLimitStore:
@@ -56,22 +66,34 @@ class SQLiteLimitStore:
             db.execute("INSERT INTO window_events (key, at) VALUES (?, ?)", (key, now))
         return Take(True, count + 1, 0.0)
 
-    def take_counter(self, key: str, cap: int) -> Take:
+    def take_spend(self, key: str, cost: float, cap: float) -> Spend:
         with write_transaction(self._db, self._lock) as db:
-            value = self._counter(key)
-            if value >= cap:
-                return Take(False, value, 0.0)
-            db.execute("INSERT INTO counters (key, value) VALUES (?, 1) "
-                       "ON CONFLICT (key) DO UPDATE SET value = value + 1", (key,))
-        return Take(True, value + 1, 0.0)
+            total = self._spent(key)
+            if total + cost > cap:
+                return Spend(False, total)
+            db.execute("INSERT INTO spends (key, total) VALUES (?, ?) "
+                       "ON CONFLICT (key) DO UPDATE SET total = total + excluded.total", (key, cost))
+        return Spend(True, total + cost)
 
-    def _counter(self, key: str) -> int:
-        row = self._db.execute("SELECT value FROM counters WHERE key = ?", (key,)).fetchone()
-        return int(row[0]) if row else 0
+    def _spent(self, key: str) -> float:
+        row = self._db.execute("SELECT total FROM spends WHERE key = ?", (key,)).fetchone()
+        return float(row[0]) if row else 0.0
 
-    def counter(self, key: str) -> int:
+    def spent(self, key: str) -> float:
         with self._lock:
-            return self._counter(key)
+            return self._spent(key)
+
+    def migrate_counts(self, prefix: str, cost_per_count: float) -> int:
+        """Fold query counts stored under `LEGACY_BUDGET_PREFIX` into spends at `cost_per_count` each; once."""
+        with write_transaction(self._db, self._lock) as db:
+            rows = db.execute("SELECT key, value FROM counters WHERE key LIKE ?",
+                              (LEGACY_BUDGET_PREFIX + "%",)).fetchall()
+            for key, value in rows:
+                db.execute("INSERT INTO spends (key, total) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                           "total = total + excluded.total",
+                           (prefix + key.removeprefix(LEGACY_BUDGET_PREFIX), value * cost_per_count))
+            db.execute("DELETE FROM counters WHERE key LIKE ?", (LEGACY_BUDGET_PREFIX + "%",))
+        return len(rows)
 
 
 # Sliding window as a sorted set of arrival times; a member is unique per take (time plus a sequence number).
@@ -90,10 +112,18 @@ redis.call('PEXPIRE', key .. ':seq', math.ceil(window * 1000))
 return {1, count + 1, '0'}
 """
 
-COUNTER_SCRIPT = """
-local value = tonumber(redis.call('GET', KEYS[1]) or '0')
-if value >= tonumber(ARGV[1]) then return {0, value} end
-return {1, redis.call('INCR', KEYS[1])}
+# Floats travel as strings: Lua numbers are doubles, and Redis's reply would truncate them to integers.
+SPEND_SCRIPT = """
+local total = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cost, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+if total + cost > cap then return {0, tostring(total)} end
+return {1, redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])}
+"""
+MIGRATE_SCRIPT = """
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+if count > 0 then redis.call('INCRBYFLOAT', KEYS[2], count * tonumber(ARGV[1])) end
+redis.call('DEL', KEYS[1])
+return count
 """
 
 
@@ -107,16 +137,25 @@ class RedisLimitStore:
         self._redis.ping()
         self._prefix = prefix
         self._window = self._redis.register_script(WINDOW_SCRIPT)
-        self._counter_script = self._redis.register_script(COUNTER_SCRIPT)
+        self._spend = self._redis.register_script(SPEND_SCRIPT)
+        self._migrate = self._redis.register_script(MIGRATE_SCRIPT)
 
     def take_window(self, key: str, cap: int, window: float) -> Take:
         allowed, count, retry = self._window(keys=[self._prefix + key], args=[cap, window, time.time()])
         return Take(bool(allowed), int(count), max(float(retry), 0.0))
 
-    def take_counter(self, key: str, cap: int) -> Take:
-        allowed, value = self._counter_script(keys=[self._prefix + key], args=[cap])
-        return Take(bool(allowed), int(value), 0.0)
+    def take_spend(self, key: str, cost: float, cap: float) -> Spend:
+        allowed, total = self._spend(keys=[self._prefix + key], args=[repr(cost), repr(cap)])
+        return Spend(bool(allowed), float(total))
 
-    def counter(self, key: str) -> int:
+    def spent(self, key: str) -> float:
         value = self._redis.get(self._prefix + key)
-        return int(value) if value is not None else 0
+        return float(value) if value is not None else 0.0
+
+    def migrate_counts(self, prefix: str, cost_per_count: float) -> int:
+        legacy = [k.decode() for k in self._redis.scan_iter(match=self._prefix + LEGACY_BUDGET_PREFIX + "*")
+                  if not k.decode().endswith(":seq")]
+        for key in legacy:
+            user = key.removeprefix(self._prefix + LEGACY_BUDGET_PREFIX)
+            self._migrate(keys=[key, self._prefix + prefix + user], args=[repr(cost_per_count)])
+        return len(legacy)

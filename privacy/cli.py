@@ -8,7 +8,7 @@ import math
 import sys
 from typing import NoReturn
 
-ACCOUNTANTS = ("prv", "rdp")  # privacy.accountant.ACCOUNTANT_TYPES, without importing Opacus before arguments check
+ACCOUNTANTS = ("pld", "rdp")  # privacy.accountant.ACCOUNTANTS, without importing them before arguments check
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--delta", type=float, required=True)
     cal.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate (batch / dataset)")
     cal.add_argument("--steps", type=int, required=True, help="total DP-SGD steps across all rounds")
-    cal.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp")
+    cal.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")
     return parser
 
 
@@ -39,14 +39,18 @@ def _check(ok: bool, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    from .calibration import calibrate_noise, epsilon_for
+    from .accountant import NEIGHBOURING_RELATION
+    from .calibration import UnreachableTarget, calibrate_noise, epsilon_for
 
     _check(0 < args.delta < 1, f"--delta must be in (0, 1), got {args.delta}")
     _check(0 < args.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {args.sample_rate}")
     _check(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     if args.epsilon is not None:
         _check(math.isfinite(args.epsilon) and args.epsilon > 0, f"--epsilon must be > 0, got {args.epsilon}")
-        sigma = calibrate_noise(args.epsilon, args.delta, args.sample_rate, args.steps, args.accountant)
+        try:
+            sigma = calibrate_noise(args.epsilon, args.delta, args.sample_rate, args.steps, kind=args.accountant)
+        except UnreachableTarget as err:
+            _check(False, f"--epsilon: {err}")
     else:
         _check(args.noise_multiplier > 0, f"--noise-multiplier must be > 0, got {args.noise_multiplier}")
         sigma = args.noise_multiplier
@@ -54,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({
         "noise_multiplier": sigma, "epsilon": epsilon, "target_epsilon": args.epsilon, "delta": args.delta,
         "sample_rate": args.sample_rate, "steps": args.steps, "accountant": args.accountant,
+        "neighbouring_relation": NEIGHBOURING_RELATION,
     }, indent=2))
 
 

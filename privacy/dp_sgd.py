@@ -1,90 +1,156 @@
-"""Opacus DP-SGD wiring for a LoRA model: Poisson sampling, per-sample clipping, Gaussian noise, accounting.
+"""DP-SGD for a LoRA model: Opacus's per-sample clipping, with our Poisson sampler and our noise.
 
-`PrivateTraining` owns one round's private optimisation and hands back the accountant's state, so a hospital
-composes its spend across rounds (and restarts) instead of recalibrating.
+Opacus computes per-sample gradients (hooks, functorch or ghost clipping) and clips them. Two parts are ours:
+- **Sampling**: `PoissonBatches` draws every step's batch from `SecureRandom`, and takes exactly the plan's steps
+  at exactly the plan's rate. Opacus's loader takes `int(1/(1/k))` steps per epoch, which is k - 1 for some k, so
+  plan and loader disagreed for some dataset sizes.
+- **Noise**: `SecureNoise` optimizers draw it from `SecureRandom` (ChaCha20, 256-bit key), not from a torch
+  generator that keeps 32 bits of its seed. Opacus's `secure_mode` would do this through torchcsprng, which has no
+  build for torch 2.
+A step whose Poisson batch is empty still adds noise and counts, as the analysis assumes, in every clipping mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from opacus import PrivacyEngine
-from opacus.grad_sample.gsm_base import AbstractGradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.validators.module_validator import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader
 
-from .accountant import AccountantState
+from .secure_random import SecureRandom
 
 StepHook = Callable[[], None]
 
 
+class PoissonBatches:
+    """`steps` batches, each holding every example independently with probability `sample_rate`."""
+
+    def __init__(self, num_examples: int, sample_rate: float, steps: int, rng: SecureRandom) -> None:
+        self.num_examples, self.sample_rate, self.steps, self.rng = num_examples, sample_rate, steps, rng
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield self.rng.bernoulli_indices(self.num_examples, self.sample_rate).tolist()
+
+
+class ShuffledBatches:
+    """Training without DP: `epochs` passes over a fresh permutation in batches of `batch_size`."""
+
+    def __init__(self, num_examples: int, batch_size: int, epochs: int, rng: SecureRandom) -> None:
+        self.num_examples, self.batch_size, self.epochs, self.rng = num_examples, batch_size, epochs, rng
+
+    def __len__(self) -> int:
+        return self.epochs * math.ceil(self.num_examples / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.epochs):
+            order = torch.argsort(self.rng.uniform(self.num_examples)).tolist()
+            for start in range(0, self.num_examples, self.batch_size):
+                yield order[start:start + self.batch_size]
+
+
+class SecureNoise:
+    """Mixed into Opacus's DP optimizers: Gaussian noise from `SecureRandom`, and a step on an empty batch."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    params: list[nn.Parameter]
+    step_hook: Callable[[Any], None] | None
+    original_optimizer: torch.optim.Optimizer
+    expected_batch_size: int
+
+    def __init__(self, *args: Any, secure_random: SecureRandom, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.secure_random = secure_random
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            summed: torch.Tensor = p.summed_grad  # type: ignore[attr-defined]
+            _check_processed_flag(summed)
+            if std > 0:
+                p.grad = (summed + self.secure_random.normal(summed.shape, std, dtype=summed.dtype,
+                                                             device=summed.device)).view_as(p)
+            else:
+                p.grad = summed.clone().view_as(p)
+            _mark_as_processed(summed)
+
+    def step_without_data(self) -> None:
+        """Poisson sampling drew no example: the step is noise alone, scaled, hooked and applied like any other."""
+        for p in self.params:
+            p.summed_grad = torch.zeros_like(p)  # type: ignore[attr-defined]
+        self.add_noise()
+        for p in self.params:  # Opacus's scale_grad for a mean loss, which needs per-sample gradients to count
+            assert p.grad is not None
+            p.grad /= self.expected_batch_size
+        if self.step_hook is not None:
+            self.step_hook(self)
+        self.original_optimizer.step()
+
+
+class SecureDPOptimizer(SecureNoise, DPOptimizer):
+    """Per-sample gradients clipped by Opacus (hooks, functorch), noise from `SecureRandom`."""
+
+
+class SecureGhostClippingOptimizer(SecureNoise, DPOptimizerFastGradientClipping):
+    """Ghost clipping's optimizer (gradients already clipped in the double backward), noise from `SecureRandom`."""
+
+
+OPTIMIZERS: dict[str, type[SecureNoise]] = {"hooks": SecureDPOptimizer, "functorch": SecureDPOptimizer,
+                                             "ghost": SecureGhostClippingOptimizer}
+
+
 @dataclass
 class PrivateTraining:
-    """The wrapped module, optimizer, loader and criterion of one round of DP-SGD."""
+    """The wrapped module, optimizer and criterion of one round of DP-SGD."""
 
     module: nn.Module
-    optimizer: DPOptimizer
-    data_loader: DataLoader
+    optimizer: SecureNoise
     criterion: Callable[..., Any]
-    engine: PrivacyEngine
-
-    def accountant_state(self) -> AccountantState:
-        return AccountantState.of(self.engine.accountant)
-
-    def step_on_empty_batch(self) -> None:
-        """Poisson sampling may draw no sample; the step still adds noise and counts, as the analysis assumes."""
-        for p in self.optimizer.params:
-            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-        self.optimizer.step()
 
     def close(self) -> None:
         """Detach Opacus from the model so it can be evaluated or trained again in this process."""
-        if isinstance(self.module, AbstractGradSampleModule):
-            self.module._close()
+        self.module._close()  # type: ignore[operator]
 
 
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    data_loader: DataLoader,
     criterion: nn.Module,
     *,
     noise_multiplier: float,
     max_grad_norm: float,
-    accountant: AccountantState,
-    grad_sample_mode: str = "hooks",
-    poisson_sampling: bool = True,
+    expected_batch_size: int,
+    grad_sample_mode: str,
+    secure_random: SecureRandom,
     after_noise: StepHook | None = None,
-    noise_generator: torch.Generator | None = None,
 ) -> PrivateTraining:
-    """Wrap model, optimizer and loader for DP-SGD, resuming `accountant`'s history.
+    """Wrap model and optimizer for DP-SGD (flat clipping, mean loss over the expected batch size).
 
     `after_noise` runs after clipping and noising, before the parameter update: data-independent gradient
     terms (FedProx's proximal term) go there so they spend no clipping budget.
     """
-    engine = PrivacyEngine(accountant=accountant.kind)
-    engine.accountant.history = [(s, q, n) for s, q, n in accountant.history]
-    wrapped = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=data_loader, criterion=criterion,
-        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=poisson_sampling,
-        grad_sample_mode=grad_sample_mode, noise_generator=noise_generator,
-    )
-    if grad_sample_mode == "ghost":
-        module, dp_optimizer, dp_criterion, dp_loader = wrapped
-    else:
-        module, dp_optimizer, dp_loader = wrapped
-        dp_criterion = criterion
+    ModuleValidator.validate(model, strict=True)  # what PrivacyEngine checks first: train mode, supported layers
+    extra = {"max_grad_norm": max_grad_norm} if grad_sample_mode == "ghost" else {}
+    module = prepare_module(model, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean",
+                            **extra)
+    module.forbid_grad_accumulation()
+    dp_optimizer = OPTIMIZERS[grad_sample_mode](
+        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, loss_reduction="mean", secure_random=secure_random)
     if after_noise is not None:
-        account = dp_optimizer.step_hook
-
-        def account_then_hook(opt: DPOptimizer) -> None:
-            if account is not None:
-                account(opt)
-            after_noise()
-
-        dp_optimizer.attach_step_hook(account_then_hook)
-    return PrivateTraining(module, dp_optimizer, dp_loader, dp_criterion, engine)
+        dp_optimizer.attach_step_hook(lambda _: after_noise())  # type: ignore[attr-defined]
+    dp_criterion = (DPLossFastGradientClipping(module, dp_optimizer, criterion, "mean")
+                    if grad_sample_mode == "ghost" else criterion)
+    return PrivateTraining(module, dp_optimizer, dp_criterion)

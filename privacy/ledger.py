@@ -1,24 +1,29 @@
 """A hospital's lifetime privacy ledger: every run's spend, in SQLite on the hospital's own node.
 
-A run's whole plan is reserved when the hospital admits it; each round is charged before training starts, so a crash
-can over-count but never forget; the run is then closed, committed, or aborted keeping only what it spent. Caps are
-checked against the RDP composition of every run on the same (hospital, dataset), open reservations counted in
-full, inside one write transaction: two runs admitted at once cannot overspend one budget.
+A run's whole plan is reserved when the hospital admits it, bound to the Flower run that asked; each release (a
+round of DP-SGD, a noised evaluation) is charged before the work that makes it, so a crash can over-count but never
+forget, and a charge is refused unless it comes from the bound run, for the admitted plan, within what the plan
+reserved and within every cap. The run is then closed, committed, or aborted keeping only what it spent; a
+reservation whose run stopped talking to the node expires the same way. Caps are checked against the Renyi
+composition of every run on the same (hospital, dataset), open reservations counted in full, inside one write
+transaction: two runs admitted at once cannot overspend one budget. Refused runs are recorded too.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from .accountant import AccountantState, compose
+from .accountant import AccountantState, Step, compose
 
 RESERVED, COMMITTED, ABORTED = "reserved", "committed", "aborted"
 ANY_DATASET = "*"
+LOCAL_RUN = None  # the Flower run of a local job (fl-train-local): none
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -30,7 +35,13 @@ CREATE TABLE IF NOT EXISTS entries (
     delta REAL NOT NULL, noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL,
     planned TEXT NOT NULL, spent TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
     PRIMARY KEY (run_id, hospital, dataset));
+CREATE TABLE IF NOT EXISTS refusals (
+    at TEXT NOT NULL, hospital TEXT NOT NULL, dataset TEXT NOT NULL, run_id TEXT NOT NULL, flower_run TEXT,
+    reason TEXT NOT NULL);
 """
+# Columns added since the first ledgers were written; an older ledger gains them when it is opened. Flower's run ids
+# are unsigned 64-bit integers, which SQLite's INTEGER cannot hold: they are kept as text.
+ADDED_COLUMNS = {"flower_run": "TEXT", "plan": "TEXT", "closed_reason": "TEXT"}
 
 
 class LedgerError(RuntimeError):
@@ -52,16 +63,17 @@ class Budget:
 
 @dataclass(frozen=True)
 class SpendRequest:
-    """A run's whole plan for one hospital's dataset: `total_steps` DP-SGD steps at this sigma and sampling rate."""
+    """A run's plan for one hospital's dataset: every release it would make, bound to the Flower run that asks."""
 
-    run_id: str
+    run_id: str  # the run's lineage (the server's MLflow run id): a resumed run continues its entry
     hospital: str
     dataset: str
+    flower_run: int | None  # Flower's own run id, which only the SuperLink assigns; None for a local job
+    plan: str  # the admitted plan as JSON: every later charge must ask for exactly this plan
+    releases: AccountantState  # the plan's releases: each round's DP-SGD steps, each noised evaluation
+    delta: float
     noise_multiplier: float  # 0 for a run without DP: its epsilon is infinite
     sample_rate: float
-    total_steps: int
-    delta: float
-    accountant: str
 
 
 @dataclass(frozen=True)
@@ -79,13 +91,14 @@ class Entry:
     spent: AccountantState
     created_at: str
     updated_at: str
+    flower_run: int | None = None
+    plan: str | None = None
+    closed_reason: str | None = None
 
     @property
     def charge(self) -> AccountantState:
         """What counts against the budget: the whole plan while the run is open, what it spent once closed."""
-        if self.status == RESERVED and self.planned.steps >= self.spent.steps:
-            return self.planned
-        return self.spent
+        return self.planned if self.status == RESERVED else self.spent
 
     @property
     def epsilon(self) -> float:
@@ -99,9 +112,9 @@ class Entry:
         return {
             "run_id": self.run_id, "hospital": self.hospital, "dataset": self.dataset, "status": self.status,
             "epsilon": self.epsilon, "planned_epsilon": self.planned_epsilon, "delta": self.delta,
-            "accountant": self.spent.kind, "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate, "steps": self.spent.steps, "planned_steps": self.planned.steps,
-            "created_at": self.created_at, "updated_at": self.updated_at,
+            "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate, "steps": self.spent.steps,
+            "planned_steps": self.planned.steps, "flower_run": self.flower_run, "created_at": self.created_at,
+            "updated_at": self.updated_at, "closed_reason": self.closed_reason,
         }
 
 
@@ -156,12 +169,37 @@ def _entry(row: sqlite3.Row) -> Entry:
     return Entry(
         row["run_id"], row["hospital"], row["dataset"], row["status"], row["delta"], row["noise_multiplier"],
         row["sample_rate"], AccountantState.from_json(row["planned"]), AccountantState.from_json(row["spent"]),
-        row["created_at"], row["updated_at"],
+        row["created_at"], row["updated_at"], _flower_run(row["flower_run"]), row["plan"], row["closed_reason"],
     )
+
+
+def _flower_run(text: str | None) -> int | None:
+    return None if text is None else int(text)
+
+
+def _text(flower_run: int | None) -> str | None:
+    return None if flower_run is None else str(flower_run)
 
 
 def _find(entries: list[Entry], run_id: str) -> Entry | None:
     return next((e for e in entries if e.run_id == run_id), None)
+
+
+def unspent(releases: AccountantState, spent: AccountantState) -> AccountantState:
+    """The releases of a plan that `spent` has not made yet (a multiset difference): what a resumed run still needs."""
+    left = Counter(spent.history)
+    remaining: list[Step] = []
+    for step in releases.history:
+        if left[step]:
+            left[step] -= 1
+        else:
+            remaining.append(step)
+    return AccountantState(tuple(remaining), releases.kind)
+
+
+def within(spent: AccountantState, planned: AccountantState) -> bool:
+    """Is every release in `spent` one that `planned` reserved?"""
+    return not Counter(spent.history) - Counter(planned.history)
 
 
 def balance_of(hospital: str, dataset: str, entries: list[Entry], cap: Budget | None) -> Balance:
@@ -183,6 +221,10 @@ class Ledger:
         with closing(self._connect()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            present = {row["name"] for row in db.execute("PRAGMA table_info(entries)")}
+            for column, kind in ADDED_COLUMNS.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
@@ -245,18 +287,30 @@ class Ledger:
         tightest = min(caps, key=lambda c: (c.epsilon, c.delta), default=None)
         return balance_of(hospital, dataset, self._entries(db, hospital, dataset), tightest)
 
-    def _check_caps(self, db: sqlite3.Connection, entries: list[Entry], updated: Entry, policy_cap: Budget | None,
-                    action: str) -> None:
-        """Would the ledger, with `updated` in place of its run's entry, stay within every cap?"""
-        charges = [e.charge for e in entries if e.run_id != updated.run_id] + [updated.charge]
-        for cap in (self._budget(db, updated.hospital, updated.dataset), policy_cap):
+    def _check_caps(self, db: sqlite3.Connection, entries: list[Entry], run: Entry, charge: AccountantState,
+                    policy_cap: Budget | None, action: str) -> None:
+        """Would the ledger, with `charge` counted for `run` and every other entry as it stands, stay within every
+        lifetime cap?"""
+        charges = [e.charge for e in entries if e.run_id != run.run_id] + [charge]
+        for cap in (self._budget(db, run.hospital, run.dataset), policy_cap):
             if cap is None:
                 continue
             epsilon = compose(charges).epsilon(cap.delta)
             if epsilon > cap.epsilon:
                 raise BudgetExceeded(
-                    f"{updated.hospital}/{updated.dataset}: {action} would bring lifetime epsilon to {epsilon:.4f} "
+                    f"{run.hospital}/{run.dataset}: {action} would bring lifetime epsilon to {epsilon:.4f} "
                     f"at delta {cap.delta:g}, above the {cap.source} budget {cap.epsilon:g}")
+
+    @staticmethod
+    def _expire(db: sqlite3.Connection, hospital: str, dataset: str, stale_after: float | None) -> None:
+        """Close the reservations of runs silent for `stale_after` seconds, keeping what they spent."""
+        if stale_after is None:
+            return
+        cutoff = (datetime.now(UTC) - timedelta(seconds=stale_after)).isoformat(timespec="seconds")
+        db.execute("UPDATE entries SET status = ?, closed_reason = ?, updated_at = ? WHERE hospital = ? AND "
+                   "dataset = ? AND status = ? AND updated_at < ?",
+                   (ABORTED, f"expired: no word from its run for {stale_after:g} s", _now(), hospital, dataset,
+                    RESERVED, cutoff))
 
     def plan(self, request: SpendRequest) -> Entry:
         """The entry `reserve` would write, without writing it: to check a hospital's policy first."""
@@ -266,51 +320,91 @@ class Ledger:
     @staticmethod
     def _plan(entries: list[Entry], r: SpendRequest) -> Entry:
         previous = _find(entries, r.run_id)
-        spent = previous.spent if previous else AccountantState(r.accountant)
-        planned = spent.then(r.noise_multiplier, r.sample_rate, r.total_steps - spent.steps)
+        kind = r.releases.kind
+        spent = AccountantState(previous.spent.history, kind) if previous else AccountantState(kind=kind)
+        planned = AccountantState((*spent.history, *unspent(r.releases, spent).history), kind)
         now = _now()
         return Entry(r.run_id, r.hospital, r.dataset, RESERVED, r.delta, r.noise_multiplier, r.sample_rate, planned,
-                     spent, previous.created_at if previous else now, now)
+                     spent, previous.created_at if previous else now, now, r.flower_run, r.plan)
 
-    def reserve(self, request: SpendRequest, policy_cap: Budget | None = None) -> Entry:
-        """Admit a run: reserve its whole plan, continuing what it already spent if it ran here before (a resume)."""
+    def reserve(self, request: SpendRequest, policy_cap: Budget | None = None,
+                stale_after: float | None = None) -> Entry:
+        """Admit a run: reserve its whole plan, continuing what it already spent if it ran here before (a resume),
+        bound to the Flower run that asked."""
         with self._transaction() as db:
+            self._expire(db, request.hospital, request.dataset, stale_after)
             entries = self._entries(db, request.hospital, request.dataset)
             entry = self._plan(entries, request)
-            self._check_caps(db, entries, entry, policy_cap,
+            self._check_caps(db, entries, entry, entry.planned, policy_cap,
                              f"run {request.run_id} (planned epsilon {entry.planned_epsilon:.4f})")
-            db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
-                entry.run_id, entry.hospital, entry.dataset, RESERVED, entry.delta, entry.noise_multiplier,
-                entry.sample_rate, entry.planned.to_json(), entry.spent.to_json(), entry.created_at, entry.updated_at))
+            db.execute("INSERT OR REPLACE INTO entries (run_id, hospital, dataset, status, delta, noise_multiplier, "
+                       "sample_rate, planned, spent, created_at, updated_at, flower_run, plan, closed_reason) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)", (
+                           entry.run_id, entry.hospital, entry.dataset, RESERVED, entry.delta, entry.noise_multiplier,
+                           entry.sample_rate, entry.planned.to_json(), entry.spent.to_json(), entry.created_at,
+                           entry.updated_at, _text(entry.flower_run), entry.plan))
             return entry
 
-    def charge(self, run_id: str, hospital: str, dataset: str, spent: AccountantState,
-               policy_cap: Budget | None = None) -> Entry:
-        """Record the run's spend so far before the work that spends it; refuse past any cap."""
+    def charge(self, run_id: str, hospital: str, dataset: str, *, flower_run: int | None, plan: str, release: Step,
+               policy_cap: Budget | None = None, run_cap: float | None = None,
+               stale_after: float | None = None) -> Entry:
+        """Record one release of an admitted run before the work that makes it; refuse it unless it comes from the
+        run's bound Flower run, for its admitted plan, within what the plan reserved, `run_cap` and every cap."""
         with self._transaction() as db:
+            self._expire(db, hospital, dataset, stale_after)
             entries = self._entries(db, hospital, dataset)
             previous = _find(entries, run_id)
+            where = f"{hospital}/{dataset}: run {run_id}"
             if previous is None or previous.status != RESERVED:
-                raise LedgerError(f"{hospital}/{dataset}: run {run_id} holds no open reservation; "
-                                  "a hospital trains only for a run it admitted")
-            if spent.steps < previous.spent.steps:
-                raise LedgerError(f"{hospital}/{dataset}: run {run_id} would forget spend "
-                                  f"({spent.steps} steps recorded against {previous.spent.steps})")
+                why = f" ({previous.closed_reason or previous.status})" if previous else ""
+                raise LedgerError(f"{where} holds no open reservation{why}; a hospital trains only for a run it "
+                                  "admitted")
+            if previous.flower_run != flower_run:
+                raise LedgerError(f"{where} was admitted by Flower run {previous.flower_run}, not by run "
+                                  f"{flower_run}; a run must be admitted by the hospital itself")
+            if previous.plan != plan:
+                raise LedgerError(f"{where}: this round asks for another plan than the one admitted")
+            spent = previous.spent.then(*release)
+            if not within(spent, previous.planned):
+                raise LedgerError(f"{where}: another release (sigma {release[0]:.4g}, rate {release[1]:.4g}, "
+                                  f"{release[2]} steps) is beyond the plan the hospital admitted")
+            if run_cap is not None and spent.epsilon(previous.delta) > run_cap:
+                raise BudgetExceeded(f"{where}: the next release would bring the run's epsilon to "
+                                     f"{spent.epsilon(previous.delta):.4f}, above its cap {run_cap:g}")
             entry = replace(previous, spent=spent, updated_at=_now())
-            self._check_caps(db, entries, entry, policy_cap, f"run {run_id}'s next round")
+            self._check_caps(db, entries, entry, spent, policy_cap, f"run {run_id}'s next release")
             db.execute("UPDATE entries SET spent = ?, updated_at = ? WHERE run_id = ? AND hospital = ? AND "
                        "dataset = ?", (spent.to_json(), entry.updated_at, run_id, hospital, dataset))
             return entry
 
-    def close(self, run_id: str, hospital: str, dataset: str, status: str) -> Entry:
-        """End a run: committed, or aborted; either way what it spent stays and the rest of the plan is freed."""
+    def close(self, run_id: str, hospital: str, dataset: str, status: str, *, flower_run: int | None = None,
+              check_run: bool = False, reason: str | None = None) -> Entry:
+        """End a run: committed, or aborted; either way what it spent stays and the rest of the plan is freed.
+        With `check_run`, only the Flower run the entry is bound to may close it."""
         if status not in (COMMITTED, ABORTED):
             raise LedgerError(f"close: status must be {COMMITTED!r} or {ABORTED!r}, got {status!r}")
         with self._transaction() as db:
             previous = _find(self._entries(db, hospital, dataset), run_id)
             if previous is None:
                 raise LedgerError(f"{hospital}/{dataset}: no entry for run {run_id}")
-            entry = replace(previous, status=status, updated_at=_now())
-            db.execute("UPDATE entries SET status = ?, updated_at = ? WHERE run_id = ? AND hospital = ? AND "
-                       "dataset = ?", (status, entry.updated_at, run_id, hospital, dataset))
+            if check_run and previous.flower_run != flower_run:
+                raise LedgerError(f"{hospital}/{dataset}: run {run_id} is bound to Flower run {previous.flower_run}, "
+                                  f"not {flower_run}")
+            if previous.status != RESERVED:
+                return previous  # closing twice changes nothing
+            entry = replace(previous, status=status, updated_at=_now(), closed_reason=reason)
+            db.execute("UPDATE entries SET status = ?, updated_at = ?, closed_reason = ? WHERE run_id = ? AND "
+                       "hospital = ? AND dataset = ?", (status, entry.updated_at, reason, run_id, hospital, dataset))
             return entry
+
+    def record_refusal(self, hospital: str, dataset: str, run_id: str, flower_run: int | None, reason: str) -> None:
+        """A run the hospital refused, and why: its own history shows it, though nothing was spent."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO refusals VALUES (?, ?, ?, ?, ?, ?)",
+                       (_now(), hospital, dataset, run_id, _text(flower_run), reason))
+
+    def refusals(self, hospital: str | None = None) -> list[dict[str, object]]:
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT * FROM refusals WHERE ? IS NULL OR hospital = ? ORDER BY at",
+                              (hospital, hospital)).fetchall()
+            return [{**dict(r), "flower_run": _flower_run(r["flower_run"])} for r in rows]

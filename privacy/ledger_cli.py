@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
@@ -32,8 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     show = commands.add_parser("show", help="lifetime balance per hospital and dataset")
     show.add_argument("--json", action="store_true")
-    history = commands.add_parser("history", help="every run's entry, oldest first")
+    history = commands.add_parser("history", help="every run's entry and every refused run, oldest first")
     history.add_argument("--hospital")
+    reservations = commands.add_parser("reservations", help="open reservations, with how long their run has been "
+                                                            "silent (a node expires them after its "
+                                                            "reservation-timeout)")
+    reservations.add_argument("--json", action="store_true")
     export = commands.add_parser("export", help="every entry, for audit")
     fmt = export.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--csv", action="store_true")
@@ -99,19 +104,36 @@ def main(argv: list[str] | None = None) -> None:
             _show(ledgers, args.json)
         elif args.command == "history":
             for ledger in ledgers:
-                for e in ledger.entries(args.hospital):
-                    print(f"{e.created_at}  {e.hospital:<14} {e.dataset:<11} {e.run_id:<34} {e.status:<9} "
-                          f"epsilon {_number(e.epsilon)} of planned {_number(e.planned_epsilon)} at delta "
-                          f"{e.delta:g}, sigma {e.noise_multiplier:.4f}, q {e.sample_rate:.4g}, "
-                          f"{e.spent.steps} steps ({e.spent.kind})")
-        elif args.command == "export":
-            rows = [e.as_row() for ledger in ledgers for e in ledger.entries()]
+                lines = [(e.created_at, f"{e.created_at}  {e.hospital:<14} {e.dataset:<11} {e.run_id:<34} "
+                          f"{e.status:<9} epsilon {_number(e.epsilon)} of planned {_number(e.planned_epsilon)} at "
+                          f"delta {e.delta:g}, sigma {e.noise_multiplier:.4f}, q {e.sample_rate:.4g}, "
+                          f"{e.spent.steps} steps" + (f" ({e.closed_reason})" if e.closed_reason else ""))
+                         for e in ledger.entries(args.hospital)]
+                lines += [(str(r["at"]), f"{r['at']}  {r['hospital']:<14} {r['dataset']:<11} {r['run_id'] or '-':<34} "
+                           f"refused   {r['reason']}") for r in ledger.refusals(args.hospital)]
+                for _, line in sorted(lines):
+                    print(line)
+        elif args.command == "reservations":
+            now = datetime.now(UTC)
+            rows: list[dict[str, object]] = [
+                    {"hospital": e.hospital, "dataset": e.dataset, "run_id": e.run_id, "flower_run": e.flower_run,
+                     "silent_seconds": round((now - datetime.fromisoformat(e.updated_at)).total_seconds()),
+                     "planned_epsilon": e.planned_epsilon, "spent_epsilon": e.epsilon, "delta": e.delta}
+                    for ledger in ledgers for e in ledger.entries() if e.status == RESERVED]
             if args.json:
                 print(json.dumps(rows, indent=2))
-            elif rows:
-                writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+            for r in [] if args.json else rows:
+                print(f"{r['hospital']!s:<16}{r['dataset']!s:<12}{r['run_id']!s:<36}silent "
+                      f"{r['silent_seconds']!s:>7} s  planned epsilon {_number(r['planned_epsilon'])}, "
+                      f"spent {_number(r['spent_epsilon'])}")
+        elif args.command == "export":
+            entries = [e.as_row() for ledger in ledgers for e in ledger.entries()]
+            if args.json:
+                print(json.dumps(entries, indent=2))
+            elif entries:
+                writer = csv.DictWriter(sys.stdout, fieldnames=list(entries[0]))
                 writer.writeheader()
-                writer.writerows(rows)
+                writer.writerows(entries)
         elif args.command == "set-budget":
             for ledger in ledgers:
                 ledger.set_budget(args.hospital, args.epsilon, args.delta, args.dataset)

@@ -1,11 +1,15 @@
 """The noisy vote: a query answered by the hospitals' own models, each casting one vote, released as the argmax of
 the vote counts plus Gaussian noise (GNMax, as in PATE).
 
-Unit of privacy: one training record of one hospital. Changing it can change only that hospital's vote, which moves
-one count down and another up: L2 sensitivity sqrt(2). Each query is then a Gaussian mechanism with noise multiplier
-z (noise std z * sqrt(2) on each count), without subsampling; a user's queries compose in RDP (Opacus's analysis,
-with orders extended for small epsilon). z is calibrated once so that the first query costs `epsilon_per_query`; a
-user may make as many queries as keep the composed epsilon within `epsilon_per_user`.
+Unit of privacy: one training record of one hospital. Adding, removing or replacing it can change only that
+hospital's vote, which moves one count down and another up: L2 sensitivity sqrt(2). Each query is then a Gaussian
+mechanism with noise multiplier z (noise std z * sqrt(2) on each count), without subsampling. z is calibrated so
+that one query costs `epsilon_per_query`.
+
+A user's spend is the sum of what each query cost in zero-concentrated DP, rho = 1 / (2 z^2): a Gaussian
+mechanism's Renyi curve is alpha * rho, so summing rho composes them exactly, and the stored sum is each query's
+own price: a later change of `epsilon_per_query` prices only the queries after it. The composed epsilon, at the
+configured delta, must stay within `epsilon_per_user`. The noise comes from `SecureRandom`.
 
 Answers to plain queries are post-processing of the DP-trained federated model and spend no epsilon at all.
 """
@@ -18,21 +22,19 @@ from functools import cached_property
 
 import numpy as np
 from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from . import accountant
+from .secure_random import SecureRandom
 
 VOTE_SENSITIVITY = math.sqrt(2.0)
 # Opacus's orders stop at 63; a small per-query epsilon needs far larger ones (the best order grows with sigma).
-ORDERS = [*RDPAccountant.DEFAULT_ALPHAS, *np.geomspace(64, 1e6, 300).tolist()]
+ORDERS = np.array([*RDPAccountant.DEFAULT_ALPHAS, *np.geomspace(64, 1e6, 300).tolist()])
 CALIBRATION_REL_TOLERANCE = 0.005
 
 
 def gaussian_epsilon(noise_multiplier: float, delta: float, releases: int) -> float:
     """epsilon of `releases` Gaussian mechanisms at `noise_multiplier` (noise std over L2 sensitivity), by RDP."""
-    if releases == 0:
-        return 0.0
-    rdp = compute_rdp(q=1.0, noise_multiplier=noise_multiplier, steps=releases, orders=ORDERS)
-    epsilon, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
-    return float(epsilon)
+    return accountant.gaussian_epsilon(noise_multiplier, delta, releases, ORDERS)
 
 
 def calibrate_gaussian(target_epsilon: float, delta: float) -> float:
@@ -63,22 +65,30 @@ class NoisyVote:
     def vote_sigma(self) -> float:
         return self.noise_multiplier * VOTE_SENSITIVITY
 
-    def epsilon_after(self, queries: int) -> float:
-        """epsilon a user's `queries` noisy votes have spent (RDP composition)."""
-        return gaussian_epsilon(self.noise_multiplier, self.delta, queries)
+    @property
+    def rho_per_query(self) -> float:
+        """What one query at this configuration costs, in zCDP."""
+        return 1.0 / (2.0 * self.noise_multiplier**2)
+
+    def epsilon_of(self, rho: float) -> float:
+        """epsilon at `delta` of a composed spend `rho` (the Renyi curve alpha * rho)."""
+        return accountant.rdp_to_epsilon(ORDERS * rho, self.delta, ORDERS) if rho > 0 else 0.0
 
     @cached_property
-    def max_queries(self) -> int:
-        """The most queries whose composed epsilon stays within `epsilon_per_user`."""
-        low, high = 0, 1
-        while self.epsilon_after(high) <= self.epsilon_per_user:
-            low, high = high, high * 2
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if self.epsilon_after(mid) <= self.epsilon_per_user else (low, mid)
+    def rho_cap(self) -> float:
+        """The largest spend whose epsilon stays within `epsilon_per_user`."""
+        low, high = 0.0, self.rho_per_query
+        while self.epsilon_of(high) <= self.epsilon_per_user:
+            low, high = high, 2 * high
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if self.epsilon_of(mid) <= self.epsilon_per_user else (low, mid)
         return low
 
-    def release(self, votes: list[int], num_labels: int, rng: np.random.Generator) -> int:
+    def queries_left(self, rho_spent: float) -> int:
+        return max(int((self.rho_cap - rho_spent) / self.rho_per_query + 1e-9), 0)
+
+    def release(self, votes: list[int], num_labels: int, rng: SecureRandom) -> int:
         """The label whose noised count is largest; `votes` holds one label index per hospital."""
         counts = np.bincount(np.asarray(votes, dtype=np.int64), minlength=num_labels).astype(np.float64)
-        return int(np.argmax(counts + rng.normal(0.0, self.vote_sigma, size=num_labels)))
+        return int(np.argmax(counts + rng.normal_numpy((num_labels,), self.vote_sigma)))

@@ -7,7 +7,7 @@ silently downgraded to fit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .ledger import Budget
+from .release import OUTSIDE_GUARANTEE
+from .run_plan import RunPlan
 
 
 class PolicyError(ValueError):
@@ -34,26 +36,14 @@ class HospitalPolicy:
     allowed_tasks: list[str] | None = None
     allowed_datasets: list[str] | None = None
     require_secure_aggregation: bool = False
+    # Fields the hospital lets leave outside its DP guarantee (privacy.release.OUTSIDE_GUARANTEE); none by default.
+    release_outside_guarantee: list[str] = field(default_factory=list)
 
     @property
     def lifetime_cap(self) -> Budget | None:
         if self.lifetime_epsilon is None:
             return None
         return Budget(self.lifetime_epsilon, self.lifetime_delta, source="policy")
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    """What an incoming run asks of this hospital, as the node computes it from the run's config and its data."""
-
-    model: str
-    task: str
-    dataset: str
-    private: bool
-    planned_epsilon: float
-    delta: float
-    noise_multiplier: float | None
-    secure_aggregation: bool
 
 
 def _check(ok: bool, field_name: str, problem: str) -> None:
@@ -82,10 +72,14 @@ def load_policy(path: Path | None) -> HospitalPolicy:
     _check(0 < policy.lifetime_delta < 1, "lifetime_delta", f"must be in (0, 1) (got {policy.lifetime_delta})")
     _check(policy.max_delta is None or 0 < policy.max_delta < 1, "max_delta",
            f"must be in (0, 1) or null (got {policy.max_delta})")
+    for name in policy.release_outside_guarantee:
+        _check(name in OUTSIDE_GUARANTEE, "release_outside_guarantee",
+               f"{name!r} is not a field a hospital can release outside its guarantee "
+               f"(one of: {', '.join(OUTSIDE_GUARANTEE)})")
     return policy
 
 
-def violations(policy: HospitalPolicy, run: RunRequest) -> list[str]:
+def violations(policy: HospitalPolicy, run: RunPlan, planned_epsilon: float) -> list[str]:
     """Every rule the run breaks, each as a reason a privacy officer can read."""
     found: list[str] = []
     for allowed, value, what in ((policy.allowed_models, run.model, "model"),
@@ -93,11 +87,11 @@ def violations(policy: HospitalPolicy, run: RunRequest) -> list[str]:
                                  (policy.allowed_datasets, run.dataset, "dataset")):
         if allowed is not None and value not in allowed:
             found.append(f"{what} {value!r} is not in allowed_{what}s {list(allowed)}")
-    if policy.max_epsilon_per_run is not None and not run.planned_epsilon <= policy.max_epsilon_per_run:
-        found.append(f"planned epsilon {run.planned_epsilon:.4f} exceeds max_epsilon_per_run "
+    if policy.max_epsilon_per_run is not None and not planned_epsilon <= policy.max_epsilon_per_run:
+        found.append(f"planned epsilon {planned_epsilon:.4f} exceeds max_epsilon_per_run "
                      f"{policy.max_epsilon_per_run:g}")
     if policy.min_noise_multiplier is not None and not (
-            run.private and run.noise_multiplier is not None and run.noise_multiplier >= policy.min_noise_multiplier):
+            run.private and run.noise_multiplier >= policy.min_noise_multiplier):
         found.append(f"noise multiplier {run.noise_multiplier if run.private else 'none (DP off)'} is below "
                      f"min_noise_multiplier {policy.min_noise_multiplier:g}")
     if policy.max_delta is not None and run.delta > policy.max_delta:

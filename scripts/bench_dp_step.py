@@ -1,7 +1,9 @@
 """DP-SGD step time and peak memory against plain training of the same LoRA model, measured in one run.
 
 Each (model, mode) runs in its own subprocess so its peak RSS is its own. Ratios are against the plain step measured
-in the same invocation. Usage: `python scripts/bench_dp_step.py [--models tiny smollm2-135m] [--steps 6]`.
+in the same invocation. `opacus-noise` is hooks mode as Opacus's own PrivacyEngine runs it (noise from torch's
+generator, 32 bits of seed): the baseline for the cost of the product's ChaCha20 noise (`hooks`).
+Usage: `python scripts/bench_dp_step.py [--models tiny smollm2-135m] [--steps 6]`.
 Writes the table into docs/benchmarks.md between the DP-step markers.
 """
 
@@ -17,19 +19,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-MODES = ("plain", "hooks", "functorch", "ghost")
+MODES = ("plain", "opacus-noise", "hooks", "functorch", "ghost")
 BEGIN, END = "<!-- dp-step:begin -->", "<!-- dp-step:end -->"
 
 
 def measure(model_name: str, mode: str, batch: int, seq_len: int, steps: int, threads: int) -> dict[str, float]:
     import torch
+    from opacus import PrivacyEngine
 
     from fl_core.config import compose_config, to_app_config
     from fl_core.entry import quiet_libraries
     from fl_core.model import build_model, load_tokenizer
-    from privacy.accountant import AccountantState
     from privacy.dp_sgd import make_private
     from privacy.loss import SequenceClassificationLoss
+    from privacy.secure_random import SecureRandom
 
     quiet_libraries()
     torch.set_num_threads(threads)
@@ -48,11 +51,14 @@ def measure(model_name: str, mode: str, batch: int, seq_len: int, steps: int, th
     module: torch.nn.Module = model
     per_sequence_loss = SequenceClassificationLoss()
     criterion: Callable[..., torch.Tensor] = per_sequence_loss
-    if mode != "plain":
-        session = make_private(model, optimizer, loader, per_sequence_loss, noise_multiplier=1.0, max_grad_norm=1.0,
-                               accountant=AccountantState("rdp"), grad_sample_mode=mode, poisson_sampling=False)
-        module, optimizer, loader, criterion = session.module, session.optimizer, session.data_loader, \
-            session.criterion
+    if mode == "opacus-noise":
+        module, optimizer, loader = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False)
+    elif mode != "plain":
+        session = make_private(model, optimizer, per_sequence_loss, noise_multiplier=1.0, max_grad_norm=1.0,
+                               expected_batch_size=batch, grad_sample_mode=mode, secure_random=SecureRandom())
+        module, optimizer, criterion = session.module, session.optimizer, session.criterion  # type: ignore[assignment]
     times = []
     for i, (x, y) in enumerate(loader):
         start = time.perf_counter()
@@ -83,15 +89,20 @@ def run_all(models: list[str], batch: int, seq_len: int, steps: int, threads: in
 
 def table(rows: list[dict[str, object]], batch: int, seq_len: int, threads: int) -> str:
     plain = {r["model"]: r["step_s"] for r in rows if r["mode"] == "plain" and "step_s" in r}
+    opacus = {r["model"]: r["step_s"] for r in rows if r["mode"] == "opacus-noise" and "step_s" in r}
     lines = [f"Batch {batch} x {seq_len} tokens, classification, LoRA r=8, {threads} thread(s), median step "
-             f"after 2 warm-up steps; peak RSS of a process that builds the model and trains.", "",
-             "| model | mode | step (s) | vs plain | peak RSS (MB) |", "|---|---|---|---|---|"]
+             f"after 2 warm-up steps; peak RSS of a process that builds the model and trains. `opacus-noise`: "
+             "Opacus's PrivacyEngine as it ships (torch generator noise); the other DP modes draw their noise "
+             "from ChaCha20 (`privacy/secure_random.py`).", "",
+             "| model | mode | step (s) | vs plain | vs opacus-noise | peak RSS (MB) |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['mode']} | failed: {r['error']} | | |")
+            lines.append(f"| {r['model']} | {r['mode']} | failed: {r['error']} | | | |")
             continue
-        ratio = float(r["step_s"]) / float(plain[r["model"]])  # type: ignore[arg-type]
-        lines.append(f"| {r['model']} | {r['mode']} | {float(r['step_s']):.3f} | {ratio:.2f}x | "  # type: ignore[arg-type]
+        step = float(r["step_s"])  # type: ignore[arg-type]
+        ratio = step / float(plain[r["model"]])  # type: ignore[arg-type]
+        versus = f"{step / float(opacus[r['model']]):.2f}x" if r["mode"] != "plain" and r["model"] in opacus else ""  # type: ignore[arg-type]
+        lines.append(f"| {r['model']} | {r['mode']} | {step:.3f} | {ratio:.2f}x | {versus} | "
                      f"{float(r['peak_rss_mb']):.0f} |")  # type: ignore[arg-type]
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """Federated round cost, measured in one invocation on one machine:
 
 1. framework overhead: a simulated FedProx round (Flower, Ray actors, plaintext aggregation) against the same
-   hospitals' local training and evaluation run back to back in one process without Flower;
+   hospitals' local training and the central evaluation run back to back in one process without Flower;
 2. SecAgg+ cost: the same round with SecAgg+ against the plaintext round.
 
 Usage: `python scripts/bench_federated_round.py [--rounds 3]`. Writes docs/benchmarks.md between the markers.
@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl_client.hospital import hospital_resources  # noqa: E402
+from fl_client.hospital import hospital_plan, hospital_resources  # noqa: E402
 from fl_client.node import NodeSettings  # noqa: E402
 from fl_core.config import compose_config, to_app_config  # noqa: E402
 from fl_core.data import load_splits  # noqa: E402
@@ -55,24 +55,27 @@ def simulated_round_seconds(rounds: int, secagg: bool, workdir: Path) -> list[fl
 
 
 def local_round_seconds(rounds: int) -> list[float]:
-    """The same work a round does, minus Flower: each hospital trains and evaluates, then central evaluation."""
+    """The same work a round does, minus Flower: each hospital trains, then the central evaluation."""
     quiet_libraries()
     torch.set_num_threads(1)
     cfg = to_app_config(compose_config([*WORKLOAD, f"federation.num_rounds={rounds}"]))
-    hospitals = [hospital_resources(cfg, NodeSettings.from_node_config({"partition-id": p}))
-                 for p in range(cfg.federation.num_clients)]
+    nodes = [NodeSettings.from_node_config({"partition-id": p}, simulated=True)
+             for p in range(cfg.federation.num_clients)]
+    hospitals = [hospital_resources(cfg, node) for node in nodes]
+    plans = [hospital_plan(cfg, node) for node in nodes]
     central = hospitals[0]
     test = load_splits(cfg.data).test
-    accountants = [AccountantState("rdp") for _ in hospitals]
+    accountants = [AccountantState() for _ in hospitals]
     global_arrays = adapter_to_arrays(central.model)
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
         updates = []
-        for i, h in enumerate(hospitals):
+        for i, (h, p) in enumerate(zip(hospitals, plans, strict=True)):
             load_adapter_arrays(h.model, global_arrays)
-            result = train_local(cfg, h.model, h.tokenizer, h.train, h.device, noise_multiplier=h.noise_multiplier,
-                                 accountant=accountants[i], proximal_mu=cfg.strategy.proximal_mu)
+            result = train_local(cfg, h.model, h.tokenizer, p.data.train, h.device, plan=p.sampling,
+                                 noise_multiplier=p.noise_multiplier, accountant=accountants[i],
+                                 proximal_mu=cfg.strategy.proximal_mu)
             assert result.accountant is not None
             accountants[i] = result.accountant
             updates.append((adapter_to_arrays(h.model), result.num_examples))
@@ -80,9 +83,6 @@ def local_round_seconds(rounds: int) -> list[float]:
         global_arrays = [np.sum([a[k] * n for a, n in updates], axis=0) / total for k in range(len(global_arrays))]
         load_adapter_arrays(central.model, global_arrays)
         evaluate(cfg, central.model, central.tokenizer, test, central.device)
-        for h in hospitals:
-            load_adapter_arrays(h.model, global_arrays)
-            evaluate(cfg, h.model, h.tokenizer, h.test, h.device)
         times.append(time.perf_counter() - start)
     return times
 

@@ -6,13 +6,16 @@
     python -m scripts.federation register DIR NAME                         # once the SuperLink is up
     python -m scripts.federation partition DATA --hospitals H1 H2 H3 [--overrides "data.max_train_examples=..."]
     python -m scripts.federation supernode DIR HOSPITAL --superlink HOST:PORT --data-dir DATA/H1 [--policy-file F]
+        [--approved-bundles FILE]                                            # runs `fl-node run`
 
 `init` makes what a federation's operator hands out: a CA, the SuperLink's server certificate (SANs for 127.0.0.1,
 localhost and `--dns`) and one ECDSA key pair per hospital, in OpenSSH format as Flower's node auth expects. Private
 keys are written 0600 and never overwritten: running `init` again with more hospitals only adds their keys.
 `partition` gives each hospital of a trial federation its share of the packaged data as its own files (a real
 hospital writes its records in the same format: `train.jsonl` and `test.jsonl`, one {"text", "label"} per line).
-`superlink` and `supernode` replace themselves with Flower's own processes (exec), so signals reach Flower directly.
+`superlink` replaces itself with Flower's SuperLink and `supernode` with `fl-node` (exec), so signals reach them
+directly; a node runs only the app bundles its hospital approved (`fl-node approve`, listed in `--approved-bundles`,
+default STATE/approved-bundles.txt).
 """
 
 from __future__ import annotations
@@ -238,14 +241,16 @@ def write_partitions(data_root: Path, hospitals: Sequence[str], overrides: Seque
     return written
 
 
-def write_node_config(certs: Path, hospital: str, state: Path, data_dir: Path, policy_file: Path | None) -> Path:
+def write_node_config(certs: Path, hospital: str, state: Path, data_dir: Path, policy_file: Path | None,
+                      approved_bundles: Path) -> Path:
     """The node's own settings as a TOML file; nothing in it comes from the researcher who submits runs."""
     import tomli_w
 
     if not data_dir.is_dir():
         raise SetupError(f"--data-dir: no such folder {data_dir}")
     config: dict[str, str] = {"hospital-id": hospital, "state-dir": str(state.resolve()),
-                              "data-dir": str(data_dir.resolve())}
+                              "data-dir": str(data_dir.resolve()),
+                              "approved-bundles": str(_require_file(approved_bundles, "--approved-bundles").resolve())}
     if policy_file is not None:
         config["policy-file"] = str(_require_file(policy_file, "--policy-file").resolve())
     path = node_dir(certs, hospital) / NODE_CONFIG
@@ -254,11 +259,11 @@ def write_node_config(certs: Path, hospital: str, state: Path, data_dir: Path, p
 
 
 def supernode_command(certs: Path, hospital: str, superlink: str, node_config: Path, clientapp_port: int) -> list[str]:
-    """`clientapp_port`: the node's local API for its ClientApp processes; distinct per node on one machine."""
-    return [flower_command("flower-supernode"), "--root-certificates", str(_require_file(certs / CA_CERT, "certs")),
-            "--superlink", superlink,
+    """`fl-node run`; `clientapp_port`: the node's local runtime API for its tasks, distinct per node on one machine."""
+    return [sys.executable, "-m", "fl_client.node_launcher", "run", str(node_config), "--superlink", superlink,
+            "--root-certificates", str(_require_file(certs / CA_CERT, "certs")),
             "--auth-supernode-private-key", str(_require_file(node_dir(certs, hospital) / NODE_KEY, "HOSPITAL")),
-            "--node-config", str(node_config), "--host", "127.0.0.1", "--port", str(clientapp_port)]
+            "--runtime-port", str(clientapp_port)]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -302,6 +307,8 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--state", type=Path, help="the node's ledger and policy folder (default CERTS/../state/HOSPITAL)")
     n.add_argument("--data-dir", type=Path, required=True, help="the hospital's train.jsonl and test.jsonl")
     n.add_argument("--policy-file", type=Path)
+    n.add_argument("--approved-bundles", type=Path, help="the app bundles the hospital approved (fl-node approve); "
+                                                         "default STATE/approved-bundles.txt")
     n.add_argument("--clientapp-port", type=int, default=9094)
     return p
 
@@ -341,7 +348,8 @@ def run(argv: Sequence[str] | None = None) -> None:
         check_hospitals([args.hospital])
         state = args.state or certs.resolve().parent / "state" / args.hospital
         _require_file(node_dir(certs, args.hospital) / NODE_KEY, "HOSPITAL")
-        config = write_node_config(certs, args.hospital, state, args.data_dir, args.policy_file)
+        config = write_node_config(certs, args.hospital, state, args.data_dir, args.policy_file,
+                                   args.approved_bundles or state / "approved-bundles.txt")
         command = supernode_command(certs, args.hospital, args.superlink, config, args.clientapp_port)
         state.mkdir(parents=True, exist_ok=True)
         os.execvpe(command[0], command, flower_environment())

@@ -42,13 +42,19 @@ class RoundRecord:
     server_round: int
     num_examples: int
     client_metrics: dict[str, dict[str, Scalar]] = field(default_factory=dict)
+    hospital_noise_std: float | None = None  # hospital-level DP: the std of the noise added to this aggregate
 
 
 def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    """Example-weighted mean of every numeric metric the hospitals report."""
-    total = sum(n for n, _ in metrics)
+    """Example-weighted mean of every numeric metric, over the hospitals that report it."""
     keys = {k for _, m in metrics for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    return {k: sum(n * float(m[k]) for n, m in metrics if k in m) / total for k in sorted(keys)} if total else {}
+    averaged: dict[str, Scalar] = {}
+    for k in sorted(keys):
+        reporting = [(n, float(m[k])) for n, m in metrics if k in m]
+        total = sum(n for n, _ in reporting)
+        if total:
+            averaged[k] = sum(n * v for n, v in reporting) / total
+    return averaged
 
 
 class RecordingFedProx(FedProx):

@@ -1,4 +1,5 @@
-"""A real federation on 127.0.0.1: a SuperLink and three hospitals' SuperNodes, over TLS with node authentication.
+"""A real federation on 127.0.0.1: a SuperLink and three hospitals' nodes (`fl-node`), over TLS with node
+authentication, each running only the app bundle its hospital approved.
 
 Every process is started here through `scripts/federation.py` (the commands the README gives an operator) in its
 own session, and killed with its whole process group at the end, so nothing outlives the module.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -20,6 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from servers import accepts_connections, free_port, kill_group, wait_until
 
+from fl_client.bundles import approve
 from privacy.ledger import COMMITTED, RESERVED, Entry, Ledger
 from scripts.federation import connect, flower_command, init, write_partitions
 
@@ -56,6 +59,17 @@ class Federation:
                                      "--data-dir", str(self.root / "data" / (data_of or hospital)),
                                      "--state", str(self.state(hospital)), "--clientapp-port", str(free_port())])
 
+    def submit(self, app: Path, overrides: list[str], name: str) -> subprocess.Popen[bytes]:
+        """A researcher's `flwr run` of `app` with these overrides; its output in NAME.log."""
+        (self.root / f"{name}.toml").write_text(f'overrides = "{" ".join(overrides)}"\n')
+        log = (self.root / f"{name}.log").open("wb")
+        command = [flower_command("flwr"), "run", str(app), FEDERATION, "--stream", "--run-config",
+                   str(self.root / f"{name}.toml")]
+        run = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        self.processes[name] = run
+        return run
+
     def state(self, hospital: str) -> Path:
         return self.root / "state" / hospital
 
@@ -74,6 +88,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     fed = Federation(root, env, free_port())
     init(fed.certs, [*HOSPITALS, "intruder"], ["superlink.hospitals.example"], days=30)
     write_partitions(root / "data", HOSPITALS, DATA)
+    for hospital in [*HOSPITALS, "intruder"]:  # each hospital's officer approves this release of the app
+        approve(REPO, fed.state(hospital) / "approved-bundles.txt", note="federated-dp-llm under test")
     try:
         fed.start("superlink", ["superlink", str(fed.certs), "--port", str(fed.superlink_port)], cwd=root)
         wait_until(lambda: accepts_connections(fed.superlink_port), 60, "the SuperLink")
@@ -102,6 +118,50 @@ def test_the_superlink_speaks_only_tls_with_the_federations_certificate(federati
         assert tls.version() in ("TLSv1.2", "TLSv1.3")  # verified against the CA, hostname 127.0.0.1 by its SAN
 
 
+def test_a_modified_app_bundle_is_refused_by_every_node_and_nothing_trains(federation: Federation,
+                                                                            tmp_path: Path) -> None:
+    """The researcher's bundle turns the noise off in the ClientApp; no hospital approved that bundle."""
+    modified = tmp_path / "federated-dp-llm"
+    shutil.copytree(REPO, modified, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "__pycache__"))
+    hospital_code = modified / "fl_client" / "hospital.py"
+    hospital_code.write_text(hospital_code.read_text().replace("noise_multiplier=planned.noise_multiplier",
+                                                               "noise_multiplier=0.0"))
+    before = {h: Ledger(federation.state(h) / "ledger.sqlite").entries() for h in HOSPITALS}
+    run = federation.submit(modified, [*DATA, "train.device=cpu", "federation.num_rounds=1",
+                                       f"output_dir={federation.root / 'refused-run'}",
+                                       f"tracking.mlflow_uri=sqlite:///{federation.root / 'mlflow.db'}"], "modified")
+    run.wait(timeout=300)  # `flwr run --stream` exits 0 whatever the ServerApp did: its output says
+    federation.processes.pop("modified")
+    out = federation.log("modified")
+    assert "0 of 3 hospitals admitted the run" in out and "is not approved by this hospital" in out, out[-3000:]
+    for hospital in HOSPITALS:
+        refusals = [line for line in federation.log(hospital).splitlines()
+                    if "is not approved by this hospital" in line]
+        assert refusals and f"{hospital}: app bundle sha256:" in refusals[0]
+        assert Ledger(federation.state(hospital) / "ledger.sqlite").entries() == before[hospital]  # nothing charged
+
+
+def test_a_node_without_a_state_folder_or_approvals_does_not_start(federation: Federation) -> None:
+    config = federation.root / "bare-node.toml"
+    config.write_text('hospital-id = "h9"\n')
+    proc = subprocess.run([sys.executable, "-m", "fl_client.node_launcher", "run", str(config),
+                           "--superlink", f"127.0.0.1:{federation.superlink_port}",
+                           "--root-certificates", str(federation.certs / "ca.crt"),
+                           "--auth-supernode-private-key", str(federation.certs / "nodes" / "h0" / "node.key")],
+                          cwd=REPO, env=federation.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fl-node: node setting state-dir: required: the folder (on persistent storage) " \
+                                  "that keeps the hospital's privacy ledger"
+    config.write_text(f'hospital-id = "h9"\nstate-dir = "{federation.root / "h9"}"\n'
+                      f'approved-bundles = "{federation.root / "approvals.txt"}"\n')
+    (federation.root / "approvals.txt").write_text("md5:abc\n")
+    proc = subprocess.run([sys.executable, "-m", "fl_client.node_launcher", "run", str(config), "--superlink", "x:1",
+                           "--root-certificates", "ca", "--auth-supernode-private-key", "k"],
+                          cwd=REPO, env=federation.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("fl-node: node setting approved-bundles:")
+    assert "line 1: 'md5:abc' is not sha256:<64 hex digits>" in proc.stderr
+
+
 def test_a_node_whose_key_was_never_registered_is_refused(federation: Federation) -> None:
     intruder = federation.start_node("intruder", data_of="h0")
     assert intruder.wait(timeout=120) != 0
@@ -124,14 +184,9 @@ def test_a_node_killed_mid_round_is_survived_and_resumes_its_ledger_after_restar
     root = federation.root
     overrides = [*DATA, "train.device=cpu", "train.batch_size=16", "train.num_threads=1", "train.local_epochs=2",
                  "federation.num_rounds=2", "federation.min_participants=2", "federation.rejoin_timeout=120",
-                 "strategy.federated_evaluation=false", "strategy.secagg.reconstruction_threshold=2",
+                 "strategy.secagg.reconstruction_threshold=2",
                  f"output_dir={root / 'run'}", f"tracking.mlflow_uri=sqlite:///{root / 'mlflow.db'}"]
-    (root / "run.toml").write_text(f'overrides = "{" ".join(overrides)}"\n')
-    log = (root / "flwr-run.log").open("wb")
-    submit = [flower_command("flwr"), "run", ".", FEDERATION, "--stream", "--run-config", str(root / "run.toml")]
-    run = subprocess.Popen(submit, cwd=REPO, env=federation.env, stdout=log, stderr=subprocess.STDOUT,
-                           start_new_session=True)
-    federation.processes["flwr-run"] = run
+    run = federation.submit(REPO, overrides, "flwr-run")
 
     def charged_rounds() -> int:
         entry = h2_entry(federation)

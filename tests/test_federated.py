@@ -47,8 +47,12 @@ def ledger_of(tmp_path: Path, hospital: str) -> Ledger:
 
 
 def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
+    """The main job's path, with federated evaluation on and hospital-1's policy releasing its training loss."""
     run_dir = tmp_path / "run"
-    proc = fl_simulate(run_dir, "federation.num_rounds=2", "privacy.target_epsilon=8")
+    (tmp_path / "nodes" / "hospital-1").mkdir(parents=True)
+    (tmp_path / "nodes" / "hospital-1" / "policy.yaml").write_text("release_outside_guarantee: [train_loss]\n")
+    proc = fl_simulate(run_dir, "federation.num_rounds=2", "privacy.target_epsilon=8",
+                       "strategy.federated_evaluation=true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Secure aggregation completed" in proc.stdout + proc.stderr
     summary = summary_of(run_dir)
@@ -62,14 +66,17 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
     assert checkpoint.server_round == 2
     assert max(float(np.abs(a - b).max()) for a, b in zip(initial, final, strict=True)) > 1e-4
 
-    # Reported epsilon equals each hospital's own ledger entry, committed, and never exceeds the target.
+    # Reported epsilon equals each hospital's own ledger entry, committed, and never exceeds the target; the entry
+    # holds two rounds of DP-SGD and two noised evaluations, all inside the one calibrated target.
     assert set(summary["epsilon_per_client"]) == {"hospital-0", "hospital-1", "hospital-2"}
     for hospital, epsilon in summary["epsilon_per_client"].items():
         entry = ledger_of(tmp_path, hospital).entry(summary["mlflow_run_id"], hospital, "icd10")
         assert entry is not None and entry.status == "committed"
-        assert epsilon == pytest.approx(entry.epsilon, rel=1e-12)
+        assert [q for _, q, _ in entry.spent.history].count(1.0) == 2  # the evaluations: Gaussian, no sampling
+        assert len(entry.spent.history) == 4
+        assert epsilon == pytest.approx(entry.epsilon, rel=1e-12)  # the final spend, last evaluation included
         assert 7.5 < epsilon <= 8.0
-        assert summary["ledger"][hospital]["lifetime_epsilon"] == pytest.approx(epsilon, rel=1e-9)
+        assert summary["ledger"][hospital]["lifetime_epsilon"] == pytest.approx(entry.epsilon, rel=1e-9)
 
     # MLflow holds the config, per-round convergence and privacy metrics, and the artifacts.
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -77,13 +84,19 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["privacy.target_epsilon"] == "8.0"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "epsilon_max")] == [1, 2]
-    for name in ("eval_loss", "eval_accuracy", "eval_macro_f1", "train_loss", "fed_eval_loss",
+    for name in ("eval_loss", "eval_accuracy", "eval_macro_f1", "train_loss", "fed_eval_loss", "fed_eval_accuracy",
                  "epsilon/hospital-1", "noise_multiplier/hospital-2", "bytes_sent"):
         assert name in run.data.metrics, name
+    assert "fed_eval_macro_f1" not in run.data.metrics  # per-class scores are not released
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "config.json", "privacy_report.json", "privacy_report.md", "admission.json"} <= artifacts
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert report["secure_aggregation"]["protocol"] == "SecAgg+"
+    assert report["guarantees"][0]["neighbouring_relation"].startswith("replace-one")
+    assert report["guarantees"][0]["dataset_sizes"]["hospital-0"]["num_examples"] > 0
+    released = {(r["message"], r["field"]): r for r in report["releases"]}
+    assert released["fit", "train_loss"]["released_by"] == ["hospital-1"]
+    assert released["evaluate", "accuracy"]["status"].startswith("DP mechanism")
     assert report["admission"] == {"admitted": ["hospital-0", "hospital-1", "hospital-2"], "refused": {}}
     assert "| hospital-1 | committed |" in (run_dir / "privacy_report.md").read_text()
     assert (Path(summary["adapter_path"]) / "adapter_config.json").exists()

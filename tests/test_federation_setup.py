@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fl_client.bundles import approve, bundle_digest, load_approved
 from fl_core.config import ConfigError
 from scripts.federation import (
     SetupError,
@@ -90,7 +91,12 @@ def test_setup_refuses_bad_input_with_one_line_before_writing_anything(tmp_path:
     assert not (tmp_path / "certs").exists() and not (tmp_path / "data").exists()
     init(tmp_path / "certs", ["h0"], [], days=30)
     with pytest.raises(SetupError, match=r"^--data-dir: no such folder"):
-        write_node_config(tmp_path / "certs", "h0", tmp_path / "state", tmp_path / "missing", None)
+        write_node_config(tmp_path / "certs", "h0", tmp_path / "state", tmp_path / "missing", None,
+                          tmp_path / "approved.txt")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SetupError, match=r"^--approved-bundles: no such file"):
+        write_node_config(tmp_path / "certs", "h0", tmp_path / "state", tmp_path / "data", None,
+                          tmp_path / "approved.txt")
     with pytest.raises(SystemExit) as exit_info:
         main(["superlink", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
@@ -109,3 +115,9 @@ def test_the_app_bundle_sent_to_every_node_carries_the_whole_config_tree(tmp_pat
     conf = sorted(p.relative_to(repo).as_posix() for p in (repo / "conf").rglob("*.yaml"))
     assert sorted(n for n in names if n.startswith("conf/")) == conf
     assert not [n for n in names if n.startswith(("federation/", ".venv/", "outputs/"))]
+    # What a hospital approves from the app's folder is the digest of the bundle `flwr build` and `flwr run` make.
+    listed = tmp_path / "approved-bundles.txt"
+    digest = approve(repo, listed, note="release under review")
+    assert digest == bundle_digest(bundle.read_bytes()) and digest.removeprefix("sha256:")[:8] in bundle.name
+    assert approve(bundle, listed) == digest  # the .fab file itself gives the same digest, listed once
+    assert load_approved(listed) == {digest} and len(listed.read_text().splitlines()) == 1

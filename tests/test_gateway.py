@@ -222,7 +222,7 @@ def test_past_the_rate_limit_a_user_gets_429_and_others_do_not(stack: Stack) -> 
 
 def test_noisy_votes_are_charged_until_the_budget_is_exhausted(stack: Stack) -> None:
     charged, remaining = [], []
-    for _ in range(VOTE.max_queries):
+    for _ in range(VOTE.queries_left(0.0)):
         response = classify(stack, "fay", privacy="noisy-vote")
         assert response.status_code == 200, response.text
         body = response.json()
@@ -230,7 +230,7 @@ def test_noisy_votes_are_charged_until_the_budget_is_exhausted(stack: Stack) -> 
         assert body["privacy"]["provenance"]["hospitals"] == 2
         charged.append(body["privacy"]["epsilon_charged"])
         remaining.append(body["privacy"]["budget_remaining"])
-    spent = [VOTE.epsilon_after(n) for n in range(VOTE.max_queries + 1)]
+    spent = [VOTE.epsilon_of(n * VOTE.rho_per_query) for n in range(VOTE.queries_left(0.0) + 1)]
     assert charged == pytest.approx([b - a for a, b in itertools.pairwise(spent)])
     assert remaining == pytest.approx([VOTE.epsilon_per_user - e for e in spent[1:]])
     refused = classify(stack, "fay", privacy="noisy-vote")
@@ -286,7 +286,7 @@ def test_metrics_expose_latency_statuses_budgets_and_node_health(stack: Stack) -
     assert 'request_duration_seconds_bucket{le="0.2",route="/v1/classify"}' in text
     assert 'requests_total{route="/v1/classify",status="429"} 1.0' in text
     assert 'requests_total{route="/v1/classify",status="401"} 5.0' in text
-    remaining = VOTE.epsilon_per_user - VOTE.epsilon_after(VOTE.max_queries)
+    remaining = VOTE.epsilon_per_user - VOTE.epsilon_of(VOTE.queries_left(0.0) * VOTE.rho_per_query)
     assert f'privacy_budget_remaining{{user="fay"}} {remaining}' in text
     assert f'federated_node_health{{backend="{stack.url("node-1")}",hospital="hospital-1"}} 1.0' in text
     busy = httpx.get(stack.url("busy") + "/metrics", timeout=30).text
@@ -334,7 +334,7 @@ def test_the_audit_log_holds_every_request_encrypted_and_catches_tampering(stack
     records = AuditLog(log_path, key).records(decrypt=True)
     assert {r["status"] for r in records} >= {200, 401, 403, 429}
     votes = [r for r in records if r["query_mode"] == "noisy-vote" and r["status"] == 200]
-    assert [r["epsilon"] for r in votes][:1] == [pytest.approx(VOTE.epsilon_after(1))]
+    assert [r["epsilon"] for r in votes][:1] == [pytest.approx(VOTE.epsilon_of(VOTE.rho_per_query))]
     assert any(r["user"] == "carol" and r["request"] == TEXT for r in records)
     for name in ("main-audit.sqlite", "main-audit.sqlite-wal"):
         if (stack.root / name).exists():

@@ -39,11 +39,12 @@ def test_budget_admits_one_run_refuses_the_next_and_policy_beats_run_config(tmp_
     out = first.stdout + first.stderr
     assert first.returncode == 0, out[-3000:]
     # The run asked for model=tiny; hospital-2's own policy forbids it: refused with the reason, run goes on.
-    assert ("[admission] hospital-2 refused the run: hospital-2 policy: model 'tiny' is not in allowed_models "
+    assert ("[admission] hospital-2 refused the run: hospital-2: policy: model 'tiny' is not in allowed_models "
             "['smollm2-135m']") in out
     summary = summary_of(tmp_path / "run-1")
     assert set(summary["epsilon_per_client"]) == {"hospital-0", "hospital-1"}
     assert ledger(tmp_path, "hospital-2").entries() == []
+    assert "allowed_models" in str(ledger(tmp_path, "hospital-2").refusals()[0]["reason"])  # in its own history
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
     assert "allowed_models" in run.data.tags["refused.hospital-2"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
@@ -13,15 +14,24 @@ from privacy.calibration import epsilon_for
 from privacy.ledger import ABORTED, COMMITTED, RESERVED, Budget, BudgetExceeded, Ledger, LedgerError, SpendRequest
 from privacy.ledger_cli import main
 
-SIGMA, Q = 1.0, 0.05
+SIGMA, Q, ROUND = 1.0, 0.05, 50  # a round: 50 steps
+PLAN = "the admitted plan"
 
 
-def request(run_id: str, steps: int = 200, hospital: str = "h0", sigma: float = SIGMA) -> SpendRequest:
-    return SpendRequest(run_id, hospital, "icd10", sigma, Q, steps, 1e-5, "rdp")
+def request(run_id: str, steps: int = 200, hospital: str = "h0", sigma: float = SIGMA,
+            flower_run: int | None = 7) -> SpendRequest:
+    rounds = AccountantState(((sigma, Q, ROUND),) * (steps // ROUND))
+    return SpendRequest(run_id, hospital, "icd10", flower_run, PLAN, rounds, 1e-5, sigma, Q)
+
+
+def charge(ledger: Ledger, run_id: str, hospital: str = "h0", flower_run: int | None = 7, plan: str = PLAN,
+           **caps: object):  # type: ignore[no-untyped-def]
+    return ledger.charge(run_id, hospital, "icd10", flower_run=flower_run, plan=plan, release=(SIGMA, Q, ROUND),
+                         **caps)  # type: ignore[arg-type]
 
 
 def one_run_epsilon(steps: int) -> float:
-    return epsilon_for(SIGMA, 1e-5, Q, steps, "rdp")
+    return epsilon_for(SIGMA, 1e-5, Q, steps)
 
 
 def test_reserve_charge_commit_keeps_the_spend_and_frees_the_unspent_plan(tmp_path: Path) -> None:
@@ -30,7 +40,8 @@ def test_reserve_charge_commit_keeps_the_spend_and_frees_the_unspent_plan(tmp_pa
     assert entry.status == RESERVED and entry.planned.steps == 200 and entry.spent.steps == 0
     # An open reservation counts in full.
     assert ledger.balance("h0", "icd10").rdp_epsilon == pytest.approx(one_run_epsilon(200), rel=1e-12)
-    ledger.charge("run-a", "h0", "icd10", AccountantState("rdp", [(SIGMA, Q, 100)]))
+    charge(ledger, "run-a")
+    charge(ledger, "run-a")
     closed = ledger.close("run-a", "h0", "icd10", COMMITTED)
     assert closed.status == COMMITTED and closed.epsilon == pytest.approx(one_run_epsilon(100), rel=1e-12)
     assert ledger.balance("h0", "icd10").rdp_epsilon == pytest.approx(one_run_epsilon(100), rel=1e-12)
@@ -40,13 +51,14 @@ def test_lifetime_spend_composes_with_rdp_and_shows_the_sum(tmp_path: Path) -> N
     ledger = Ledger(tmp_path / "ledger.sqlite")
     for run in ("run-a", "run-b"):
         ledger.reserve(request(run))
-        ledger.charge(run, "h0", "icd10", AccountantState("rdp", [(SIGMA, Q, 200)]))
+        for _ in range(4):
+            charge(ledger, run)
         ledger.close(run, "h0", "icd10", COMMITTED)
     balance = ledger.balance("h0", "icd10")
     assert balance.rdp_epsilon == pytest.approx(one_run_epsilon(400), rel=1e-12)
     assert balance.summed_epsilon == pytest.approx(2 * one_run_epsilon(200), rel=1e-12)
     assert balance.summed_delta == pytest.approx(2e-5)
-    assert balance.rdp_epsilon < balance.summed_epsilon  # RDP composition is the tighter one here
+    assert balance.rdp_epsilon < balance.summed_epsilon  # composing is tighter than adding epsilons
     # Another dataset of the same hospital is a different set of records: its own balance.
     assert ledger.balance("h0", "drugreview").rdp_epsilon == 0.0
 
@@ -68,38 +80,90 @@ def test_a_policy_cap_is_enforced_beside_the_ledger_budget(tmp_path: Path) -> No
     assert ledger.entries() == []
 
 
-def test_charging_past_the_cap_is_refused_before_the_round(tmp_path: Path) -> None:
+def test_a_charge_past_the_lifetime_cap_or_the_run_cap_is_refused_before_the_round(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.set_budget("h0", one_run_epsilon(200) * 1.01, 1e-5)
     ledger.reserve(request("run-a"))
-    ledger.charge("run-a", "h0", "icd10", AccountantState("rdp", [(SIGMA, Q, 200)]))
-    with pytest.raises(BudgetExceeded):  # a round beyond the plan would pass the lifetime cap
-        ledger.charge("run-a", "h0", "icd10", AccountantState("rdp", [(SIGMA, Q, 300)]))
-    assert ledger.entry("run-a", "h0", "icd10").spent.steps == 200  # type: ignore[union-attr]
+    charge(ledger, "run-a")
+    with pytest.raises(BudgetExceeded, match="above its cap"):
+        charge(ledger, "run-a", run_cap=one_run_epsilon(100) * 0.99)  # the run's own cap, checked every round
+    ledger.set_budget("h0", one_run_epsilon(50) * 1.05, 1e-5)  # the officer lowers the lifetime budget
+    with pytest.raises(BudgetExceeded, match="above the ledger budget"):
+        charge(ledger, "run-a")
+    assert ledger.entry("run-a", "h0", "icd10").spent.steps == ROUND  # type: ignore[union-attr]
 
 
-def test_charges_need_an_open_reservation_and_never_forget_spend(tmp_path: Path) -> None:
+def test_a_charge_comes_only_from_the_bound_run_for_the_admitted_plan_and_within_it(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite")
     with pytest.raises(LedgerError, match="no open reservation"):
-        ledger.charge("run-x", "h0", "icd10", AccountantState("rdp", [(SIGMA, Q, 10)]))
-    ledger.reserve(request("run-a"))
-    ledger.charge("run-a", "h0", "icd10", AccountantState("rdp", [(SIGMA, Q, 100)]))
-    with pytest.raises(LedgerError, match="would forget spend"):
-        ledger.charge("run-a", "h0", "icd10", AccountantState("rdp", [(SIGMA, Q, 50)]))
+        charge(ledger, "run-x")
+    ledger.reserve(request("run-a", steps=100))  # two rounds
+    with pytest.raises(LedgerError, match="admitted by Flower run 7, not by run 8"):
+        charge(ledger, "run-a", flower_run=8)
+    with pytest.raises(LedgerError, match="another plan"):
+        charge(ledger, "run-a", plan="a plan with sigma 0")
+    charge(ledger, "run-a")
+    charge(ledger, "run-a")
+    with pytest.raises(LedgerError, match="beyond the plan"):  # a third round was never admitted
+        charge(ledger, "run-a")
     ledger.close("run-a", "h0", "icd10", ABORTED)
     with pytest.raises(LedgerError, match="no open reservation"):
-        ledger.charge("run-a", "h0", "icd10", AccountantState("rdp", [(SIGMA, Q, 150)]))
+        charge(ledger, "run-a")
+    assert ledger.entry("run-a", "h0", "icd10").spent.steps == 2 * ROUND  # type: ignore[union-attr]
 
 
 def test_a_resumed_run_continues_its_own_entry_instead_of_double_counting(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.reserve(request("run-a", steps=200))
-    ledger.charge("run-a", "h0", "icd10", AccountantState("rdp", [(SIGMA, Q, 100)]))
-    # The server died; the run resumes under the same id with the same plan.
-    again = ledger.reserve(request("run-a", steps=200))
-    assert again.spent.steps == 100 and again.planned.steps == 200
+    charge(ledger, "run-a")
+    charge(ledger, "run-a")
+    # The server died; the run resumes under the same id with the same plan, from a new Flower run.
+    again = ledger.reserve(request("run-a", steps=200, flower_run=9))
+    assert again.spent.steps == 100 and again.planned.steps == 200 and again.flower_run == 9
     assert len(ledger.entries()) == 1
-    assert ledger.balance("h0", "icd10").rdp_epsilon == pytest.approx(one_run_epsilon(200), rel=1e-12)
+    assert ledger.balance("h0", "icd10").rdp_epsilon == pytest.approx(one_run_epsilon(200), rel=1e-9)
+    with pytest.raises(LedgerError, match="not by run 7"):  # the old Flower run lost the admission
+        charge(ledger, "run-a", flower_run=7)
+
+
+def test_reservations_of_silent_runs_expire_keeping_what_they_spent(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.set_budget("h0", one_run_epsilon(200) * 1.2, 1e-5)
+    ledger.reserve(request("made-up"))  # an admission whose run never trains: it holds the whole budget
+    with pytest.raises(BudgetExceeded):
+        ledger.reserve(request("real"))
+    time.sleep(2.1)
+    entry = ledger.reserve(request("real"), stale_after=1.0)  # the node's timeout frees the made-up reservation
+    assert entry.status == RESERVED
+    expired = ledger.entry("made-up", "h0", "icd10")
+    assert expired is not None and expired.status == ABORTED and "expired" in str(expired.closed_reason)
+
+
+def test_refusals_are_kept_in_the_hospitals_own_history(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.record_refusal("h0", "icd10", "run-z", 11, "policy: model 'tiny' is not in allowed_models")
+    assert [(r["run_id"], r["flower_run"], r["reason"]) for r in ledger.refusals("h0")] == [
+        ("run-z", 11, "policy: model 'tiny' is not in allowed_models")]
+
+
+def test_an_older_ledger_gains_the_new_columns_and_keeps_its_entries(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE entries (run_id TEXT NOT NULL, hospital TEXT NOT NULL, dataset TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('reserved', 'committed', 'aborted')), delta REAL NOT NULL,
+            noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, planned TEXT NOT NULL, spent TEXT NOT NULL,
+            created_at TEXT NOT NULL, updated_at TEXT NOT NULL, PRIMARY KEY (run_id, hospital, dataset));
+        INSERT INTO entries VALUES ('old', 'h0', 'icd10', 'committed', 1e-5, 1.0, 0.05,
+            '{"kind": "prv", "history": [[1.0, 0.05, 100]]}', '{"kind": "prv", "history": [[1.0, 0.05, 100]]}',
+            '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00');""")
+    db.commit()
+    db.close()
+    entry = Ledger(path).entry("old", "h0", "icd10")
+    assert entry is not None and entry.flower_run is None and entry.spent.kind == "rdp"  # re-accounted, replace-one
+    assert entry.epsilon == pytest.approx(epsilon_for(1.0, 1e-5, 0.05, 100, "rdp"), rel=1e-9)
 
 
 def test_a_run_without_dp_has_infinite_epsilon_and_fails_any_cap(tmp_path: Path) -> None:
@@ -163,7 +227,9 @@ def test_fl_ledger_sets_budgets_shows_exports_and_aborts_a_crashed_run(
     shown = json.loads(cli("show", "--json")[1])  # a fresh budget shows before any spend
     assert [(r["dataset"], r["budget_epsilon"], r["rdp_epsilon"]) for r in shown] == [("*", 9.0, 0.0)]
     ledger.reserve(request("run-a", hospital="hospital-0"))
-    ledger.charge("run-a", "hospital-0", "icd10", AccountantState("rdp", [(SIGMA, Q, 50)]))
+    charge(ledger, "run-a", hospital="hospital-0")
+    assert "run-a" in cli("reservations")[1]
+    assert json.loads(cli("reservations", "--json")[1])[0]["silent_seconds"] >= 0
 
     shown = json.loads(cli("show", "--json")[1])
     assert [r["dataset"] for r in shown] == ["icd10"]
@@ -190,7 +256,9 @@ def test_fl_ledger_sets_budgets_shows_exports_and_aborts_a_crashed_run(
     assert not (home / "hospital-1").exists()  # a refused command creates nothing
 
 
-def test_compose_concatenates_histories_as_rdp() -> None:
-    a = AccountantState("prv", [(1.0, 0.1, 10)])
-    b = AccountantState("rdp", [(2.0, 0.2, 5)])
-    assert compose([a, b]) == AccountantState("rdp", [(1.0, 0.1, 10), (2.0, 0.2, 5)])
+def test_compose_concatenates_histories_and_keeps_the_looser_accountant() -> None:
+    a = AccountantState(((1.0, 0.1, 10),), "pld")
+    b = AccountantState(((2.0, 0.2, 5),), "rdp")
+    assert compose([a, b]) == AccountantState(((1.0, 0.1, 10), (2.0, 0.2, 5)), "rdp")
+    assert compose([a, a]).kind == "pld"
+    assert compose([a, b]).epsilon(1e-5) >= max(a.epsilon(1e-5), b.epsilon(1e-5))

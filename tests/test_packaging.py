@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 CHART = REPO / "helm" / "federated-dp-llm"
 TARGETS = ("superlink", "serverapp", "supernode", "mlflow", "gateway", "replica")
-HOSPITALS = [{"hospital": f"hospital-{h}", "keySecret": f"hospital-{h}-node", "dataClaim": f"hospital-{h}-data"}
-             for h in "abc"]
+APPROVED = "sha256:" + "ab" * 32
+HOSPITALS = [{"hospital": f"hospital-{h}", "keySecret": f"hospital-{h}-node", "dataClaim": f"hospital-{h}-data",
+              "approvedBundles": [APPROVED]} for h in "abc"]
 SECRETISH = re.compile(r"secret|password|token|key", re.IGNORECASE)
 
 
@@ -93,7 +94,8 @@ def test_compose_file_is_a_valid_three_hospital_federation() -> None:
             assert not SECRETISH.search(variable) or str(value).startswith("/run/secrets/"), (name, variable)
     for hospital in hospitals:
         node_config = tomllib.loads(spec["configs"][hospital]["content"])
-        assert node_config == {"hospital-id": hospital, "state-dir": "/var/lib/node", "data-dir": "/data"}
+        assert node_config == {"hospital-id": hospital, "state-dir": "/var/lib/node", "data-dir": "/data",
+                               "approved-bundles": "/etc/fl/approved-bundles.txt"}
     assert spec["secrets"]["superexec_secret"] == {"environment": "FL_SUPEREXEC_SECRET"}  # never in the file
 
 
@@ -149,7 +151,29 @@ def test_a_hospitals_policy_and_gpu_reach_its_node_only() -> None:
 
 def test_a_node_without_its_key_secret_fails_to_render_naming_the_value() -> None:
     with pytest.raises(Exception, match=r"supernodes\[hospital-a\]\.keySecret"):
-        render({"supernodes": [{"hospital": "hospital-a", "dataClaim": "a"}]})
+        render({"supernodes": [{"hospital": "hospital-a", "dataClaim": "a", "approvedBundles": [APPROVED]}]})
+
+
+def test_every_node_runs_fl_node_with_its_state_and_the_bundles_its_hospital_approved() -> None:
+    defaults = {"supernodeDefaults": {"approvedBundles": [APPROVED]}}
+    nodes = [{k: v for k, v in h.items() if k != "approvedBundles"} for h in HOSPITALS]
+    nodes[1]["approvedBundles"] = ["sha256:" + "cd" * 32]  # hospital-b approved another release
+    manifests = render({"supernodes": nodes, **defaults})
+    configs = {m["metadata"]["name"]: m["data"] for m in manifests if m["kind"] == "ConfigMap"}
+    for h, digest in (("a", APPROVED), ("b", "sha256:" + "cd" * 32)):
+        data = configs[f"fed-federated-dp-llm-hospital-{h}"]
+        node = tomllib.loads(data["node.toml"])
+        assert node["approved-bundles"] == "/etc/fl/approved-bundles.txt" and node["state-dir"] == "/var/lib/node"
+        assert data["approved-bundles.txt"].split() == [digest]
+    for pod in pod_specs([m for m in manifests if m["kind"] == "StatefulSet" and "hospital" in m["metadata"]["name"]]):
+        command = pod["containers"][0]["command"]
+        assert command[:3] == ["fl-node", "run", "/etc/fl/node.toml"]
+        assert any(m["mountPath"] == "/var/lib/node" for m in pod["containers"][0]["volumeMounts"])  # persistent
+    with pytest.raises(Exception, match=r"supernodes\[hospital-a\]\.approvedBundles"):
+        render({"supernodes": nodes[:1]})
+    compose_nodes = {n: s for n, s in compose()["services"].items() if n.startswith("hospital-")}
+    for service in compose_nodes.values():
+        assert {c["target"] for c in service["configs"]} == {"/etc/fl/node.toml", "/etc/fl/approved-bundles.txt"}
 
 
 def test_runs_are_tracked_on_the_mlflow_service_which_answers_its_own_name() -> None:
@@ -166,7 +190,8 @@ def test_runs_are_tracked_on_the_mlflow_service_which_answers_its_own_name() -> 
 
 
 def test_a_hospital_id_that_is_no_dns_name_still_gives_valid_resource_names() -> None:
-    manifests = render({"supernodes": [{"hospital": "St_Marys.Oncology", "keySecret": "k", "dataClaim": "d"}]})
+    manifests = render({"supernodes": [{"hospital": "St_Marys.Oncology", "keySecret": "k", "dataClaim": "d",
+                                        "approvedBundles": [APPROVED]}]})
     version = kubernetes_validate.latest_version()
     for manifest in manifests:
         kubernetes_validate.validate(manifest, version, strict=True)

@@ -1,21 +1,28 @@
-"""A hospital's policy file, and its node admitting or refusing runs against the policy and the ledger."""
+"""A hospital's policy file, and its node admitting, checking and charging runs against the policy and the ledger."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from fl_client.hospital import HospitalClient, RunRefused, hospital_resources
+from fl_client.hospital import HospitalClient, hospital_plan, hospital_resources
 from fl_client.node import NodeSettings
 from fl_core.model import adapter_to_arrays
 from fl_core.protocol import ADMIT, LEDGER_ACTION, RUN_ID
+from privacy.governance import Refused
 from privacy.ledger import COMMITTED, Ledger
-from privacy.policy import HospitalPolicy, PolicyError, RunRequest, load_policy, violations
+from privacy.policy import HospitalPolicy, PolicyError, load_policy, violations
+from privacy.run_plan import RunPlan
 from tests.conftest import tiny_config
 
-ALLOWED = RunRequest(model="tiny", task="classification", dataset="icd10", private=True, planned_epsilon=4.0,
-                     delta=1e-5, noise_multiplier=1.0, secure_aggregation=True)
+ALLOWED = RunPlan(model="tiny", task="classification", dataset="icd10", private=True, noise_multiplier=1.0,
+                  sample_rate=0.1, steps_per_round=10, rounds=2, num_examples=100, num_test_examples=20, delta=1e-5,
+                  max_grad_norm=1.0, target_epsilon=None, secure_aggregation=True, secure_aggregation_parameters="",
+                  hospital_level_dp=False, hospital_level_clipping_norm=0.0, evaluation_rounds=0,
+                  evaluation_noise_multiplier=0.0, proximal_mu=0.01, accountant="pld")
 
 
 def write_policy(folder: Path, text: str) -> Path:
@@ -29,6 +36,8 @@ def write_policy(folder: Path, text: str) -> Path:
     ("max_delta: 2", "max_delta"),
     ("allowed_models: tiny", "allowed_models"),  # a list is required
     ("unknown_rule: 1", "unknown_rule"),
+    ("release_outside_guarantee: [parameters]", "release_outside_guarantee"),  # DP-released, not an option
+    ("release_outside_guarantee: [patient_names]", "release_outside_guarantee"),
 ])
 def test_a_bad_policy_file_is_one_line_naming_the_field(tmp_path: Path, text: str, field_name: str) -> None:
     with pytest.raises(PolicyError) as err:
@@ -40,54 +49,136 @@ def test_every_rule_can_refuse_a_run() -> None:
     policy = HospitalPolicy(max_epsilon_per_run=2.0, min_noise_multiplier=1.5, max_delta=1e-6,
                             allowed_models=["smollm2-135m"], allowed_tasks=["causal-lm"], allowed_datasets=["x"],
                             require_secure_aggregation=True)
-    found = violations(policy, RunRequest(**{**ALLOWED.__dict__, "secure_aggregation": False}))
+    found = violations(policy, dataclasses.replace(ALLOWED, secure_aggregation=False), planned_epsilon=4.0)
     assert len(found) == 7
     for needle in ("allowed_models", "allowed_tasks", "allowed_datasets", "max_epsilon_per_run",
                    "min_noise_multiplier", "max_delta", "require_secure_aggregation"):
         assert any(needle in reason for reason in found), needle
-    assert violations(HospitalPolicy(), ALLOWED) == []
-    no_dp = RunRequest(**{**ALLOWED.__dict__, "private": False, "planned_epsilon": float("inf"),
-                          "noise_multiplier": None})
-    assert violations(HospitalPolicy(max_epsilon_per_run=8.0), no_dp)  # no DP: no epsilon cap can hold
+    assert violations(HospitalPolicy(), ALLOWED, planned_epsilon=4.0) == []
+    no_dp = dataclasses.replace(ALLOWED, private=False, noise_multiplier=0.0)
+    assert violations(HospitalPolicy(max_epsilon_per_run=8.0), no_dp, float("inf"))  # no DP: no cap can hold
 
 
-def client_for(tmp_path: Path, *overrides: str, policy: str | None = None) -> HospitalClient:
+def client_for(tmp_path: Path, *overrides: str, policy: str | None = None, flower_run: int = 1) -> HospitalClient:
     cfg = tiny_config("federation.num_rounds=2", *overrides)
     state = tmp_path / "node"
     if policy is not None:
         write_policy(state, policy)
-    return HospitalClient(cfg, NodeSettings.from_node_config({"partition-id": 0, "state-dir": str(state)}))
+    node = NodeSettings.from_node_config({"partition-id": 0, "state-dir": str(state)}, simulated=True)
+    return HospitalClient(cfg, node, flower_run)
 
 
-def test_the_policy_on_the_node_wins_over_the_run_config(tmp_path: Path) -> None:
+def admit(client: HospitalClient, run_id: str = "run-a") -> dict[str, object]:
+    return client.get_properties({LEDGER_ACTION: ADMIT, RUN_ID: run_id})
+
+
+def arrays_of(client: HospitalClient) -> list[np.ndarray]:
+    return adapter_to_arrays(hospital_resources(client.cfg, client.node).model)
+
+
+def round_config(client: HospitalClient, run_id: str = "run-a") -> dict[str, object]:
+    return {RUN_ID: run_id, "proximal_mu": client.cfg.strategy.proximal_mu}
+
+
+def test_the_policy_on_the_node_wins_over_the_run_config_and_the_refusal_is_recorded(tmp_path: Path) -> None:
     client = client_for(tmp_path, "model=tiny", policy="allowed_models: [smollm2-135m]\n")
-    answer = client.get_properties({LEDGER_ACTION: ADMIT, RUN_ID: "run-a"})
+    answer = admit(client)
     assert answer["admitted"] is False
     assert "model 'tiny' is not in allowed_models ['smollm2-135m']" in str(answer["reason"])
-    assert Ledger(client.node.ledger_path).entries() == []  # nothing reserved, nothing charged
-    arrays = adapter_to_arrays(hospital_resources(client.cfg, client.node).model)
-    with pytest.raises(RunRefused, match="was not admitted"):  # a server that samples it anyway gets nothing
-        client.fit(arrays, {RUN_ID: "run-a"})
-    with pytest.raises(RunRefused, match="was not admitted"):
-        client.evaluate(arrays, {RUN_ID: "run-a"})
+    ledger = Ledger(client.node.ledger_path)
+    assert ledger.entries() == []  # nothing reserved, nothing charged
+    assert "allowed_models" in str(ledger.refusals()[0]["reason"])  # but the hospital's history shows it
+    with pytest.raises(Refused, match="no open reservation"):  # a server that samples it anyway gets nothing
+        client.fit(arrays_of(client), round_config(client))
+    with pytest.raises(Refused, match="federated evaluation is not part of the plan"):
+        client.evaluate(arrays_of(client), round_config(client))
 
 
 def test_an_admitted_run_is_charged_before_training_and_committed_at_the_end(tmp_path: Path) -> None:
     client = client_for(tmp_path, policy="max_epsilon_per_run: 10\nlifetime_epsilon: 20\n")
-    answer = client.get_properties({LEDGER_ACTION: ADMIT, RUN_ID: "run-a"})
+    answer = admit(client)
     assert answer["admitted"] is True, answer
     assert 7.5 < float(answer["planned_epsilon"]) <= 8.0  # the run's target epsilon 8 over both rounds
     assert float(answer["remaining_epsilon"]) == pytest.approx(20 - float(answer["lifetime_epsilon"]))
-    arrays = adapter_to_arrays(hospital_resources(client.cfg, client.node).model)
-    _, _, metrics = client.fit(arrays, {RUN_ID: "run-a"})
+    assert answer["num_examples"] == hospital_plan(client.cfg, client.node).plan.num_examples  # public by the plan
+    _, weight, metrics = client.fit(arrays_of(client), round_config(client))
     entry = Ledger(client.node.ledger_path).entry("run-a", "hospital-0", "icd10")
     assert entry is not None and entry.spent.steps == metrics["steps"] > 0
     assert entry.epsilon == pytest.approx(float(metrics["epsilon"]), rel=1e-12)
+    assert weight == answer["num_examples"] and "train_loss" not in metrics  # the exact loss does not leave
     closed = client.get_properties({LEDGER_ACTION: COMMITTED, RUN_ID: "run-a"})
     assert closed["status"] == COMMITTED and float(closed["epsilon"]) == pytest.approx(entry.epsilon)
 
 
+def test_the_training_loss_leaves_only_where_the_policy_releases_it_outside_the_guarantee(tmp_path: Path) -> None:
+    client = client_for(tmp_path, policy="release_outside_guarantee: [train_loss]\n")
+    answer = admit(client)
+    assert answer["admitted"] is True and answer["outside_guarantee"] == "train_loss"
+    _, _, metrics = client.fit(arrays_of(client), round_config(client))
+    assert float(metrics["train_loss"]) > 0
+
+
 def test_a_policy_file_that_does_not_parse_refuses_every_run(tmp_path: Path) -> None:
     client = client_for(tmp_path, policy="min_noise_multiplier: [1\n")
-    answer = client.get_properties({LEDGER_ACTION: ADMIT, RUN_ID: "run-a"})
+    answer = admit(client)
     assert answer["admitted"] is False and "policy" in str(answer["reason"])
+
+
+def test_the_adapter_never_leaves_outside_an_admitted_round(tmp_path: Path) -> None:
+    client = client_for(tmp_path)
+    with pytest.raises(Refused, match="only as the result of an admitted round"):
+        client.get_parameters({RUN_ID: "run-a"})
+    assert admit(client)["admitted"] is True
+    with pytest.raises(Refused, match="only as the result of an admitted round"):
+        client.get_parameters({RUN_ID: "run-a"})
+
+
+def test_a_fixed_sigma_run_is_held_to_the_per_run_cap_every_round(tmp_path: Path) -> None:
+    """A cap of 5 and sigma fixed for 1 planned round: the second, third, ... fits are refused, untrained."""
+    one_round = client_for(tmp_path, "federation.num_rounds=1", "privacy.noise_multiplier=0.9",
+                           policy="max_epsilon_per_run: 20\n")
+    planned = float(admit(one_round)["planned_epsilon"])
+    assert planned < 20
+    before = arrays_of(one_round)
+    one_round.fit(before, round_config(one_round))
+    for _ in range(5):
+        with pytest.raises(Refused, match="beyond the plan"):
+            one_round.fit(before, round_config(one_round))
+    entry = Ledger(one_round.node.ledger_path).entry("run-a", "hospital-0", "icd10")
+    assert entry is not None and entry.epsilon == pytest.approx(planned, rel=1e-9)  # one round, never more
+    too_much = client_for(tmp_path / "other", "federation.num_rounds=3", "privacy.noise_multiplier=0.9",
+                          policy=f"max_epsilon_per_run: {planned * 1.01}\n")
+    assert "exceeds max_epsilon_per_run" in str(admit(too_much)["reason"])
+
+
+def test_an_admission_belongs_to_the_flower_run_that_asked(tmp_path: Path) -> None:
+    compliant = client_for(tmp_path, flower_run=1)
+    assert admit(compliant)["admitted"] is True
+    reused = client_for(tmp_path, "privacy.noise_multiplier=0.01", flower_run=2)  # another run, another config
+    with pytest.raises(Refused, match="another plan than the one admitted: noise_multiplier"):
+        reused.fit(arrays_of(reused), round_config(reused))
+    same_plan = client_for(tmp_path, flower_run=3)
+    with pytest.raises(Refused, match="admitted by Flower run 1, not by run 3"):
+        same_plan.fit(arrays_of(same_plan), round_config(same_plan))
+    assert Ledger(compliant.node.ledger_path).entry("run-a", "hospital-0", "icd10").spent.steps == 0  # type: ignore[union-attr]
+
+
+def test_a_round_must_ask_for_the_admitted_proximal_term(tmp_path: Path) -> None:
+    client = client_for(tmp_path)
+    assert admit(client)["admitted"] is True
+    with pytest.raises(Refused, match="proximal_mu"):
+        client.fit(arrays_of(client), {RUN_ID: "run-a", "proximal_mu": 5.0})
+
+
+def test_federated_evaluation_is_a_noised_release_charged_to_the_ledger(tmp_path: Path) -> None:
+    client = client_for(tmp_path, "strategy.federated_evaluation=true")
+    assert admit(client)["admitted"] is True
+    loss, n, metrics = client.evaluate(arrays_of(client), round_config(client))
+    assert n == hospital_plan(client.cfg, client.node).plan.num_test_examples
+    assert set(metrics) == {"hospital", "accuracy"} and 0 <= float(metrics["accuracy"]) <= 1 and loss >= 0
+    entry = Ledger(client.node.ledger_path).entry("run-a", "hospital-0", "icd10")
+    assert entry is not None and entry.spent.history == (hospital_plan(client.cfg, client.node).plan
+                                                         .evaluation_release,)
+    client.evaluate(arrays_of(client), round_config(client))
+    with pytest.raises(Refused, match="beyond the plan"):  # two rounds planned, two evaluations
+        client.evaluate(arrays_of(client), round_config(client))

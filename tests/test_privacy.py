@@ -9,46 +9,57 @@ from fl_core.data import load_splits
 from fl_core.model import build_model, load_tokenizer
 from fl_core.training import train_local
 from privacy.accountant import AccountantState
-from privacy.calibration import calibrate_noise, epsilon_for, sampling_plan
+from privacy.calibration import UnreachableTarget, calibrate_noise, epsilon_for, sampling_plan
+from privacy.evaluation_release import (
+    evaluation_noise_multiplier,
+    noisy_classification_scores,
+    noisy_language_model_scores,
+)
 from privacy.loss import IGNORE_INDEX, PerSequenceLMLoss, SequenceClassificationLoss
+from privacy.secure_random import SecureRandom
 from tests.conftest import tiny_config
 
 
 @pytest.mark.parametrize(("target", "q", "steps", "accountant"), [
-    (8.0, 0.01, 300, "rdp"), (1.0, 0.01, 300, "rdp"), (4.0, 0.05, 1000, "rdp"), (0.5, 0.001, 5000, "rdp"),
-    (8.0, 0.01, 300, "prv"),
+    (8.0, 0.01, 300, "pld"), (1.0, 0.01, 300, "pld"), (4.0, 0.05, 1000, "pld"), (0.5, 0.001, 5000, "pld"),
+    (8.0, 0.01, 300, "rdp"), (1.0, 0.01, 300, "rdp"),
 ])
 def test_calibrated_epsilon_is_within_one_percent_and_never_above(target: float, q: float, steps: int,
                                                                    accountant: str) -> None:
-    sigma = calibrate_noise(target, 1e-5, q, steps, accountant)
+    sigma = calibrate_noise(target, 1e-5, q, steps, kind=accountant)
     eps = epsilon_for(sigma, 1e-5, q, steps, accountant)
     assert eps <= target
     assert eps >= 0.99 * target
 
 
-def test_known_sigma_matches_published_figures() -> None:
-    # FACTS: delta 1e-5, q 0.01, 300 steps: epsilon 8 -> RDP sigma 0.547; epsilon 1 -> 1.172.
-    assert calibrate_noise(8.0, 1e-5, 0.01, 300, "rdp") == pytest.approx(0.547, abs=0.01)
-    assert calibrate_noise(1.0, 1e-5, 0.01, 300, "rdp") == pytest.approx(1.172, abs=0.01)
+def test_replace_one_noise_against_published_add_remove_figures() -> None:
+    """FACTS (add/remove, Opacus): delta 1e-5, q 0.01, 300 steps: epsilon 8 -> RDP sigma 0.547, PRV 0.514;
+    epsilon 1 -> RDP 1.172, PRV 1.035. Replace-one needs more noise than either, pld much less than rdp's bound."""
+    pld8, rdp8 = calibrate_noise(8.0, 1e-5, 0.01, 300), calibrate_noise(8.0, 1e-5, 0.01, 300, kind="rdp")
+    pld1, rdp1 = calibrate_noise(1.0, 1e-5, 0.01, 300), calibrate_noise(1.0, 1e-5, 0.01, 300, kind="rdp")
+    assert 0.514 < pld8 < 0.547 * 1.05 < rdp8 < 0.547 * 1.6
+    assert 1.035 < pld1 < 1.172 * 1.25 < rdp1 < 1.172 * 2.0
 
 
-def test_sampling_plan_matches_opacus_poisson_loader() -> None:
+def test_an_unreachable_target_is_one_error_that_says_so() -> None:
+    with pytest.raises(UnreachableTarget, match="out of reach"):
+        calibrate_noise(1e-6, 1e-10, 1.0, 10_000, kind="rdp")  # it would take sigma ~ 1e9
+
+
+def test_sampling_plan_takes_every_batch_of_every_epoch() -> None:
     plan = sampling_plan(num_examples=1000, batch_size=64, local_epochs=2, num_rounds=5)
     assert plan.sample_rate == pytest.approx(1 / 16)
     assert plan.steps_per_round == 32 and plan.total_steps == 160
 
 
-def test_round_by_round_composition_equals_one_shot() -> None:
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_round_by_round_composition_equals_one_shot(kind: str) -> None:
     sigma, q = 0.8, 0.02
-    state = AccountantState("rdp")
+    state = AccountantState(kind=kind)
     for _ in range(4):
-        resumed = AccountantState.from_json(state.to_json()).to_accountant()
-        resumed.step(noise_multiplier=sigma, sample_rate=q)
-        for _ in range(49):
-            resumed.step(noise_multiplier=sigma, sample_rate=q)
-        state = AccountantState.of(resumed)
-    assert state.steps == 200
-    assert state.epsilon(1e-5) == pytest.approx(epsilon_for(sigma, 1e-5, q, 200, "rdp"), rel=1e-12)
+        state = AccountantState.from_json(state.to_json()).then(sigma, q, 50)  # a restart between rounds
+    assert state.steps == 200 and state.kind == kind
+    assert state.epsilon(1e-5) == pytest.approx(epsilon_for(sigma, 1e-5, q, 200, kind), rel=1e-9)
 
 
 def test_training_rounds_compose_to_the_calibrated_epsilon() -> None:
@@ -58,16 +69,16 @@ def test_training_rounds_compose_to_the_calibrated_epsilon() -> None:
     model = build_model(cfg, tok, len(splits.train.label_names), torch.device("cpu"))
     rounds = 3
     plan = sampling_plan(len(splits.train), cfg.train.batch_size, cfg.train.local_epochs, rounds)
-    sigma = calibrate_noise(2.0, 1e-3, plan.sample_rate, plan.total_steps, "rdp")
-    state = AccountantState("rdp")
+    sigma = calibrate_noise(2.0, 1e-3, plan.sample_rate, plan.total_steps)
+    state = AccountantState()
     for _ in range(rounds):
-        result = train_local(cfg, model, tok, splits.train, torch.device("cpu"), noise_multiplier=sigma,
-                             accountant=state, rng_seed=0)
+        result = train_local(cfg, model, tok, splits.train, torch.device("cpu"), plan=plan, noise_multiplier=sigma,
+                             accountant=state)
         assert result.accountant is not None
         state = result.accountant
     assert state.steps == plan.total_steps
     assert result.epsilon == pytest.approx(epsilon_for(sigma, cfg.privacy.delta, plan.sample_rate,
-                                                       plan.total_steps, "rdp"), rel=1e-9)
+                                                       plan.total_steps), rel=1e-9)
 
 
 def test_per_sequence_lm_loss_ignores_other_samples_padding() -> None:
@@ -114,8 +125,32 @@ def test_cli_bad_arguments_fail_in_one_line(args: tuple[str, ...]) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("fl-privacy: error:")
 
 
-def test_cli_accountant_choices_match_the_accountants() -> None:
-    from privacy.accountant import ACCOUNTANT_TYPES
-    from privacy.cli import ACCOUNTANTS
+def test_cli_and_config_accountant_choices_match_the_accountants() -> None:
+    from fl_core.config import ACCOUNTANTS as CONFIGURED
+    from privacy.accountant import ACCOUNTANTS
+    from privacy.cli import ACCOUNTANTS as OFFERED
 
-    assert set(ACCOUNTANTS) == set(ACCOUNTANT_TYPES)
+    assert set(OFFERED) == set(ACCOUNTANTS) == set(CONFIGURED)
+
+
+def test_cli_says_in_one_line_when_a_target_cannot_be_reached() -> None:
+    proc = _cli("calibrate", "--epsilon", "0.000001", "--delta", "1e-10", "--sample-rate", "1", "--steps", "10000",
+                "--accountant", "rdp")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "out of reach" in proc.stderr
+
+
+def test_the_evaluation_release_is_the_exact_score_plus_noise_of_the_stated_size() -> None:
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2000, 5), torch.randint(0, 5, (2000,))
+    exact = float((logits.argmax(dim=-1) == labels).float().mean())
+    clipped_loss = float(torch.nn.functional.cross_entropy(logits, labels, reduction="none").clamp(0, 5).mean())
+    rng = SecureRandom()
+    quiet = noisy_classification_scores(logits, labels, noise=1e-9, loss_bound=5.0, rng=rng)
+    assert quiet["accuracy"] == pytest.approx(exact) and quiet["loss"] == pytest.approx(clipped_loss)
+    draws = [noisy_classification_scores(logits, labels, noise=30.0, loss_bound=5.0, rng=rng) for _ in range(400)]
+    accuracy = torch.tensor([d["accuracy"] for d in draws])
+    assert float(accuracy.std()) == pytest.approx(30.0 / 2000, rel=0.15)  # noise std 30 on the correct count
+    assert abs(float(accuracy.mean()) - exact) < 4 * 30.0 / 2000 / 20
+    assert evaluation_noise_multiplier(30.0, classification=True) == pytest.approx(30.0 / 2 ** 0.5)
+    lm = noisy_language_model_scores(torch.full((100,), 9.0), noise=1e-9, loss_bound=5.0, rng=rng)
+    assert lm["loss"] == pytest.approx(5.0)  # each sequence's loss clipped to the bound before it is summed

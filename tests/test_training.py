@@ -1,12 +1,17 @@
-"""DP-SGD on a LoRA model: equivalence with plain training, what changes, FedProx's pull to the global model."""
+"""DP-SGD on a LoRA model: equivalence with plain training, what changes, FedProx's pull to the global model,
+empty batches in every clipping mode, and plan and sampler agreeing for every dataset size."""
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset, default_collate
 
 from fl_core.data import load_splits
 from fl_core.model import adapter_state, adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer
-from fl_core.training import evaluate, train_local
+from fl_core.training import evaluate, train_epochs, train_local
 from privacy.accountant import AccountantState
+from privacy.calibration import SamplingPlan, sampling_plan
+from privacy.dp_sgd import PoissonBatches
+from privacy.secure_random import SecureRandom
 from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")
@@ -19,17 +24,29 @@ def _setup(*overrides: str):
     return cfg, splits, tok, build_model(cfg, tok, len(splits.train.label_names), CPU)
 
 
+def _plan(cfg, splits) -> SamplingPlan:  # type: ignore[no-untyped-def]
+    return sampling_plan(len(splits.train), cfg.train.batch_size, cfg.train.local_epochs, cfg.federation.num_rounds)
+
+
+def _rng(seed: int) -> SecureRandom:
+    return SecureRandom(bytes([seed]) * 32)
+
+
 @pytest.mark.parametrize("task", ["classification", "causal-lm"])
 def test_dp_without_noise_or_clipping_matches_plain_training(task: str) -> None:
-    """Guards opacus #820 and any wiring error: sigma 0 and an unreachable clip must be plain SGD exactly."""
-    overrides = ("train.optimizer=sgd", "train.lr=0.5", "data.max_train_examples=64", "train.batch_size=16",
-                 "privacy.max_grad_norm=1e6", f"task={task}")
+    """Guards opacus #820 and any wiring error: sigma 0 and an unreachable clip must be plain SGD exactly.
+
+    With the batch as large as the dataset, Poisson sampling takes every example each step (rate 1), so both runs
+    see the same full batches, and the DP mean over the expected batch size is the plain mean."""
+    overrides = ("train.optimizer=sgd", "train.lr=0.5", "data.max_train_examples=64", "train.batch_size=64",
+                 "train.local_epochs=4", "privacy.max_grad_norm=1e6", f"task={task}")
     cfg, splits, tok, plain = _setup(*overrides)
     _, _, _, private = _setup(*overrides)
+    plan = _plan(cfg, splits)
+    assert plan.sample_rate == 1.0 and plan.steps_per_round == 4
     start = adapter_to_arrays(plain)
-    train_local(cfg, plain, tok, splits.train, CPU, noise_multiplier=None, accountant=None, rng_seed=7)
-    train_local(cfg, private, tok, splits.train, CPU, noise_multiplier=0.0, accountant=AccountantState("rdp"),
-                poisson_sampling=False, rng_seed=7)
+    train_local(cfg, plain, tok, splits.train, CPU, plan=plan, noise_multiplier=None, accountant=None)
+    train_local(cfg, private, tok, splits.train, CPU, plan=plan, noise_multiplier=0.0, accountant=AccountantState())
     moved = 0
     for a0, a, b in zip(start, adapter_to_arrays(plain), adapter_to_arrays(private), strict=True):
         assert torch.allclose(torch.from_numpy(a), torch.from_numpy(b), atol=1e-5, rtol=1e-4)
@@ -40,8 +57,8 @@ def test_dp_without_noise_or_clipping_matches_plain_training(task: str) -> None:
 def test_only_adapter_and_head_parameters_change() -> None:
     cfg, splits, tok, model = _setup()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_local(cfg, model, tok, splits.train, CPU, noise_multiplier=1.0, accountant=AccountantState("rdp"),
-                rng_seed=0)
+    train_local(cfg, model, tok, splits.train, CPU, plan=_plan(cfg, splits), noise_multiplier=1.0,
+                accountant=AccountantState(), rng=_rng(0))
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed
     assert all("lora_" in n or "modules_to_save" in n for n in changed), changed
@@ -62,8 +79,8 @@ def test_large_proximal_mu_keeps_the_adapter_near_the_global_one() -> None:
     def drift(mu: float) -> float:
         cfg, splits, tok, model = _setup("train.optimizer=sgd", "train.lr=0.5", "train.local_epochs=3")
         start = [torch.from_numpy(a) for a in adapter_to_arrays(model)]
-        train_local(cfg, model, tok, splits.train, CPU, noise_multiplier=0.5, accountant=AccountantState("rdp"),
-                    proximal_mu=mu, rng_seed=3)
+        train_local(cfg, model, tok, splits.train, CPU, plan=_plan(cfg, splits), noise_multiplier=0.5,
+                    accountant=AccountantState(), proximal_mu=mu, rng=_rng(3))
         end = [torch.from_numpy(a) for a in adapter_to_arrays(model)]
         return float(sum(((e - s) ** 2).sum() for s, e in zip(start, end, strict=True)) ** 0.5)
 
@@ -74,21 +91,42 @@ def test_dp_training_learns_a_learnable_task() -> None:
     cfg, splits, tok, model = _setup("data.max_train_examples=512", "train.batch_size=32", "train.local_epochs=4",
                                      "train.lr=0.01")
     before = evaluate(cfg, model, tok, splits.test, CPU)
-    result = train_local(cfg, model, tok, splits.train, CPU, noise_multiplier=0.5,
-                         accountant=AccountantState("rdp"), rng_seed=0)
+    result = train_local(cfg, model, tok, splits.train, CPU, plan=_plan(cfg, splits), noise_multiplier=0.5,
+                         accountant=AccountantState(), rng=_rng(0))
     after = evaluate(cfg, model, tok, splits.test, CPU)
     assert after["loss"] < before["loss"]
     assert set(after) == {"loss", "accuracy", "macro_f1"}
     assert result.epsilon > 0 and result.steps == 4 * 16
 
 
-def test_empty_poisson_batch_still_adds_noise_and_counts() -> None:
-    cfg, splits, tok, model = _setup("data.max_train_examples=2", "train.batch_size=1", "train.local_epochs=20")
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_empty_poisson_batches_still_add_noise_and_count_in_every_clipping_mode(mode: str) -> None:
+    cfg, splits, tok, model = _setup(f"privacy.grad_sample_mode={mode}")
     start = adapter_to_arrays(model)
-    result = train_local(cfg, model, tok, splits.train, CPU, noise_multiplier=1.0,
-                         accountant=AccountantState("rdp"), rng_seed=1)
-    assert result.steps == 40 and result.accountant is not None and result.accountant.steps == 40
-    assert any((a != b).any() for a, b in zip(start, adapter_to_arrays(model), strict=True))
+    nobody = SamplingPlan(num_examples=len(splits.train), sample_rate=1e-12, steps_per_round=5, total_steps=5)
+    result = train_local(cfg, model, tok, splits.train, CPU, plan=nobody, noise_multiplier=1.0,
+                         accountant=AccountantState())
+    assert result.steps == 5 and result.accountant is not None
+    assert result.accountant.history == ((1.0, 1e-12, 5),)
+    assert all((a != b).any() for a, b in zip(start, adapter_to_arrays(model), strict=True))  # noise alone moved it
+
+
+def test_the_sampler_takes_exactly_the_planned_steps_at_the_planned_rate_for_every_size() -> None:
+    """Opacus's loader takes int(1/(1/k)) steps per epoch, k - 1 for some k (N 5889-5952 at batch 64)."""
+    head = torch.nn.Linear(4, 3)
+    cfg = tiny_config("train.batch_size=64", "train.local_epochs=2", "train.optimizer=sgd")
+    for n in [*range(1, 200), *range(5889, 5953, 7), 10_007]:
+        plan = sampling_plan(n, 64, 2, 3)
+        data = TensorDataset(torch.randn(n, 4), torch.randint(0, 3, (n,)))
+        result = train_epochs(cfg, head, data, default_collate, lambda m, b, d: (m(b[0]), b[1]), CPU, plan=plan,
+                              noise_multiplier=1.0, accountant=AccountantState(), proximal_mu=0.0)
+        assert result.steps == plan.steps_per_round, n
+        assert result.accountant is not None and result.accountant.history == ((1.0, plan.sample_rate,
+                                                                                plan.steps_per_round),)
+    # and each batch holds every example with probability sample_rate: the mean batch size is N * q
+    plan = sampling_plan(5900, 64, 1, 1)
+    sizes = [len(b) for b in PoissonBatches(5900, plan.sample_rate, 400, SecureRandom())]
+    assert abs(sum(sizes) / len(sizes) - 5900 * plan.sample_rate) < 4 * (5900 * plan.sample_rate) ** 0.5 / 20
 
 
 def test_causal_lm_evaluation_reports_perplexity() -> None:

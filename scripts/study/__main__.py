@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fl_client.hospital import privacy_plan
+from fl_client.plan import privacy_plan
 from fl_core.config import AppConfig
 from fl_core.entry import quiet_libraries
 from privacy.accountant import AccountantState
@@ -63,7 +63,7 @@ class Study:
         """Train one party alone for every planned round under one calibration; (test scores, epsilon spent)."""
         head = new_head(self.data, seed)
         sigma = self.sigma(cfg, epsilon, len(rows))
-        accountant = AccountantState(cfg.privacy.accountant) if sigma is not None else None
+        accountant = AccountantState() if sigma is not None else None
         spent = math.inf
         for _ in range(self.plan.rounds):
             result = train_head(cfg, head, self.data, rows, sigma=sigma, accountant=accountant, proximal_mu=0.0)

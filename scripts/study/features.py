@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset, default_collate
 
 from fl_core.cache import cache_root
 from fl_core.config import AppConfig
@@ -25,6 +25,7 @@ from fl_core.data import load_splits, partition_indices
 from fl_core.model import build_linear_head, sentence_embeddings
 from fl_core.training import LocalTrainResult, classification_scores, train_epochs
 from privacy.accountant import AccountantState
+from privacy.calibration import sampling_plan
 
 from .plan import Setting, StudyPlan
 
@@ -115,12 +116,10 @@ def _head_forward(module: nn.Module, batch: tuple[torch.Tensor, ...],
 def train_head(cfg: AppConfig, head: nn.Module, data: StudyData, rows: list[int], *, sigma: float | None,
                accountant: AccountantState | None, proximal_mu: float) -> LocalTrainResult:
     """One round (`train.local_epochs` epochs) on `rows`, DP-SGD when `sigma` is set."""
-    seed = secrets.randbits(62)
     dataset = TensorDataset(torch.from_numpy(data.train_x[rows]), torch.from_numpy(data.train_y[rows]))
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    return train_epochs(cfg, head, loader, _head_forward, CPU, noise_multiplier=sigma, accountant=accountant,
-                        proximal_mu=proximal_mu, poisson_sampling=True, seed=seed)
+    plan = sampling_plan(len(rows), cfg.train.batch_size, cfg.train.local_epochs, cfg.federation.num_rounds)
+    return train_epochs(cfg, head, dataset, default_collate, _head_forward, CPU, plan=plan, noise_multiplier=sigma,
+                        accountant=accountant, proximal_mu=proximal_mu)
 
 
 @torch.no_grad()

@@ -74,7 +74,7 @@ def build_client_app(arms: Sequence[FederatedArm], data_path: Path, work: Path) 
             sigma = arm.sigmas[self.partition]
             saved = work / "accountants" / f"{arm.key}-{self.partition}.json"
             accountant = (AccountantState.from_json(saved.read_text()) if saved.exists() else
-                          AccountantState(arm.cfg.privacy.accountant) if sigma is not None else None)
+                          AccountantState() if sigma is not None else None)
             rows = list(arm.rows[self.partition])
             result = train_head(arm.cfg, head, data, rows, sigma=sigma, accountant=accountant,
                                 proximal_mu=float(config.get("proximal_mu", 0.0)))
