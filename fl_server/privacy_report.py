@@ -142,7 +142,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     if "audit" in report:
         a = report["audit"]
         lines += ["", "## Privacy audit (one run, Steinke, Nasr & Jagielski 2023)", "",
-                  f"Empirical epsilon lower bound {_number(a['epsilon_lower_bound'])} at {a['confidence']:.0%} "
-                  f"confidence, beside the accountant's {_number(a['epsilon_claimed'])}: {a['canaries']} canaries, "
-                  f"{a['guesses']} guesses, {a['correct']} correct."]
+                  f"{a['hospital']}" + (f", sabotaged ({a['sabotage']})" if a["sabotage"] != "none" else "")
+                  + f": empirical epsilon lower bound {_number(a['epsilon_lower_bound'])} at {a['confidence']:.0%} "
+                  f"confidence, beside the accountant's {_number(a['epsilon_claimed'])}: {a['canaries']} canary "
+                  f"pairs, {a['guesses']} guesses, {a['correct']} correct, {a['rounds']} rounds."]
     return "\n".join(lines) + "\n"

@@ -23,16 +23,16 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     """Probability of v or more correct guesses out of r, over m canaries, if the mechanism is (epsilon, delta)-DP.
 
     Steinke, Nasr & Jagielski (2023), Algorithm 2 (`p_value_DP_audit` in their appendix)."""
+    import numpy as np
     from scipy.stats import binom
 
     if not 0 <= v <= r <= m:
         raise AuditError(f"need 0 <= correct <= guesses <= canaries, got {v}, {r}, {m}")
     q = 1 / (1 + math.exp(-epsilon))  # the accuracy of epsilon-DP randomised response
     beta = float(binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
-    alpha, total = 0.0, 0.0
-    for i in range(1, v + 1):
-        total += float(binom.pmf(v - i, r, q))
-        alpha = max(alpha, total / i)
+    i = np.arange(1, v + 1)
+    below = np.cumsum(binom.pmf(v - i, r, q))  # P[v > Binomial(r, q) >= v - i], for each i
+    alpha = float((below / i).max()) if v else 0.0
     return min(beta + alpha * delta * 2 * m, 1.0)
 
 

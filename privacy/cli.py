@@ -1,4 +1,6 @@
-"""`fl-privacy calibrate`: a privacy officer plans a run's noise before any training happens."""
+"""`fl-privacy`: a privacy officer plans a run's noise before any training happens (`calibrate`), and checks a
+configuration's claim empirically (`audit`: a one-run canary audit in a real federated run; the audit itself lives
+in `fl_server.privacy_audit`, since it runs Flower, and loads only for that command)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 ACCOUNTANTS = ("pld", "rdp")  # privacy.accountant.ACCOUNTANTS, without importing them before arguments check
@@ -28,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate (batch / dataset)")
     cal.add_argument("--steps", type=int, required=True, help="total DP-SGD steps across all rounds")
     cal.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")
+    aud = commands.add_parser("audit", help="empirical epsilon lower bound of a configuration, from canaries in a "
+                                            "real federated run (Steinke, Nasr & Jagielski 2023)")
+    aud.add_argument("--canaries", type=int, default=1000, help="canaries given to each audited hospital")
+    aud.add_argument("--confidence", type=float, default=0.95)
+    aud.add_argument("--sabotage", choices=("none", "no-noise"), default="none",
+                     help="no-noise: audit a deliberately broken product (no DP noise, same claims): shows the power")
+    aud.add_argument("--output", type=Path, default=Path("outputs") / "audit", help="folder for the run and audit")
+    aud.add_argument("overrides", nargs="*", help="Hydra overrides of the audited run's config")
     return parser
 
 
@@ -37,8 +48,25 @@ def _check(ok: bool, message: str) -> None:
         raise SystemExit(2)
 
 
+def _audit(args: argparse.Namespace) -> None:
+    _check(0 < args.confidence < 1, f"--confidence must be strictly between 0 and 1, got {args.confidence}")
+    _check(args.canaries >= 40, f"--canaries must be at least 40, got {args.canaries}")
+    from fl_core.config import ConfigError
+    from fl_server.privacy_audit import audit_from_cli
+
+    from .audit import AuditError
+
+    try:
+        audit_from_cli(list(args.overrides), args.output.resolve(), args.canaries, args.confidence, args.sabotage)
+    except (ConfigError, AuditError) as err:
+        _check(False, str(err))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "audit":
+        _audit(args)
+        return
     from .accountant import NEIGHBOURING_RELATION
     from .calibration import UnreachableTarget, calibrate_noise, epsilon_for
 

@@ -28,8 +28,9 @@ from privacy.calibration import calibrate_noise, epsilon_for
 from privacy.ledger import COMMITTED, Ledger, SpendRequest
 from tests.conftest import tiny_config
 
-GRID = [*itertools.product((0.001, 0.01, 0.1, 1.0), (0.6, 1.0, 2.0), (1, 100, 1000), (1e-5,)),
-        *itertools.product((0.01, 1.0), (1.0,), (1, 1000), (1e-7,))]
+GRID = [*itertools.product((0.001, 0.01, 0.1), (0.6, 1.0, 2.0), (1, 100, 1000), (1e-5,)),
+        *itertools.product((1.0,), (1.0, 2.0), (1, 100), (1e-5,)),  # no sampling: the exact Gaussian is known
+        *itertools.product((0.01,), (1.0,), (1, 1000), (1e-7,))]
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting logs each fractional order it cannot evaluate
 
 
@@ -192,7 +193,8 @@ def test_hospital_level_epsilon_is_the_gaussian_mechanism_at_twice_the_sensitivi
 
 @pytest.mark.parametrize(("kind", "q", "sigma"), list(itertools.product(("pld", "rdp"), (0.01, 0.05, 1.0), (0.7, 1.5))))
 def test_epsilon_grows_with_every_step(kind: str, q: float, sigma: float) -> None:
-    epsilons = [AccountantState(((sigma, q, steps),), kind).epsilon(1e-5) for steps in (1, 2, 10, 100, 1000)]
+    steps = (1, 2, 10, 100) if q == 1.0 else (1, 2, 10, 100, 1000)  # no sampling: epsilon in the hundreds by 100
+    epsilons = [AccountantState(((sigma, q, n),), kind).epsilon(1e-5) for n in steps]
     assert all(a < b for a, b in itertools.pairwise(epsilons))
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +186,28 @@ def test_federated_evaluation_is_a_noised_release_charged_to_the_ledger(tmp_path
     client.evaluate(arrays_of(client), round_config(client))
     with pytest.raises(Refused, match="beyond the plan"):  # two rounds planned, two evaluations
         client.evaluate(arrays_of(client), round_config(client))
+
+
+def local_job(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FEDERATED_DP_LLM_NODE_HOME": str(tmp_path / "nodes")}
+    return subprocess.run([sys.executable, "-m", "fl_client.local_job", "--hospital", "1", "model=tiny",
+                           "data.max_train_examples=200", "data.max_test_examples=40", "train.device=cpu",
+                           "federation.num_rounds=2", f"output_dir={tmp_path / 'run'}", *overrides],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+
+def test_a_hospital_training_alone_spends_in_its_ledger_too(tmp_path: Path) -> None:
+    proc = local_job(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    (entry,) = Ledger(tmp_path / "nodes" / "hospital-1" / "ledger.sqlite").entries()
+    assert entry.run_id == summary["run_id"] and entry.status == COMMITTED and entry.flower_run is None
+    assert len(entry.spent.history) == 2  # reserved, charged round by round, committed
+    assert summary["epsilon"] == pytest.approx(entry.epsilon, rel=1e-12) and 7.5 < entry.epsilon <= 8.0
+    write_policy(tmp_path / "nodes" / "hospital-1", "max_epsilon_per_run: 4\n")
+    refused_job = local_job(tmp_path)
+    assert refused_job.returncode == 3
+    assert refused_job.stderr.strip().splitlines()[-1].startswith("fl-train-local: hospital-1: policy: planned "
+                                                                 "epsilon")
+    ledger = Ledger(tmp_path / "nodes" / "hospital-1" / "ledger.sqlite")
+    assert len(ledger.entries()) == 1 and "max_epsilon_per_run" in str(ledger.refusals()[-1]["reason"])
