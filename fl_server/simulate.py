@@ -25,7 +25,7 @@ from .admission import AdmissionFailed
 
 def preflight(cfg: AppConfig) -> dict[str, float | None]:
     """Partition the data and calibrate every hospital's sigma, so bad input fails before Ray starts."""
-    from fl_client.hospital import privacy_plan
+    from fl_client.plan import privacy_plan
     from fl_core.data import hospital_datasets, load_splits
 
     trains = hospital_datasets(load_splits(cfg.data).train, cfg.federation, cfg.data.seed)

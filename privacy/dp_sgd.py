@@ -75,16 +75,20 @@ class SecureNoise:
         self.secure_random = secure_random
 
     def add_noise(self) -> None:
+        """One draw for all parameters of a device (a LoRA model has hundreds of small tensors), then split."""
         std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            summed: torch.Tensor = p.summed_grad  # type: ignore[attr-defined]
-            _check_processed_flag(summed)
-            if std > 0:
-                p.grad = (summed + self.secure_random.normal(summed.shape, std, dtype=summed.dtype,
-                                                             device=summed.device)).view_as(p)
-            else:
-                p.grad = summed.clone().view_as(p)
-            _mark_as_processed(summed)
+        summed: list[torch.Tensor] = [p.summed_grad for p in self.params]  # type: ignore[attr-defined]
+        for s in summed:
+            _check_processed_flag(s)
+        noise: dict[tuple[torch.device, torch.dtype], Iterator[torch.Tensor]] = {}
+        if std > 0:
+            for key in {(s.device, s.dtype) for s in summed}:
+                sizes = [s.numel() for s in summed if (s.device, s.dtype) == key]
+                flat = self.secure_random.normal((sum(sizes),), std, dtype=key[1], device=key[0])
+                noise[key] = iter(flat.split(sizes))
+        for p, s in zip(self.params, summed, strict=True):
+            p.grad = (s + next(noise[s.device, s.dtype]).view_as(s)).view_as(p) if std > 0 else s.clone().view_as(p)
+            _mark_as_processed(s)
 
     def step_without_data(self) -> None:
         """Poisson sampling drew no example: the step is noise alone, scaled, hooked and applied like any other."""

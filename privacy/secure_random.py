@@ -3,8 +3,9 @@
 DP noise is only as secret as the generator behind it. torch's CPU generator keeps 32 bits of its seed and numpy's
 Mersenne Twister can be reconstructed from its outputs: whoever sees one noised release could search the seed and
 subtract the noise exactly. ChaCha20 (RFC 7539, through OpenSSL in `cryptography`) with a fresh key per generator
-cannot be predicted without the key. Uniforms take 53 bits of the stream; each Gaussian is the sum of four
-Box-Muller draws of half the standard deviation, computed in float64, as Opacus's secure mode does against the
+cannot be predicted without the key. Sampling uniforms take 53 bits of the stream. Each Gaussian is the sum of four
+Box-Muller draws of half the standard deviation, computed in float64 from 32-bit uniforms (a draw reaches 6.8
+standard deviations; the sum of four covers float64 densely), as Opacus's secure mode sums draws against the
 floating-point attacks of Mironov (2012) and Jin et al. (2022) (Holohan & Braghin 2021, section 5.1). What
 this does not cover is said in the README ("How the privacy guarantee is kept").
 """
@@ -22,6 +23,7 @@ KEY_BYTES = 32
 REKEY_BYTES = 1 << 34  # well below ChaCha20's 2**32 blocks of 64 bytes per key and nonce
 DRAWS_PER_GAUSSIAN = 4
 _UNIT = 2.0**-53
+_UNIT32 = 2.0**-32
 CPU_CHUNK = 1 << 15  # Gaussians per chunk on a CPU
 
 
@@ -64,7 +66,8 @@ class SecureRandom:
         half = DRAWS_PER_GAUSSIAN // 2
         for start in range(0, count, chunk):
             size = min(chunk, count - start)
-            u = self._uniform(DRAWS_PER_GAUSSIAN * size, device)
+            words = torch.frombuffer(bytearray(self.random_bytes(4 * DRAWS_PER_GAUSSIAN * size)), dtype=torch.int32)
+            u = words.to(device).double().add_(2.0**31 + 0.5).mul_(_UNIT32)  # in the open interval (0, 1)
             radius = u[: half * size].log_().mul_(-2.0).sqrt_()
             angle = u[half * size:].mul_(2.0 * math.pi)
             cosines = torch.cos(angle).mul_(radius)
