@@ -18,6 +18,7 @@ from flwr.common import Context
 
 from fl_core.config import AppConfig, compose_config, to_app_config
 from fl_core.entry import quiet_libraries
+from privacy.governance import Refused
 
 from .mods import make_hospital_level_clipping, make_release_guard, make_secure_aggregation_as_admitted
 from .node import NodeSettings
@@ -32,6 +33,9 @@ def run_config(context: Context, overrides: Sequence[str] | None) -> AppConfig:
     """Simulation passes overrides directly; deployment carries them in the run-config key `overrides`."""
     if overrides is None:
         overrides = shlex.split(str(context.run_config.get("overrides", "")))
+    interpolated = [o for o in overrides if "${" in o]
+    if interpolated:  # `${oc.env:...}` would resolve on the node and its value could leave in a reply
+        raise Refused(f"the run's overrides may not interpolate (${{...}} resolves on the node): {interpolated[0]}")
     return _config(tuple(overrides))
 
 
@@ -56,7 +60,7 @@ def client_mods(overrides: Sequence[str] | None) -> list[Mod]:
     def config_for(context: Context) -> AppConfig:
         return run_config(context, overrides)
 
-    return [make_release_guard(overrides is not None), make_secure_aggregation_as_admitted(config_for),
+    return [make_release_guard(overrides is not None, config_for), make_secure_aggregation_as_admitted(config_for),
             make_hospital_level_clipping(config_for)]
 
 

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
@@ -125,8 +126,18 @@ class HospitalClient(NumPyClient):
             log.error("%s: data for run %s: %s", self.hospital, run_id, err)  # details stay on the node
             raise self.governance.refuse(run_id, self.flower_run, f"its data cannot be used for dataset "
                                          f"{self.cfg.data.name!r} (the node's log says why)") from None
-        except (ConfigError, ValueError) as err:
+        except ConfigError as err:
             raise self.governance.refuse(run_id, self.flower_run, f"the run's plan: {err}") from None
+        except (ValueError, OSError) as err:  # from reading the hospital's files: the text may quote them
+            log.error("%s: plan for run %s: %s", self.hospital, run_id, err)
+            raise self.governance.refuse(run_id, self.flower_run, "the run's plan cannot be made on this node's data "
+                                         "(the node's log says why)") from None
+
+    def check_global(self, run_id: str, parameters: NDArrays) -> None:
+        """The server's adapter, refused before anything is charged if not finite: such weights are no model, only
+        a probe (per-record overflow from finite weights is handled where gradients and losses are bounded)."""
+        if not all(np.isfinite(a).all() for a in parameters):
+            raise self.governance.refuse(run_id, self.flower_run, "the server's adapter has non-finite values")
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         """Admission (`admit`) and closing (`committed`, `aborted`) of a run, asked by the server in plaintext."""
@@ -162,11 +173,12 @@ class HospitalClient(NumPyClient):
         if asked_mu != plan.proximal_mu:
             raise self.governance.refuse(run_id, self.flower_run, f"the round asks for proximal_mu {asked_mu:g}; "
                                                                   f"the admitted plan has {plan.proximal_mu:g}")
+        self.check_global(run_id, parameters)
         entry = self.governance.begin_round(run_id, self.flower_run, plan)  # charged before training
         policy = self.governance.policy(run_id, self.flower_run)
         res = hospital_resources(self.cfg, self.node)
         load_adapter_arrays(res.model, parameters)
-        before = AccountantState(entry.spent.history[:-1]) if plan.private else None
+        before = AccountantState(entry.spent.history[:-1], entry.spent.kind) if plan.private else None
         result = train_local(self.cfg, res.model, res.tokenizer, planned.data.train, res.device,
                              plan=planned.sampling, noise_multiplier=planned.noise_multiplier, accountant=before,
                              proximal_mu=plan.proximal_mu)
@@ -188,6 +200,7 @@ class HospitalClient(NumPyClient):
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         run_id = str(config.get(RUN_ID, ""))
         planned = self.plan(run_id)
+        self.check_global(run_id, parameters)
         self.governance.begin_evaluation(run_id, self.flower_run, planned.plan)  # charged before it is computed
         res = hospital_resources(self.cfg, self.node)
         load_adapter_arrays(res.model, parameters)

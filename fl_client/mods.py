@@ -23,7 +23,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fl_core.config import AppConfig
+from fl_core.protocol import RUN_ID
 from privacy.governance import Refused
+from privacy.ledger import Ledger
 from privacy.policy import PolicyError, load_policy
 from privacy.release import EVALUATE, FIT, PROPERTIES, UndeclaredRelease, check_field
 
@@ -75,13 +77,32 @@ def check_reply(reply: Message, message_type: str, allowed_outside: Sequence[str
         raise UndeclaredRelease(f"a {message_type} reply carries arrays; only a training round's adapter leaves")
 
 
-def make_release_guard(simulated: bool) -> Mod:
+def run_id_of(msg: Message) -> str:
+    """The ledger run id the server's message names, if any (for the refusal's record)."""
+    for record in msg.content.config_records.values():
+        if RUN_ID in record:
+            return str(record[RUN_ID])
+    return ""
+
+
+def record_refusal(node: NodeSettings, config_for: ConfigFor, msg: Message, context: Context, reason: str) -> None:
+    """A refusal decided outside the governance (a mod's check, the guard itself) goes in the ledger too."""
+    try:
+        dataset = config_for(context).data.name
+    except Exception:  # the run's config itself was refused: no dataset to file it under
+        dataset = ""
+    Ledger(node.ledger_path).record_refusal(node.hospital, dataset, run_id_of(msg), context.run_id, reason)
+
+
+def make_release_guard(simulated: bool, config_for: ConfigFor) -> Mod:
     def release_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         node = NodeSettings.from_node_config(context.node_config, simulated=simulated)
         try:
             reply = call_next(msg, context)
         except Refused as err:
             log.warning("%s", err)
+            if not err.recorded:
+                record_refusal(node, config_for, msg, context, str(err))
             raise
         except Exception:
             log.exception("%s: the ClientApp failed on a %s message", node.hospital, msg.metadata.message_type)
@@ -97,6 +118,7 @@ def make_release_guard(simulated: bool) -> Mod:
             check_reply(reply, msg.metadata.message_type, allowed)
         except UndeclaredRelease as err:
             log.error("%s: %s", node.hospital, err)
+            record_refusal(node, config_for, msg, context, str(err))
             raise UndeclaredRelease(f"{node.hospital}: {err}") from None
         return reply
 
@@ -125,6 +147,9 @@ def check_secure_aggregation_setup(setup: dict[str, object], admitted: dict[str,
         if float(setup.get(key, math.nan)) != float(admitted[name]):  # type: ignore[arg-type]
             raise Refused(f"SecAgg+ setup: {name} {setup.get(key)} is not the admitted {admitted[name]}")
     shares, threshold = int(setup[Key.SHARE_NUMBER]), int(setup[Key.THRESHOLD])  # type: ignore[call-overload]
+    if shares < admitted["fewest_shares"]:  # with few shares, one neighbour and the server unmask an update
+        raise Refused(f"SecAgg+ setup: {shares} shares is below the admitted {admitted['num_shares']} (at least "
+                      f"{admitted['fewest_shares']:g})")
     wanted = admitted["reconstruction_threshold"]
     least = max(round(wanted * shares), 2) if isinstance(wanted, float) else int(wanted)
     if threshold < least:

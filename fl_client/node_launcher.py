@@ -35,6 +35,8 @@ ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 
 def node_settings(node_config: Path) -> NodeSettings:
     """The node's settings file, checked, its approval list read: every error is one line naming the setting."""
+    if node_config.suffix != ".toml":  # Flower's SuperNode reads --node-config as TOML only by this suffix
+        raise NodeSettingsError("NODE_CONFIG", f"{node_config}: the node's settings file must end in .toml")
     try:
         raw = tomllib.loads(node_config.read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
@@ -73,8 +75,10 @@ def serve_tasks(supernode: subprocess.Popen[bytes], runtime_address: str, secret
                 time.sleep(POLL_SECONDS)
                 continue
             if acquired.HasField("task") and acquired.token:
-                subprocess.Popen([sys.executable, "-m", "fl_client.runtime", "--runtime-api-address", runtime_address,
-                                  "--token", acquired.token, "--node-config", str(node_config),
+                # -P: the working folder (in the image, the node's writable state folder) is not on sys.path
+                subprocess.Popen([sys.executable, "-P", "-m", "fl_client.runtime",
+                                  "--runtime-api-address", runtime_address, "--token", acquired.token,
+                                  "--node-config", str(node_config),
                                   "--parent-pid", str(os.getpid())])
             time.sleep(POLL_SECONDS)
     finally:

@@ -40,7 +40,11 @@ def privacy_plan(cfg: AppConfig, num_examples: int) -> tuple[SamplingPlan, float
 def secure_aggregation_parameters(cfg: AppConfig) -> dict[str, float]:
     """SecAgg+ as the server must set it up; under hospital-level DP every hospital sends weight 1."""
     sa = cfg.strategy.secagg
-    return {"num_shares": secagg_count_or_fraction(sa.num_shares),
+    shares = secagg_count_or_fraction(sa.num_shares)
+    # Flower rounds a fraction of the sampled hospitals and takes them all below 3; the plan's fewest sampled bounds it
+    fewest = shares if isinstance(shares, int) else min(max(round(shares * cfg.federation.min_participants), 3),
+                                                        cfg.federation.min_participants)
+    return {"num_shares": shares, "fewest_shares": fewest,
             "reconstruction_threshold": secagg_count_or_fraction(sa.reconstruction_threshold),
             "clipping_range": sa.clipping_range, "quantization_range": sa.quantization_range,
             "modulus_range": sa.modulus_range,

@@ -33,13 +33,15 @@ def run_task(runtime_api_address: str, token: str, node_config: Path, parent_pid
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+    from privacy.ledger import Ledger
+
     from .bundles import bundle_digest, load_approved
-    from .node import NodeSettings
+    from .mods import run_id_of
+    from .node import NodeSettings, NodeSettingsError
 
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
     settings = NodeSettings.from_node_config(tomllib.loads(node_config.read_text()))
-    approved = load_approved(settings.approved_bundles)
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
@@ -51,10 +53,18 @@ def run_task(runtime_api_address: str, token: str, node_config: Path, parent_pid
     try:
         message, context, run, fab = pull_task_input(client)
         digest = bundle_digest(fab.content)
-        if digest not in approved:
-            reason = (f"{settings.hospital}: app bundle {digest} ({run.fab_id or 'unnamed'} {run.fab_version}) is "
-                      f"not approved by this hospital (node setting approved-bundles); nothing of the run ran")
+        try:
+            approved = load_approved(settings.approved_bundles)  # read per task: an approval needs no restart
+            refusal = None if digest in approved else (
+                f"app bundle {digest} ({run.fab_id or 'unnamed'} {run.fab_version}) is not approved by this "
+                "hospital (node setting approved-bundles); nothing of the run ran")
+        except NodeSettingsError as err:
+            refusal = f"{err}; nothing of the run ran"
+        if refusal is not None:
+            reason = f"{settings.hospital}: {refusal}"
             log.error("%s", reason)
+            Ledger(settings.ledger_path).record_refusal(settings.hospital, "", run_id_of(message), run.run_id,
+                                                        refusal)
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
             status, details, code = SubStatus.FAILED, reason, 1
         else:

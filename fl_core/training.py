@@ -196,6 +196,18 @@ def train_epochs(
             logits, labels = forward(module, collate([dataset[i] for i in indices]), device)
             loss = criterion(logits, labels)
             loss.backward()
+            while session is not None and (dropped := set(session.non_finite_samples())):
+                indices = [i for k, i in enumerate(indices) if k not in dropped]  # a zero contribution, as clipping
+                optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+                if not indices:
+                    break
+                logits, labels = forward(module, collate([dataset[i] for i in indices]), device)
+                loss = criterion(logits, labels)
+                loss.backward()
+            if not indices:
+                assert session is not None
+                session.optimizer.step_without_data()
+                continue
             if session is None:
                 add_proximal_gradient()
             optimizer.step()  # type: ignore[union-attr]

@@ -67,10 +67,12 @@ def build_report(cfg: AppConfig, run_id: str, spend: dict[str, dict[str, float]]
         guarantees.append({
             "unit_of_privacy": "one hospital's whole dataset",
             "neighbouring_relation": HOSPITAL_LEVEL_RELATION,
-            "mechanism": "each hospital's update clipped on its node (inside SecAgg+), hospitals weighted equally, "
-                         "Gaussian noise of std sigma * C / n added by the server to the mean of the n updates "
-                         "aggregated (sensitivity 2C / n)",
+            "mechanism": "each hospital's update clipped on its node" + (" (inside SecAgg+)" if sa.enabled else "")
+                         + ", hospitals weighted equally, Gaussian noise of std sigma * C / n added by the server to "
+                         "the mean of the n updates aggregated (sensitivity 2C / n)",
             "trust": "holds for everyone who sees the global model; the server is trusted to add the noise",
+            "covers": "the global model only: not what a hospital releases on its own (its noised evaluations, "
+                      "accounted record by record, and any field its policy releases outside the guarantee)",
             "epsilon": hospital_level_epsilon(cfg, rounds), "delta": c.delta, "accountant": "Renyi DP (Gaussian)",
             "noise_multiplier": c.noise_multiplier, "clipping_norm": c.clipping_norm, "rounds": rounds,
         })
@@ -117,7 +119,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     for g in report["guarantees"][1:]:
         lines += ["", f"## Hospital-level guarantee: {g['unit_of_privacy']}", "",
                   f"Neighbouring relation: {g['neighbouring_relation']}.", f"Mechanism: {g['mechanism']}.",
-                  f"Trust: {g['trust']}.", f"epsilon {_number(g['epsilon'])} at delta {_number(g['delta'])} "
+                  f"Trust: {g['trust']}.", f"Covers: {g['covers']}.", f"epsilon {_number(g['epsilon'])} at delta {_number(g['delta'])} "
                   f"({g['accountant']}), sigma {_number(g['noise_multiplier'])}, "
                   f"clipping norm {_number(g['clipping_norm'])}, {g['rounds']} rounds."]
     lines += ["", "## What each hospital sent", "", "| message | field | status | what |", "|---|---|---|---|"]

@@ -3,6 +3,7 @@ replica (routing), all of it in the audit log and in Prometheus metrics."""
 
 # No `from __future__ import annotations`: FastAPI must see the dependency aliases defined inside the factory.
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,6 +49,8 @@ AUDITED_PREFIXES = ("/v1/", "/admin/")
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 403, 429, 503, 504)}
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class GatewayServices:
@@ -70,8 +73,12 @@ def build_services(cfg: GatewayConfig) -> GatewayServices:
                           else SQLiteLimitStore(Path(lim.sqlite_path)))
     vote = NoisyVote(cfg.privacy.epsilon_per_query, cfg.privacy.epsilon_per_user, cfg.privacy.delta)
     _ = vote.rho_cap  # calibrate before listening, not on the first query
-    # Spend kept as query counts by earlier versions is carried over at today's price per query, once.
-    limits.migrate_counts(SPEND, vote.rho_per_query)
+    # Spend kept as query counts by earlier versions is carried over at today's price per query, once: the price
+    # each was bought at was never stored, so the README says to upgrade before changing epsilon_per_query.
+    migrated = limits.migrate_counts(SPEND, vote.rho_per_query)
+    if migrated:
+        log.warning("carried %d users' query counts over at epsilon_per_query %g each (the price they were bought "
+                    "at is not recorded)", migrated, cfg.privacy.epsilon_per_query)
     return GatewayServices(cfg, secret, AuditLog(Path(cfg.audit.path), audit_key), limits, GatewayMetrics(), vote,
                            SecureRandom())
 

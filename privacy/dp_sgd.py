@@ -106,6 +106,19 @@ class SecureNoise:
 class SecureDPOptimizer(SecureNoise, DPOptimizer):
     """Per-sample gradients clipped by Opacus (hooks, functorch), noise from `SecureRandom`."""
 
+    def clip_and_accumulate(self) -> None:
+        """A sample whose gradient is not finite counts as zero, which clipping allows any sample; Opacus's clipping
+        would spread its NaN over the whole sum (weights a server chose can overflow on one record alone)."""
+        grads = self.grad_samples
+        if grads and len(grads[0]):
+            device = grads[0].device
+            finite = torch.stack([torch.isfinite(g.reshape(len(g), -1)).all(dim=1).to(device) for g in grads]).all(0)
+            if not bool(finite.all()):
+                for p, g in zip(self.params, grads, strict=True):
+                    mask = finite.to(g.device).view(-1, *([1] * (g.dim() - 1)))
+                    p.grad_sample = torch.where(mask, g, torch.zeros_like(g))  # type: ignore[attr-defined]
+        super().clip_and_accumulate()
+
 
 class SecureGhostClippingOptimizer(SecureNoise, DPOptimizerFastGradientClipping):
     """Ghost clipping's optimizer (gradients already clipped in the double backward), noise from `SecureRandom`."""
@@ -122,6 +135,14 @@ class PrivateTraining:
     module: nn.Module
     optimizer: SecureNoise
     criterion: Callable[..., Any]
+
+    def non_finite_samples(self) -> list[int]:
+        """Ghost clipping: the positions in the batch whose gradient norm is not finite. Its second backward sums
+        the batch at once, so their NaN cannot be zeroed afterwards: the batch is redone without them."""
+        norms = getattr(self.module, "_per_sample_gradient_norms", None)
+        if not isinstance(norms, torch.Tensor):
+            return []
+        return [int(i) for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist()]
 
     def close(self) -> None:
         """Detach Opacus from the model so it can be evaluated or trained again in this process."""

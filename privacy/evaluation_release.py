@@ -25,6 +25,14 @@ def evaluation_noise_multiplier(noise: float, classification: bool) -> float:
     return noise / (math.sqrt(2.0) if classification else 1.0)
 
 
+def _bounded(losses: torch.Tensor, loss_bound: float) -> torch.Tensor:
+    """Each loss in [0, loss_bound], a NaN or infinite one included: weights a server chose could overflow on one
+    record only, and a NaN through the sum would tell it that such a record is there."""
+    import torch
+
+    return torch.nan_to_num(losses, nan=loss_bound, posinf=loss_bound, neginf=0.0).clamp(0.0, loss_bound)
+
+
 def _noised(values: list[float], noise: float, rng: SecureRandom) -> list[float]:
     import torch
 
@@ -39,7 +47,7 @@ def noisy_classification_scores(logits: torch.Tensor, labels: torch.Tensor, *, n
 
     n = len(labels)
     correct = float((logits.argmax(dim=-1) == labels).sum())
-    losses = cross_entropy(logits.float(), labels, reduction="none").clamp(0.0, loss_bound)
+    losses = _bounded(cross_entropy(logits.float(), labels, reduction="none"), loss_bound)
     noisy_correct, noisy_loss = _noised([correct, float(losses.sum()) / loss_bound], noise, rng)
     return {"accuracy": min(max(noisy_correct / n, 0.0), 1.0), "loss": max(noisy_loss * loss_bound / n, 0.0)}
 
@@ -47,7 +55,7 @@ def noisy_classification_scores(logits: torch.Tensor, labels: torch.Tensor, *, n
 def noisy_language_model_scores(sequence_losses: torch.Tensor, *, noise: float, loss_bound: float,
                                 rng: SecureRandom) -> dict[str, float]:
     """Mean per-sequence loss and its perplexity from one noised release of the clipped loss sum."""
-    clipped = sequence_losses.float().clamp(0.0, loss_bound)
+    clipped = _bounded(sequence_losses.float(), loss_bound)
     (noisy_loss,) = _noised([float(clipped.sum()) / loss_bound], noise, rng)
     loss = max(noisy_loss * loss_bound / len(sequence_losses), 0.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}

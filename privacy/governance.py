@@ -24,7 +24,12 @@ from .run_plan import RunPlan
 
 
 class Refused(RuntimeError):
-    """The node will not do what was asked; the message is the reason, for the server, the node's log and ledger."""
+    """The node will not do what was asked; the message is the reason, for the server, the node's log and ledger.
+    `recorded`: already in the hospital's ledger (the node's release guard records any other)."""
+
+    def __init__(self, reason: str, recorded: bool = False) -> None:
+        super().__init__(reason)
+        self.recorded = recorded
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class Governance:
     def refuse(self, run_id: str, flower_run: int | None, reason: str) -> Refused:
         """Record the refusal in the hospital's ledger; returns the exception to raise."""
         self.ledger.record_refusal(self.hospital, self.dataset, run_id, flower_run, reason)
-        return Refused(f"{self.hospital}: {reason}")
+        return Refused(f"{self.hospital}: {reason}", recorded=True)
 
     def policy(self, run_id: str, flower_run: int | None) -> HospitalPolicy:
         try:
@@ -84,7 +89,8 @@ class Governance:
         if reasons:
             raise self.refuse(run_id, flower_run, "policy: " + "; ".join(reasons))
         try:
-            entry = self.ledger.reserve(request, policy.lifetime_cap, stale_after=self.rules.reservation_timeout)
+            entry = self.ledger.reserve(request, policy.lifetime_cap, stale_after=self.rules.reservation_timeout,
+                                        max_open=policy.max_open_reservations)
         except LedgerError as err:
             raise self.refuse(run_id, flower_run, str(err)) from None
         return Admission(entry, policy, self.ledger.balance(self.hospital, self.dataset, policy.lifetime_cap))

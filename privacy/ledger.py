@@ -328,12 +328,16 @@ class Ledger:
                      spent, previous.created_at if previous else now, now, r.flower_run, r.plan)
 
     def reserve(self, request: SpendRequest, policy_cap: Budget | None = None,
-                stale_after: float | None = None) -> Entry:
+                stale_after: float | None = None, max_open: int | None = None) -> Entry:
         """Admit a run: reserve its whole plan, continuing what it already spent if it ran here before (a resume),
-        bound to the Flower run that asked."""
+        bound to the Flower run that asked; refused if `max_open` other runs already hold a reservation."""
         with self._transaction() as db:
             self._expire(db, request.hospital, request.dataset, stale_after)
             entries = self._entries(db, request.hospital, request.dataset)
+            open_runs = [e.run_id for e in entries if e.status == RESERVED and e.run_id != request.run_id]
+            if max_open is not None and len(open_runs) >= max_open:
+                raise LedgerError(f"{request.hospital}/{request.dataset}: {len(open_runs)} runs already hold a "
+                                  f"reservation (max_open_reservations {max_open}): {', '.join(open_runs)}")
             entry = self._plan(entries, request)
             self._check_caps(db, entries, entry, entry.planned, policy_cap,
                              f"run {request.run_id} (planned epsilon {entry.planned_epsilon:.4f})")

@@ -36,6 +36,10 @@ class HospitalPolicy:
     allowed_tasks: list[str] | None = None
     allowed_datasets: list[str] | None = None
     require_secure_aggregation: bool = False
+    # Training without DP-SGD (privacy.enabled=false) sends an adapter with no guarantee: refused unless allowed.
+    allow_training_without_dp: bool = False
+    # Runs holding a reservation at once: admissions a run never uses cannot lock more of the budget than this.
+    max_open_reservations: int = 4
     # Fields the hospital lets leave outside its DP guarantee (privacy.release.OUTSIDE_GUARANTEE); none by default.
     release_outside_guarantee: list[str] = field(default_factory=list)
 
@@ -69,6 +73,8 @@ def load_policy(path: Path | None) -> HospitalPolicy:
     for name in ("max_epsilon_per_run", "lifetime_epsilon", "min_noise_multiplier"):
         value = getattr(policy, name)
         _check(value is None or (math.isfinite(value) and value > 0), name, f"must be > 0 or null (got {value})")
+    _check(policy.max_open_reservations >= 1, "max_open_reservations",
+           f"must be at least 1 (got {policy.max_open_reservations})")
     _check(0 < policy.lifetime_delta < 1, "lifetime_delta", f"must be in (0, 1) (got {policy.lifetime_delta})")
     _check(policy.max_delta is None or 0 < policy.max_delta < 1, "max_delta",
            f"must be in (0, 1) or null (got {policy.max_delta})")
@@ -90,6 +96,8 @@ def violations(policy: HospitalPolicy, run: RunPlan, planned_epsilon: float) -> 
     if policy.max_epsilon_per_run is not None and not planned_epsilon <= policy.max_epsilon_per_run:
         found.append(f"planned epsilon {planned_epsilon:.4f} exceeds max_epsilon_per_run "
                      f"{policy.max_epsilon_per_run:g}")
+    if not run.private and not policy.allow_training_without_dp:
+        found.append("the run trains without DP-SGD (privacy.enabled=false), which needs allow_training_without_dp")
     if policy.min_noise_multiplier is not None and not (
             run.private and run.noise_multiplier >= policy.min_noise_multiplier):
         found.append(f"noise multiplier {run.noise_multiplier if run.private else 'none (DP off)'} is below "

@@ -48,8 +48,7 @@ RELEASES: tuple[Field, ...] = (
     Field(FIT, "train_loss", Status.OUTSIDE, "exact mean training loss over the round's private batches"),
     Field(EVALUATE, "loss", Status.DP, "mean loss on the hospital's held-out records, from a noised sum of "
                                        "clipped losses"),
-    Field(EVALUATE, "accuracy", Status.DP, "accuracy from the noised confusion matrix"),
-    Field(EVALUATE, "macro_f1", Status.DP, "macro-F1 from the noised confusion matrix"),
+    Field(EVALUATE, "accuracy", Status.DP, "accuracy from the noised count of correctly classified records"),
     Field(EVALUATE, "perplexity", Status.DP, "exp of the noised mean loss (causal LM)"),
     Field(EVALUATE, "num_examples", Status.PUBLIC, "the held-out set's size N_test of the admitted plan"),
     Field(EVALUATE, "hospital", Status.PUBLIC, "the hospital's id"),

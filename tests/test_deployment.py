@@ -138,7 +138,9 @@ def test_a_modified_app_bundle_is_refused_by_every_node_and_nothing_trains(feder
         refusals = [line for line in federation.log(hospital).splitlines()
                     if "is not approved by this hospital" in line]
         assert refusals and f"{hospital}: app bundle sha256:" in refusals[0]
-        assert Ledger(federation.state(hospital) / "ledger.sqlite").entries() == before[hospital]  # nothing charged
+        ledger = Ledger(federation.state(hospital) / "ledger.sqlite")
+        assert ledger.entries() == before[hospital]  # nothing charged
+        assert any("is not approved by this hospital" in str(r["reason"]) for r in ledger.refusals(hospital))
 
 
 def test_a_node_without_a_state_folder_or_approvals_does_not_start(federation: Federation) -> None:

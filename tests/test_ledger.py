@@ -139,6 +139,17 @@ def test_reservations_of_silent_runs_expire_keeping_what_they_spent(tmp_path: Pa
     assert expired is not None and expired.status == ABORTED and "expired" in str(expired.closed_reason)
 
 
+def test_open_reservations_are_capped_so_made_up_admissions_cannot_pile_up(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    for made_up in ("x1", "x2"):
+        ledger.reserve(request(made_up), max_open=2)
+    with pytest.raises(LedgerError, match=r"2 runs already hold a reservation .*x1, x2"):
+        ledger.reserve(request("x3"), max_open=2)
+    ledger.reserve(request("x2"), max_open=2)  # re-admitting one of them is not another reservation
+    ledger.close("x1", "h0", "icd10", ABORTED)
+    assert ledger.reserve(request("x3"), max_open=2).status == RESERVED
+
+
 def test_refusals_are_kept_in_the_hospitals_own_history(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.record_refusal("h0", "icd10", "run-z", 11, "policy: model 'tiny' is not in allowed_models")

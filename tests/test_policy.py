@@ -40,6 +40,7 @@ def write_policy(folder: Path, text: str) -> Path:
     ("max_delta: 2", "max_delta"),
     ("allowed_models: tiny", "allowed_models"),  # a list is required
     ("unknown_rule: 1", "unknown_rule"),
+    ("max_open_reservations: 0", "max_open_reservations"),
     ("release_outside_guarantee: [parameters]", "release_outside_guarantee"),  # DP-released, not an option
     ("release_outside_guarantee: [patient_names]", "release_outside_guarantee"),
 ])
@@ -61,6 +62,9 @@ def test_every_rule_can_refuse_a_run() -> None:
     assert violations(HospitalPolicy(), ALLOWED, planned_epsilon=4.0) == []
     no_dp = dataclasses.replace(ALLOWED, private=False, noise_multiplier=0.0)
     assert violations(HospitalPolicy(max_epsilon_per_run=8.0), no_dp, float("inf"))  # no DP: no cap can hold
+    # A node with no rules at all still refuses training without DP unless its policy says otherwise.
+    assert [r for r in violations(HospitalPolicy(), no_dp, float("inf")) if "allow_training_without_dp" in r]
+    assert violations(HospitalPolicy(allow_training_without_dp=True), no_dp, float("inf")) == []
 
 
 def client_for(tmp_path: Path, *overrides: str, policy: str | None = None, flower_run: int = 1) -> HospitalClient:
@@ -135,6 +139,27 @@ def test_the_adapter_never_leaves_outside_an_admitted_round(tmp_path: Path) -> N
     assert admit(client)["admitted"] is True
     with pytest.raises(Refused, match="only as the result of an admitted round"):
         client.get_parameters({RUN_ID: "run-a"})
+
+
+def test_a_non_finite_adapter_from_the_server_is_refused_before_anything_is_charged(tmp_path: Path) -> None:
+    client = client_for(tmp_path, "strategy.federated_evaluation=true")
+    assert admit(client)["admitted"] is True
+    probe = arrays_of(client)
+    probe[0] = probe[0].copy()
+    probe[0].flat[0] = np.nan
+    with pytest.raises(Refused, match="non-finite"):
+        client.fit(probe, round_config(client))
+    with pytest.raises(Refused, match="non-finite"):
+        client.evaluate(probe, round_config(client))
+    entry = Ledger(client.node.ledger_path).entry("run-a", "hospital-0", "icd10")
+    assert entry is not None and entry.spent.steps == 0
+
+
+def test_training_without_dp_is_refused_unless_the_policy_allows_it(tmp_path: Path) -> None:
+    refused = admit(client_for(tmp_path / "a", "privacy.enabled=false"))
+    assert refused["admitted"] is False and "allow_training_without_dp" in str(refused["reason"])
+    allowed = client_for(tmp_path / "b", "privacy.enabled=false", policy="allow_training_without_dp: true\n")
+    assert admit(allowed)["admitted"] is True
 
 
 def test_a_fixed_sigma_run_is_held_to_the_per_run_cap_every_round(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -154,3 +155,11 @@ def test_the_evaluation_release_is_the_exact_score_plus_noise_of_the_stated_size
     assert evaluation_noise_multiplier(30.0, classification=True) == pytest.approx(30.0 / 2 ** 0.5)
     lm = noisy_language_model_scores(torch.full((100,), 9.0), noise=1e-9, loss_bound=5.0, rng=rng)
     assert lm["loss"] == pytest.approx(5.0)  # each sequence's loss clipped to the bound before it is summed
+    # A record whose loss overflows (weights a server chose) counts as the bound, not as a NaN that marks it.
+    overflowing = noisy_language_model_scores(torch.tensor([1.0, float("nan"), float("inf")]), noise=1e-9,
+                                              loss_bound=5.0, rng=rng)
+    assert overflowing["loss"] == pytest.approx(11.0 / 3)
+    broken_logits = logits[:3].clone()
+    broken_logits[0, 0] = float("nan")
+    assert all(math.isfinite(v) for v in noisy_classification_scores(broken_logits, labels[:3], noise=1.0,
+                                                                      loss_bound=5.0, rng=rng).values())

@@ -22,15 +22,19 @@ from flwr.common import (
     ndarrays_to_parameters,
 )
 from flwr.common.constant import MessageTypeLegacy
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 from flwr.simulation import run_simulation
 
 from fl_client.client_app import client_mods, make_client_fn
-from fl_client.mods import check_reply, make_release_guard
+from fl_client.mods import check_reply, check_secure_aggregation_setup, make_release_guard
+from fl_client.node import NodeSettings
+from fl_client.plan import secure_aggregation_parameters
 from fl_server.server_app import build_server_app
 from privacy.governance import Refused
+from privacy.ledger import Ledger
 from privacy.release import DECLARED, UndeclaredRelease
+from tests.conftest import tiny_config
 
 OK = Status(code=Code.OK, message="Success")
 
@@ -74,7 +78,7 @@ def test_a_reply_with_an_undeclared_field_does_not_leave_the_node() -> None:
 
 
 def test_the_guard_lets_out_refusals_but_no_other_error_text() -> None:
-    guard = make_release_guard(simulated=True)
+    guard = make_release_guard(True, lambda context: tiny_config())
     incoming = Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=0, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
 
@@ -90,6 +94,10 @@ def test_the_guard_lets_out_refusals_but_no_other_error_text() -> None:
     assert "Jane Roe" not in str(leaked.value) and leaked.value.__suppress_context__ and leaked.value.__cause__ is None
     with pytest.raises(UndeclaredRelease, match=r"hospital-0: .*'patients'"):
         guard(incoming, context, lambda msg, ctx: fit_reply({"hospital": "h0", "patients": 412}))
+    # Both refusals decided outside the governance are in the hospital's own history; a generic failure is not one.
+    ledger = Ledger(NodeSettings.from_node_config(context.node_config, simulated=True).ledger_path)
+    reasons = [str(r["reason"]) for r in ledger.refusals("hospital-0")[-2:]]
+    assert "no open reservation" in reasons[0] and "'patients'" in reasons[1]
 
 
 # Every (message type, record, key) a hospital may send, written out here independently of the guard's table.
@@ -159,3 +167,16 @@ def test_every_field_a_hospital_sends_in_a_real_run_is_declared(tmp_path: Path,
     assert (MessageType.TRAIN, "fitres.metrics", "train_loss") in seen[0]  # hospital-0's policy allows it
     assert not any(key == "train_loss" for p in (1, 2) for _, _, key in seen[p])  # the others keep it
     assert any(name == RECORD_KEY_CONFIGS and key == "masked_params" for _, name, key in seen[1])  # SecAgg+ ran
+
+
+def test_a_secure_aggregation_setup_other_than_the_admitted_one_is_refused() -> None:
+    admitted = secure_aggregation_parameters(tiny_config())  # 3 hospitals, shares 1.0, threshold 0.67
+    setup = {Key.CLIPPING_RANGE: admitted["clipping_range"], Key.TARGET_RANGE: admitted["quantization_range"],
+             Key.MOD_RANGE: admitted["modulus_range"], Key.MAX_WEIGHT: admitted["max_weight"],
+             Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2}
+    check_secure_aggregation_setup(setup, admitted)
+    for change, reason in (({Key.SHARE_NUMBER: 2, Key.THRESHOLD: 2}, "2 shares is below the admitted 1.0"),
+                           ({Key.THRESHOLD: 1}, "threshold 1 of 3 shares is below"),
+                           ({Key.CLIPPING_RANGE: 2 * admitted["clipping_range"]}, "clipping_range")):
+        with pytest.raises(Refused, match=reason):
+            check_secure_aggregation_setup({**setup, **change}, admitted)

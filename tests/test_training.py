@@ -111,6 +111,28 @@ def test_empty_poisson_batches_still_add_noise_and_count_in_every_clipping_mode(
     assert all((a != b).any() for a, b in zip(start, adapter_to_arrays(model), strict=True))  # noise alone moved it
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_sample_whose_gradient_overflows_counts_as_zero_instead_of_poisoning_the_sum(mode: str) -> None:
+    """Weights a server chose can overflow on one record alone; a NaN in the sum would tell it that record is there.
+    Such a sample must contribute what a sample with zero gradient does, in hooks and ghost clipping alike."""
+    cfg = tiny_config(f"privacy.grad_sample_mode={mode}", "train.optimizer=sgd", "train.lr=0.5",
+                      "privacy.max_grad_norm=1e6")
+    good = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.1, -1.0], [-0.7, 0.4, 2.0], [1.5, 1.5, -0.5]])
+    plan = SamplingPlan(num_examples=5, sample_rate=1.0, steps_per_round=3, total_steps=3)
+
+    def trained(last_row: list[float]) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False))
+        data = TensorDataset(torch.cat([good, torch.tensor([last_row])]), torch.tensor([0, 1, 0, 1, 1]))
+        train_epochs(cfg, model, data, default_collate, lambda m, batch, device: (m(batch[0]), batch[1]), CPU,
+                     plan=plan, noise_multiplier=0.0, accountant=AccountantState(), proximal_mu=0.0)
+        return model[0].weight.detach().clone()
+
+    poisoned, zero = trained([float("inf"), 1.0, 1.0]), trained([0.0, 0.0, 0.0])  # x = 0: no weight gradient
+    assert torch.isfinite(poisoned).all()
+    assert torch.allclose(poisoned, zero, atol=1e-6)
+
+
 def test_the_sampler_takes_exactly_the_planned_steps_at_the_planned_rate_for_every_size() -> None:
     """Opacus's loader takes int(1/(1/k)) steps per epoch, k - 1 for some k (N 5889-5952 at batch 64)."""
     head = torch.nn.Linear(4, 3)
