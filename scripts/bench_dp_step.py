@@ -72,18 +72,31 @@ def measure(model_name: str, mode: str, batch: int, seq_len: int, steps: int, th
     return {"step_s": times[len(times) // 2], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_all(models: list[str], batch: int, seq_len: int, steps: int, threads: int) -> list[dict[str, object]]:
+def run_all(models: list[str], batch: int, seq_len: int, steps: int, threads: int,
+            repeat: int) -> list[dict[str, object]]:
+    """Every mode `repeat` times, interleaved (plain, opacus-noise, hooks, ..., plain, ...), so that a swing of the
+    machine's load falls on all modes alike; each mode's figure is the median of its runs' medians."""
     rows: list[dict[str, object]] = []
     for model_name in models:
+        runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+        errors: dict[str, str] = {}
+        for _ in range(repeat):
+            for mode in MODES:
+                proc = subprocess.run([sys.executable, __file__, "--one", model_name, mode, "--batch", str(batch),
+                                       "--seq-len", str(seq_len), "--steps", str(steps), "--threads", str(threads)],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    errors[mode] = proc.stderr.strip().splitlines()[-1]
+                    continue
+                runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(model_name, mode, runs[mode][-1], flush=True)
         for mode in MODES:
-            proc = subprocess.run([sys.executable, __file__, "--one", model_name, mode, "--batch", str(batch),
-                                   "--seq-len", str(seq_len), "--steps", str(steps), "--threads", str(threads)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                rows.append({"model": model_name, "mode": mode, "error": proc.stderr.strip().splitlines()[-1]})
+            if mode in errors:
+                rows.append({"model": model_name, "mode": mode, "error": errors[mode]})
                 continue
-            rows.append({"model": model_name, "mode": mode, **json.loads(proc.stdout.strip().splitlines()[-1])})
-            print(rows[-1], flush=True)
+            steps_s = sorted(r["step_s"] for r in runs[mode])
+            rows.append({"model": model_name, "mode": mode, "step_s": steps_s[len(steps_s) // 2],
+                         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[mode]), "runs": len(steps_s)})
     return rows
 
 
@@ -91,7 +104,8 @@ def table(rows: list[dict[str, object]], batch: int, seq_len: int, threads: int)
     plain = {r["model"]: r["step_s"] for r in rows if r["mode"] == "plain" and "step_s" in r}
     opacus = {r["model"]: r["step_s"] for r in rows if r["mode"] == "opacus-noise" and "step_s" in r}
     lines = [f"Batch {batch} x {seq_len} tokens, classification, LoRA r=8, {threads} thread(s), median step "
-             f"after 2 warm-up steps; peak RSS of a process that builds the model and trains. `opacus-noise`: "
+             f"after 2 warm-up steps, then the median over {rows[0].get('runs', 1)} interleaved runs of every "
+             "mode; peak RSS of a process that builds the model and trains. `opacus-noise`: "
              "Opacus's PrivacyEngine as it ships (torch generator noise); the other DP modes draw their noise "
              "from ChaCha20 (`privacy/secure_random.py`).", "",
              "| model | mode | step (s) | vs plain | vs opacus-noise | peak RSS (MB) |", "|---|---|---|---|---|---|"]
@@ -129,11 +143,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of every mode")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one[0], args.one[1], args.batch, args.seq_len, args.steps, args.threads)))
         return
-    rows = run_all(args.models, args.batch, args.seq_len, args.steps, args.threads)
+    rows = run_all(args.models, args.batch, args.seq_len, args.steps, args.threads, args.repeat)
     print(f"wrote {write_section(table(rows, args.batch, args.seq_len, args.threads))}")
 
 
