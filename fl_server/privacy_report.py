@@ -119,7 +119,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     for g in report["guarantees"][1:]:
         lines += ["", f"## Hospital-level guarantee: {g['unit_of_privacy']}", "",
                   f"Neighbouring relation: {g['neighbouring_relation']}.", f"Mechanism: {g['mechanism']}.",
-                  f"Trust: {g['trust']}.", f"Covers: {g['covers']}.", f"epsilon {_number(g['epsilon'])} at delta {_number(g['delta'])} "
+                  f"Trust: {g['trust']}.", f"Covers: {g['covers']}.",
+                  f"epsilon {_number(g['epsilon'])} at delta {_number(g['delta'])} "
                   f"({g['accountant']}), sigma {_number(g['noise_multiplier'])}, "
                   f"clipping norm {_number(g['clipping_norm'])}, {g['rounds']} rounds."]
     lines += ["", "## What each hospital sent", "", "| message | field | status | what |", "|---|---|---|---|"]
