@@ -33,9 +33,11 @@ def run_config(context: Context, overrides: Sequence[str] | None) -> AppConfig:
     """Simulation passes overrides directly; deployment carries them in the run-config key `overrides`."""
     if overrides is None:
         overrides = shlex.split(str(context.run_config.get("overrides", "")))
-    interpolated = [o for o in overrides if "${" in o]
-    if interpolated:  # `${oc.env:...}` would resolve on the node and its value could leave in a reply
-        raise Refused(f"the run's overrides may not interpolate (${{...}} resolves on the node): {interpolated[0]}")
+        # `${oc.env:...}` (or Hydra's escaped `$\{...\}`) would resolve on the node, and its value could leave in a
+        # reply: a run's overrides are plain values
+        interpolated = [o for o in overrides if "$" in o or "\\" in o]
+        if interpolated:
+            raise Refused(f"the run's overrides may not interpolate or escape ($ or \\): {interpolated[0]}")
     return _config(tuple(overrides))
 
 

@@ -136,8 +136,9 @@ class HospitalClient(NumPyClient):
     def check_global(self, run_id: str, parameters: NDArrays) -> None:
         """The server's adapter, refused before anything is charged if not finite: such weights are no model, only
         a probe (per-record overflow from finite weights is handled where gradients and losses are bounded)."""
-        if not all(np.isfinite(a).all() for a in parameters):
-            raise self.governance.refuse(run_id, self.flower_run, "the server's adapter has non-finite values")
+        if not all(np.issubdtype(a.dtype, np.number) and np.isfinite(a).all() for a in parameters):
+            raise self.governance.refuse(run_id, self.flower_run, "the server's adapter has non-finite or non-numeric "
+                                         "values")
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         """Admission (`admit`) and closing (`committed`, `aborted`) of a run, asked by the server in plaintext."""

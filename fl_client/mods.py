@@ -91,7 +91,10 @@ def record_refusal(node: NodeSettings, config_for: ConfigFor, msg: Message, cont
         dataset = config_for(context).data.name
     except Exception:  # the run's config itself was refused: no dataset to file it under
         dataset = ""
-    Ledger(node.ledger_path).record_refusal(node.hospital, dataset, run_id_of(msg), context.run_id, reason)
+    try:
+        Ledger(node.ledger_path).record_refusal(node.hospital, dataset, run_id_of(msg), context.run_id, reason)
+    except Exception:  # the refusal still stands and still leaves as it is; the failure stays in the node's log
+        log.exception("%s: could not record a refusal in the ledger", node.hospital)
 
 
 def make_release_guard(simulated: bool, config_for: ConfigFor) -> Mod:
@@ -135,6 +138,12 @@ def make_secure_aggregation_as_admitted(config_for: ConfigFor) -> Mod:
             raise Refused("this run's admitted plan uses SecAgg+: a plaintext training request is refused")
         if configs.get(Key.STAGE) == Stage.SETUP:
             check_secure_aggregation_setup(dict(configs), secure_aggregation_parameters(cfg))
+        elif configs.get(Key.STAGE) == Stage.SHARE_KEYS:  # Flower checks the neighbours only against the threshold
+            neighbours = len([k for k in configs if k != Key.STAGE])  # this node included
+            fewest = secure_aggregation_parameters(cfg)["fewest_shares"]
+            if neighbours < fewest:
+                raise Refused(f"SecAgg+ key sharing: {neighbours} nodes share keys, fewer than the admitted "
+                              f"{fewest:g}")
         return secaggplus_mod(msg, context, call_next)
 
     return secure_aggregation_as_admitted

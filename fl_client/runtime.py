@@ -58,8 +58,10 @@ def run_task(runtime_api_address: str, token: str, node_config: Path, parent_pid
             refusal = None if digest in approved else (
                 f"app bundle {digest} ({run.fab_id or 'unnamed'} {run.fab_version}) is not approved by this "
                 "hospital (node setting approved-bundles); nothing of the run ran")
-        except NodeSettingsError as err:
-            refusal = f"{err}; nothing of the run ran"
+        except (NodeSettingsError, OSError, UnicodeDecodeError) as err:
+            log.error("%s: the approval list: %s", settings.hospital, err)  # its path and lines stay on the node
+            refusal = "this node's list of approved bundles cannot be read (the node's log says why); nothing of the "\
+                      "run ran"
         if refusal is not None:
             reason = f"{settings.hospital}: {refusal}"
             log.error("%s", reason)

@@ -1,12 +1,13 @@
 """A hospital's federated evaluation as a DP release: the Gaussian mechanism, charged to its ledger like a round.
 
 What is released is one vector over the held-out records: the number classified correctly (classification only)
-and the sum of their losses, each loss clipped to [0, loss_bound] and divided by it. Replacing one record by one
-that counts nowhere (zero-out) moves each coordinate by at most 1: the sensitivity is sqrt(2) for classification and
-1 for a causal LM's loss alone. Gaussian noise of standard deviation `noise` goes on each coordinate, so the
-accountant's noise multiplier is noise / sensitivity. Accuracy, mean loss and perplexity are post-processing of
-the noised vector with the public held-out size N_test; per-class scores such as macro-F1 are not released (at a
-hospital's test size their noise would swamp them).
+and the sum of their losses, each loss clipped to [0, loss_bound] and divided by it. Each record adds a value in
+[0, 1] to each coordinate, so replacing it by any other moves each coordinate by at most 1: the L2 sensitivity is
+sqrt(2) for classification and 1 for a causal LM's loss alone. Gaussian noise of standard deviation `noise` goes on
+each coordinate. The accountant's replace-one step is a sum of contributions of norm at most 1, which a replacement
+moves by 2 (`accountant.py`), so its noise multiplier is 2 * noise / sensitivity. Accuracy, mean loss and
+perplexity are post-processing of the noised vector with the public held-out size N_test; per-class scores such as
+macro-F1 are not released (at a hospital's test size their noise would swamp them).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ if TYPE_CHECKING:  # torch loads with the model, not with the plan that only nee
 
 
 def evaluation_noise_multiplier(noise: float, classification: bool) -> float:
-    """The accountant's noise multiplier of one evaluation release."""
-    return noise / (math.sqrt(2.0) if classification else 1.0)
+    """The accountant's noise multiplier of one evaluation release (its replace-one sensitivity is 2)."""
+    return 2.0 * noise / (math.sqrt(2.0) if classification else 1.0)
 
 
 def _bounded(losses: torch.Tensor, loss_bound: float) -> torch.Tensor:

@@ -336,8 +336,9 @@ class Ledger:
             entries = self._entries(db, request.hospital, request.dataset)
             open_runs = [e.run_id for e in entries if e.status == RESERVED and e.run_id != request.run_id]
             if max_open is not None and len(open_runs) >= max_open:
-                raise LedgerError(f"{request.hospital}/{request.dataset}: {len(open_runs)} runs already hold a "
-                                  f"reservation (max_open_reservations {max_open}): {', '.join(open_runs)}")
+                raise LedgerError(f"{request.hospital}/{request.dataset}: {len(open_runs)} other runs already hold a "
+                                  f"reservation (max_open_reservations {max_open}; `fl-ledger reservations` lists "
+                                  "them)")
             entry = self._plan(entries, request)
             self._check_caps(db, entries, entry, entry.planned, policy_cap,
                              f"run {request.run_id} (planned epsilon {entry.planned_epsilon:.4f})")

@@ -38,7 +38,7 @@ class HospitalPolicy:
     require_secure_aggregation: bool = False
     # Training without DP-SGD (privacy.enabled=false) sends an adapter with no guarantee: refused unless allowed.
     allow_training_without_dp: bool = False
-    # Runs holding a reservation at once: admissions a run never uses cannot lock more of the budget than this.
+    # Runs holding a reservation at once on one dataset: admissions never used cannot lock more of the budget.
     max_open_reservations: int = 4
     # Fields the hospital lets leave outside its DP guarantee (privacy.release.OUTSIDE_GUARANTEE); none by default.
     release_outside_guarantee: list[str] = field(default_factory=list)

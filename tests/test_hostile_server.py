@@ -7,8 +7,8 @@ directly, so nothing of our server code keeps it honest. Two Flower runs share t
    plaintext fits to a SecAgg+ run, evaluates without federated evaluation, and locks a budget with made-up
    admissions, which the node's reservation timeout then frees;
 2. a config that breaks hospital-0's policy (no SecAgg+, sigma fixed and small): it reuses run 1's admission, tries
-   to close another run's, trains before admission, trains hospital-1 past its one admitted round, and asks for
-   another proximal term.
+   to close another run's, trains before admission, sends a NaN adapter as a probe, trains hospital-1 past its one
+   admitted round, and asks for another proximal term.
 
 After each attack the test checks what came back: not one reply to a non-compliant request carries anything but
 a refusal, and every compliant reply carries only declared fields.
@@ -90,10 +90,10 @@ class Attacker:
         for node in self.nodes:
             self.ask(node, "who-are-you", "")
 
-    def fit(self, node: int, run_id: str, mu: float | None = None) -> Message:
+    def fit(self, node: int, run_id: str, mu: float | None = None, arrays: list[Any] | None = None) -> Message:
         config = {RUN_ID: run_id, "proximal_mu": self.mu if mu is None else mu}
         return self.send(node, MessageType.TRAIN, compat.fitins_to_recorddict(
-            FitIns(ndarrays_to_parameters(self.arrays), config), keep_input=True))
+            FitIns(ndarrays_to_parameters(self.arrays if arrays is None else arrays), config), keep_input=True))
 
     def evaluate(self, node: int, run_id: str) -> Message:
         return self.send(node, MessageType.EVALUATE, compat.evaluateins_to_recorddict(
@@ -159,6 +159,8 @@ def test_a_hostile_server_gets_nothing_the_nodes_did_not_admit(tmp_path: Path, m
     fake = ledger1.entry("fake-0", "hospital-1", "icd10")
     assert fake is not None and fake.status == ABORTED and "expired" in str(fake.closed_reason)
     assert all(e.spent.steps == 0 for e in [*ledger0.entries(), *ledger1.entries()])  # nothing was trained
+    # The mod's refusals (plaintext fits to a SecAgg+ run) are in hospital-0's own history too.
+    assert any("plaintext training request" in str(r["reason"]) for r in ledger0.refusals())
     ledger1.set_budget("hospital-1", 1e9, 1e-5)
 
     def hostile_run(attacker: Attacker) -> None:
@@ -176,6 +178,9 @@ def test_a_hostile_server_gets_nothing_the_nodes_did_not_admit(tmp_path: Path, m
         # ... then admits one round at a fixed sigma; every fit past it is refused, untrained.
         assert attacker.admit(node1, "M")["admitted"] is True
         assert refused(attacker.fit(node1, "M", mu=0.5), "proximal_mu")
+        probe = [a.copy() for a in attacker.arrays]
+        probe[0].flat[0] = float("nan")  # weights that are no model, only a probe
+        assert refused(attacker.fit(node1, "M", arrays=probe), "non-finite")
         first = attacker.fit(node1, "M")
         assert not first.has_error(), first.error
         check_reply(first, MessageType.TRAIN, allowed_outside=())  # only declared fields in what did leave

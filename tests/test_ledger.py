@@ -143,7 +143,7 @@ def test_open_reservations_are_capped_so_made_up_admissions_cannot_pile_up(tmp_p
     ledger = Ledger(tmp_path / "ledger.sqlite")
     for made_up in ("x1", "x2"):
         ledger.reserve(request(made_up), max_open=2)
-    with pytest.raises(LedgerError, match=r"2 runs already hold a reservation .*x1, x2"):
+    with pytest.raises(LedgerError, match="2 other runs already hold a reservation"):
         ledger.reserve(request("x3"), max_open=2)
     ledger.reserve(request("x2"), max_open=2)  # re-admitting one of them is not another reservation
     ledger.close("x1", "h0", "icd10", ABORTED)

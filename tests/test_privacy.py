@@ -152,7 +152,9 @@ def test_the_evaluation_release_is_the_exact_score_plus_noise_of_the_stated_size
     accuracy = torch.tensor([d["accuracy"] for d in draws])
     assert float(accuracy.std()) == pytest.approx(30.0 / 2000, rel=0.15)  # noise std 30 on the correct count
     assert abs(float(accuracy.mean()) - exact) < 4 * 30.0 / 2000 / 20
-    assert evaluation_noise_multiplier(30.0, classification=True) == pytest.approx(30.0 / 2 ** 0.5)
+    # Sensitivity sqrt(2) against the accountant's replace-one step, which moves by 2: multiplier 2 * 30 / sqrt(2).
+    assert evaluation_noise_multiplier(30.0, classification=True) == pytest.approx(30.0 * 2 ** 0.5)
+    assert evaluation_noise_multiplier(30.0, classification=False) == pytest.approx(60.0)
     lm = noisy_language_model_scores(torch.full((100,), 9.0), noise=1e-9, loss_bound=5.0, rng=rng)
     assert lm["loss"] == pytest.approx(5.0)  # each sequence's loss clipped to the bound before it is summed
     # A record whose loss overflows (weights a server chose) counts as the bound, not as a NaN that marks it.

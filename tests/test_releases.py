@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import (
     Code,
+    ConfigRecord,
     Context,
     FitRes,
     GetPropertiesRes,
@@ -22,12 +23,17 @@ from flwr.common import (
     ndarrays_to_parameters,
 )
 from flwr.common.constant import MessageTypeLegacy
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.simulation import run_simulation
 
-from fl_client.client_app import client_mods, make_client_fn
-from fl_client.mods import check_reply, check_secure_aggregation_setup, make_release_guard
+from fl_client.client_app import client_mods, make_client_fn, run_config
+from fl_client.mods import (
+    check_reply,
+    check_secure_aggregation_setup,
+    make_release_guard,
+    make_secure_aggregation_as_admitted,
+)
 from fl_client.node import NodeSettings
 from fl_client.plan import secure_aggregation_parameters
 from fl_server.server_app import build_server_app
@@ -180,3 +186,22 @@ def test_a_secure_aggregation_setup_other_than_the_admitted_one_is_refused() -> 
                            ({Key.CLIPPING_RANGE: 2 * admitted["clipping_range"]}, "clipping_range")):
         with pytest.raises(Refused, match=reason):
             check_secure_aggregation_setup({**setup, **change}, admitted)
+
+
+@pytest.mark.parametrize("override", ["data.name=${oc.env:HOME}", "data.name=$\\{oc.env:HOME\\}",
+                                      "privacy.noise_multiplier=${oc.env:SECRET_NUMBER}"])
+def test_a_run_config_that_would_resolve_on_the_node_is_refused(override: str) -> None:
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"overrides": f"model=tiny '{override}'"})
+    with pytest.raises(Refused, match="may not interpolate"):
+        run_config(context, None)
+
+
+def test_key_sharing_with_fewer_nodes_than_admitted_is_refused() -> None:
+    mod = make_secure_aggregation_as_admitted(lambda context: tiny_config())  # 3 hospitals: at least 3 shares
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    few = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.SHARE_KEYS, "1": [b"a", b"b"],
+                                                        "2": [b"c", b"d"]})})
+    with pytest.raises(Refused, match="2 nodes share keys, fewer than the admitted 3"):
+        mod(Message(few, dst_node_id=0, message_type=MessageType.TRAIN), context,
+            lambda msg, ctx: pytest.fail("the round went on"))
