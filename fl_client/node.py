@@ -94,6 +94,11 @@ class NodeSettings:
         policy = node_config.get("policy-file")
         default_policy = state_dir / POLICY_FILE
         policy_file = Path(str(policy)) if policy else (default_policy if default_policy.exists() else None)
+        misnamed = sorted(p.name for p in state_dir.glob("policy.*")) if policy_file is None and \
+            state_dir.is_dir() else []
+        if misnamed:  # a policy the node would silently not read is worse than none
+            raise NodeSettingsError("policy-file", f"{state_dir} holds {misnamed[0]}, but the node reads "
+                                                   f"{POLICY_FILE} there (or the file policy-file names)")
         if policy_file is not None and not policy_file.is_file():
             raise NodeSettingsError("policy-file", f"no such file {policy_file}")
         data_dir = Path(str(node_config["data-dir"])) if node_config.get("data-dir") else None

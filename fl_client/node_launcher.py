@@ -30,6 +30,7 @@ from .node import NodeSettings, NodeSettingsError
 
 SECRET_FILE = "superexec.secret"
 POLL_SECONDS = 0.5
+MAX_TASKS = 4  # task processes at once (one per message; a SecAgg+ round asks a node one at a time)
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 
 
@@ -67,8 +68,13 @@ def serve_tasks(supernode: subprocess.Popen[bytes], runtime_address: str, secret
         server_address=runtime_address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                       SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE})])
+    running: list[subprocess.Popen[bytes]] = []
     try:
         while supernode.poll() is None:
+            running = [task for task in running if task.poll() is None]
+            if len(running) >= MAX_TASKS:  # the rest wait in the SuperNode: messages cannot exhaust the node
+                time.sleep(POLL_SECONDS)
+                continue
             try:
                 acquired = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             except Exception:  # the runtime API is not up yet, or is restarting with the SuperNode
@@ -76,10 +82,10 @@ def serve_tasks(supernode: subprocess.Popen[bytes], runtime_address: str, secret
                 continue
             if acquired.HasField("task") and acquired.token:
                 # -P: the working folder (in the image, the node's writable state folder) is not on sys.path
-                subprocess.Popen([sys.executable, "-P", "-m", "fl_client.runtime",
-                                  "--runtime-api-address", runtime_address, "--token", acquired.token,
-                                  "--node-config", str(node_config),
-                                  "--parent-pid", str(os.getpid())])
+                running.append(subprocess.Popen([sys.executable, "-P", "-m", "fl_client.runtime",
+                                                 "--runtime-api-address", runtime_address,
+                                                 "--token", acquired.token, "--node-config", str(node_config),
+                                                 "--parent-pid", str(os.getpid())]))
             time.sleep(POLL_SECONDS)
     finally:
         client.close()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fl_client.hospital import HospitalClient, hospital_plan, hospital_resources
-from fl_client.node import NodeSettings
+from fl_client.node import NodeSettings, NodeSettingsError
 from fl_core.model import adapter_to_arrays
 from fl_core.protocol import ADMIT, LEDGER_ACTION, RUN_ID
 from privacy.governance import Refused
@@ -236,3 +236,11 @@ def test_a_hospital_training_alone_spends_in_its_ledger_too(tmp_path: Path) -> N
                                                                  "epsilon")
     ledger = Ledger(tmp_path / "nodes" / "hospital-1" / "ledger.sqlite")
     assert len(ledger.entries()) == 1 and "max_epsilon_per_run" in str(ledger.refusals()[-1]["reason"])
+
+
+def test_a_policy_the_node_would_not_read_stops_it_before_it_connects(tmp_path: Path) -> None:
+    (tmp_path / "policy.yml").write_text("lifetime_epsilon: 5\n")  # a typo of policy.yaml: no rules would hold
+    with pytest.raises(NodeSettingsError, match=r"policy-file: .* holds policy.yml, but the node reads policy.yaml"):
+        NodeSettings.from_node_config({"state-dir": str(tmp_path), "approved-bundles": str(tmp_path / "a.txt")})
+    with pytest.raises(NodeSettingsError, match="node setting state-dir: required"):
+        NodeSettings.from_node_config({"hospital-id": "h0"})
