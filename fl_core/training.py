@@ -187,25 +187,19 @@ def train_epochs(
     steps = 0
     try:
         for indices in batches:
-            optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
             steps += 1
-            if not indices:
-                assert session is not None
-                session.optimizer.step_without_data()
-                continue
-            logits, labels = forward(module, collate([dataset[i] for i in indices]), device)
-            loss = criterion(logits, labels)
-            loss.backward()
-            while session is not None and (dropped := set(session.non_finite_samples())):
-                indices = [i for k, i in enumerate(indices) if k not in dropped]  # a zero contribution, as clipping
+            while indices:
                 optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-                if not indices:
-                    break
                 logits, labels = forward(module, collate([dataset[i] for i in indices]), device)
                 loss = criterion(logits, labels)
                 loss.backward()
-            if not indices:
+                dropped = set(session.non_finite_samples()) if session is not None else set()
+                if not dropped:
+                    break
+                indices = [i for k, i in enumerate(indices) if k not in dropped]  # a zero contribution, as clipping
+            if not indices:  # Poisson sampling drew nobody, or ghost clipping dropped everyone
                 assert session is not None
+                optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
                 session.optimizer.step_without_data()
                 continue
             if session is None:
