@@ -27,7 +27,14 @@ from fl_core.data import DataError, DataSplits, hospital_share, local_examples
 from fl_core.device import resolve_device
 from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer
 from fl_core.protocol import ADMIT, LEDGER_ACTION, RUN_ID
-from fl_core.training import classification_logits, language_model_losses, train_local
+from fl_core.training import (
+    TrainingView,
+    classification_logits,
+    language_model_losses,
+    remove_prefix_cache,
+    train_local,
+    training_view,
+)
 from privacy.accountant import AccountantState
 from privacy.calibration import SamplingPlan
 from privacy.evaluation_release import noisy_classification_scores, noisy_language_model_scores
@@ -41,6 +48,7 @@ from .node import NodeSettings
 from .plan import privacy_plan, run_plan
 
 log = logging.getLogger(__name__)
+PREFIX_CACHE = "prefix-cache"  # in the node's state folder: derived from its records, never sent
 
 
 @dataclass
@@ -90,6 +98,16 @@ def _resources(config_json: str, node: NodeSettings) -> HospitalResources:
     return HospitalResources(tokenizer, model, device)
 
 
+@lru_cache(maxsize=4)
+def _view(config_json: str, node: NodeSettings) -> TrainingView:
+    """The hospital's training examples as the model reads them; MiniLM's frozen prefixes are computed once per
+    dataset and kept in the node's state folder, for every later round and process (the frozen layers never
+    change)."""
+    res = _resources(config_json, node)
+    return training_view(_config(config_json), res.model, res.tokenizer, _plan(config_json, node).data.train,
+                         res.device, cache_dir=node.state_dir / PREFIX_CACHE)
+
+
 def _key(cfg: AppConfig) -> str:
     return json.dumps(config_as_dict(cfg), sort_keys=True)
 
@@ -100,6 +118,10 @@ def hospital_plan(cfg: AppConfig, node: NodeSettings) -> HospitalPlan:
 
 def hospital_resources(cfg: AppConfig, node: NodeSettings) -> HospitalResources:
     return _resources(_key(cfg), node)
+
+
+def hospital_view(cfg: AppConfig, node: NodeSettings) -> TrainingView:
+    return _view(_key(cfg), node)
 
 
 def balance_properties(balance: Balance) -> dict[str, Scalar]:
@@ -133,6 +155,15 @@ class HospitalClient(NumPyClient):
             raise self.governance.refuse(run_id, self.flower_run, "the run's plan cannot be made on this node's data "
                                          "(the node's log says why)") from None
 
+    def training_view(self, run_id: str) -> TrainingView:
+        """Model and cached prefixes, made before the round is charged; a failure is a refusal naming no record."""
+        try:
+            return hospital_view(self.cfg, self.node)
+        except (OSError, ValueError, RuntimeError) as err:
+            log.error("%s: model or prefix cache for run %s: %s", self.hospital, run_id, err)
+            raise self.governance.refuse(run_id, self.flower_run, "the model cannot be prepared on this node "
+                                         "(the node's log says why)") from None
+
     def check_global(self, run_id: str, parameters: NDArrays) -> None:
         """The server's adapter, refused before anything is charged if not finite: such weights are no model, only
         a probe (per-record overflow from finite weights is handled where gradients and losses are bounded)."""
@@ -154,6 +185,7 @@ class HospitalClient(NumPyClient):
                     **balance_properties(admission.balance)}
             elif action in (COMMITTED, ABORTED):
                 entry, balance = self.governance.close(run_id, self.flower_run, action)
+                remove_prefix_cache(self.node.state_dir / PREFIX_CACHE)
                 props = {"hospital": self.hospital, "status": entry.status, "epsilon": entry.epsilon,
                          "accountant": entry.spent.to_json(), **balance_properties(balance)}
             else:
@@ -175,6 +207,7 @@ class HospitalClient(NumPyClient):
             raise self.governance.refuse(run_id, self.flower_run, f"the round asks for proximal_mu {asked_mu:g}; "
                                                                   f"the admitted plan has {plan.proximal_mu:g}")
         self.check_global(run_id, parameters)
+        view = self.training_view(run_id)
         entry = self.governance.begin_round(run_id, self.flower_run, plan)  # charged before training
         policy = self.governance.policy(run_id, self.flower_run)
         res = hospital_resources(self.cfg, self.node)
@@ -182,7 +215,7 @@ class HospitalClient(NumPyClient):
         before = AccountantState(entry.spent.history[:-1], entry.spent.kind) if plan.private else None
         result = train_local(self.cfg, res.model, res.tokenizer, planned.data.train, res.device,
                              plan=planned.sampling, noise_multiplier=planned.noise_multiplier, accountant=before,
-                             proximal_mu=plan.proximal_mu)
+                             proximal_mu=plan.proximal_mu, view=view)
         if result.steps != plan.steps_per_round:
             raise self.governance.refuse(run_id, self.flower_run, f"training took {result.steps} steps, the plan "
                                          f"{plan.steps_per_round}; the update does not leave the hospital")

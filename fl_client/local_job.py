@@ -24,13 +24,13 @@ from fl_core.data import load_splits
 from fl_core.device import resolve_device
 from fl_core.entry import OneLineParser, exit_on_bad_input, quiet_libraries
 from fl_core.model import build_model, load_tokenizer, save_adapter
-from fl_core.training import evaluate, train_local
+from fl_core.training import evaluate, remove_prefix_cache, train_local, training_view
 from fl_server.privacy_report import build_report
 from privacy.accountant import AccountantState
 from privacy.governance import Governance, Refused
 from privacy.ledger import ABORTED, COMMITTED, LOCAL_RUN
 
-from .hospital import hospital_data
+from .hospital import PREFIX_CACHE, hospital_data
 from .node import NodeSettings, NodeSettingsError
 from .plan import privacy_plan, run_plan
 
@@ -64,18 +64,21 @@ def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
     model = build_model(cfg, tokenizer, len(data.train.label_names), device)
     before = evaluate(cfg, model, tokenizer, public_test, device)
     print(f"before: {before}", flush=True)
+    view = training_view(cfg, model, tokenizer, data.train, device, cache_dir=node.state_dir / PREFIX_CACHE)
     status = ABORTED
     try:
         for epoch_round in range(1, cfg.federation.num_rounds + 1):
             start = time.perf_counter()
             entry = governance.begin_round(run_id, LOCAL_RUN, plan)
             result = train_local(cfg, model, tokenizer, data.train, device, plan=sampling, noise_multiplier=sigma,
-                                 accountant=AccountantState(entry.spent.history[:-1]) if sigma is not None else None)
+                                 accountant=AccountantState(entry.spent.history[:-1]) if sigma is not None else None,
+                                 view=view)
             print(f"round {epoch_round}/{cfg.federation.num_rounds}: loss {result.train_loss:.4f}, "
                   f"epsilon {entry.epsilon:.3f}, {time.perf_counter() - start:.1f}s", flush=True)
         status = COMMITTED
     finally:
         closed, _ = governance.close(run_id, LOCAL_RUN, status)
+        remove_prefix_cache(node.state_dir / PREFIX_CACHE)
     after = evaluate(cfg, model, tokenizer, public_test, device)
     out = Path(cfg.output_dir)
     save_adapter(model, out / ADAPTER_DIR)

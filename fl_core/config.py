@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 CONF_DIR = Path(os.environ.get("FEDERATED_DP_LLM_CONF", Path(__file__).resolve().parents[1] / "conf"))
 
 MODELS = ("tiny", "smollm2-135m", "minilm")
+PRETRAINED_LAYERS = {"smollm2-135m": 30, "minilm": 6}  # transformer layers of the packaged models
 CLASSIFICATION_ONLY_MODELS = ("minilm",)
 DATASETS = ("icd10", "drugreview")
 TASKS = ("classification", "causal-lm")
@@ -74,6 +75,10 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: the model's `lora_targets`
+    exclude_modules: list[str] | None = None  # modules the targets would match that take no adapter
+    # Adapters on the top `layers` transformer layers only (None: every layer). MiniLM's frozen lower layers then run
+    # once per example, not every step (fl_core.encoder).
+    layers: int | None = None
 
 
 @dataclass
@@ -92,6 +97,9 @@ class PrivacyConfig:
     target_epsilon: float = 8.0  # replace-one epsilon of everything a hospital releases in the run
     delta: float = 1e-5
     max_grad_norm: float = 1.0
+    # Clip the classifier head and the adapters separately: the head to sqrt(share) * max_grad_norm, the adapters to
+    # sqrt(1 - share) * max_grad_norm, so the whole stays within max_grad_norm (None: flat clipping).
+    head_clip_share: float | None = None
     accountant: str = "pld"  # replace-one: pld (dp-accounting, tight) or rdp (Renyi, weak triangle; looser)
     noise_multiplier: float | None = None  # fixed sigma instead of calibrating to target_epsilon
     grad_sample_mode: str = "hooks"
@@ -107,6 +115,7 @@ class TrainConfig:
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 5e-3
+    head_lr: float | None = None  # the classifier head's learning rate (None: lr); the adapters take lr
     optimizer: str = "adam"
     max_seq_len: int = 32
     device: str = "auto"
@@ -141,7 +150,7 @@ class SecAggConfig:
 @dataclass
 class StrategyConfig:
     name: str = "fedprox"
-    proximal_mu: float = 0.01
+    proximal_mu: float = 0.001
     # Hospitals also score each round's model on their own held-out records, a noised release charged to their
     # ledgers (privacy.evaluation_noise); off by default.
     federated_evaluation: bool = False
@@ -252,6 +261,10 @@ def validate(cfg: AppConfig) -> None:
     require(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1) (got {cfg.lora.dropout})")
     targets = cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_targets
     require(len(targets) > 0, "lora.target_modules", "must name at least one module")
+    if cfg.lora.layers is not None:
+        layers = PRETRAINED_LAYERS.get(cfg.model.name, cfg.model.num_layers)
+        require(1 <= cfg.lora.layers <= layers, "lora.layers",
+                f"must be between 1 and {layers}, the layers of model {cfg.model.name!r} (got {cfg.lora.layers})")
 
     p = cfg.privacy
     require(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
@@ -261,6 +274,10 @@ def validate(cfg: AppConfig) -> None:
             + (" (Opacus's PRV accounts add/remove-one only; pld is the numerical accountant for replace-one)"
                if p.accountant == "prv" else ""))
     _one_of(p.grad_sample_mode, GRAD_SAMPLE_MODES, "privacy.grad_sample_mode")
+    if p.head_clip_share is not None:
+        require(0 < p.head_clip_share < 1, "privacy.head_clip_share", f"must be in (0, 1) (got {p.head_clip_share})")
+        require(p.grad_sample_mode != "ghost", "privacy.head_clip_share",
+                "needs per-sample gradients: privacy.grad_sample_mode hooks or functorch, not ghost")
     if p.noise_multiplier is None:
         positive(p.target_epsilon, "privacy.target_epsilon")
     else:
@@ -279,7 +296,10 @@ def validate(cfg: AppConfig) -> None:
     positive(t.batch_size, "train.batch_size")
     positive(t.local_epochs, "train.local_epochs")
     positive(t.lr, "train.lr")
-    require(t.max_seq_len >= 4, "train.max_seq_len", f"must be >= 4 (got {t.max_seq_len})")
+    if t.head_lr is not None:
+        positive(t.head_lr, "train.head_lr")
+    require(4 <= t.max_seq_len <= 512, "train.max_seq_len",
+            f"must be between 4 and 512, the packaged models' positions (got {t.max_seq_len})")
     _one_of(t.optimizer, OPTIMIZERS, "train.optimizer")
     require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None, "train.device",
              f"must be auto, cpu, cuda, cuda:N or mps (got {t.device!r})")

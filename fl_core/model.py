@@ -36,8 +36,9 @@ from transformers import (
 )
 
 from .cache import cache_root
-from .config import AppConfig, ModelConfig
+from .config import PRETRAINED_LAYERS, AppConfig, ModelConfig
 from .data import package_dir
+from .encoder import MeanPooledClassifier
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -86,10 +87,29 @@ def _tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaC
     )
 
 
-def build_base_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int) -> PreTrainedModel:
+def layer_count(cfg: AppConfig) -> int:
+    return PRETRAINED_LAYERS.get(cfg.model.name, cfg.model.num_layers)
+
+
+def adapted_layers(cfg: AppConfig) -> int:
+    """How many of the top layers carry adapters (`lora.layers`, else all)."""
+    return cfg.lora.layers if cfg.lora.layers is not None else layer_count(cfg)
+
+
+def minilm_classifier(num_labels: int, trainable_layers: int) -> MeanPooledClassifier:
+    """all-MiniLM-L6-v2 with mean pooling as it was trained: no pooler (an unused, trainable-looking pooler breaks
+    Opacus's per-sample gradients) and no dropout (DP noise is the regulariser; dropout only adds variance)."""
+    encoder = AutoModel.from_pretrained(minilm_dir(), add_pooling_layer=False, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0, dtype=torch.float32)
+    return MeanPooledClassifier(encoder, num_labels, trainable_layers)
+
+
+def build_base_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int) -> torch.nn.Module:
     classification = cfg.task.name == "classification"
     name = cfg.model.name
     model: PreTrainedModel
+    if name == "minilm":
+        return minilm_classifier(num_labels, adapted_layers(cfg))
     if name == "tiny":
         config = _tiny_config(cfg.model, tokenizer)
         if classification:
@@ -98,12 +118,11 @@ def build_base_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_lab
         else:
             model = LlamaForCausalLM(config)
     else:
-        folder = smollm2_dir() if name == "smollm2-135m" else minilm_dir()
         if classification:
             model = AutoModelForSequenceClassification.from_pretrained(
-                folder, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
+                smollm2_dir(), num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
         else:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -116,12 +135,21 @@ def build_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_labels: 
     base = build_base_model(cfg, tokenizer, num_labels)
     torch.nn.Module.to(base, device)  # transformers types its own `to` for dtypes only
     targets = cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_targets
+    top, count = adapted_layers(cfg), layer_count(cfg)
+    adapted = list(range(count - top, count)) if cfg.lora.layers is not None else None
+    # MiniLM's classifier is our own module (a plain peft model, head saved beside the adapters); the Llama models
+    # are transformers' own classes and causal LMs.
+    task_type = None if cfg.model.name == "minilm" else \
+        TaskType.SEQ_CLS if cfg.task.name == "classification" else TaskType.CAUSAL_LM
     lora = PeftLoraConfig(
-        task_type=TaskType.SEQ_CLS if cfg.task.name == "classification" else TaskType.CAUSAL_LM,
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(targets),
-    )
+        task_type=task_type, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=list(targets), exclude_modules=cfg.lora.exclude_modules,
+        modules_to_save=["classifier"] if cfg.model.name == "minilm" else None, layers_to_transform=adapted,
+        layers_pattern=("layer" if cfg.model.name == "minilm" else "layers") if adapted is not None else None)
     model = get_peft_model(base, lora)
     assert isinstance(model, PeftModel)
+    if isinstance(base, MeanPooledClassifier):
+        base.settle_prefix()
     return model
 
 
@@ -193,7 +221,11 @@ def load_trained_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_l
                        device: torch.device) -> PeftModel:
     """The model a run trained: the same base and LoRA layout as `build_model`, then the saved adapter weights."""
     model = build_model(cfg, tokenizer, num_labels, device)
-    result = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir), device=str(device)))
+    weights = load_peft_weights(str(adapter_dir), device=str(device))
+    missing = sorted(set(adapter_state(model)) - set(weights))
+    if missing:  # a zero-initialised head left out would predict one class without an error
+        raise ValueError(f"{adapter_dir}: adapter tensors missing from the saved adapter: {missing[:3]}")
+    result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"{adapter_dir}: adapter tensors not in the model: {unexpected[:3]}")

@@ -8,9 +8,15 @@ noise per step.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,8 +35,10 @@ from privacy.secure_random import SecureRandom
 
 from .config import AppConfig
 from .data import TextDataset
+from .encoder import MeanPooledClassifier
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 class TokenizedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -89,14 +97,193 @@ def data_loader(cfg: AppConfig, dataset: TextDataset, tokenizer: PreTrainedToken
                       shuffle=False, collate_fn=Collator(pad_id_of(tokenizer), cfg.task.name == "causal-lm"))
 
 
-def make_optimizer(cfg: AppConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: AppConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The trainable parameters at `train.lr`, the classifier head (peft's `modules_to_save`) at `train.head_lr`:
+    a zero-initialised head over unit-norm features needs a step size near 0.1 to learn in a DP budget of steps,
+    which would throw the adapters off."""
+    head, rest = head_and_rest(model)
+    head_lr = cfg.train.head_lr if cfg.train.head_lr is not None else cfg.train.lr
+    param_groups: list[dict[str, Any]] = [{"params": params, "lr": lr}
+                                          for params, lr in ((rest, cfg.train.lr), (head, head_lr)) if params]
     if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.train.lr)
-    return torch.optim.Adam(params, lr=cfg.train.lr)
+        return torch.optim.SGD(param_groups, lr=cfg.train.lr)
+    return torch.optim.Adam(param_groups, lr=cfg.train.lr)
+
+
+def head_and_rest(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The trainable classifier head (peft's `modules_to_save`) and every other trainable parameter."""
+    head: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if "modules_to_save" in name else rest).append(p)
+    return head, rest
+
+
+def clip_groups(cfg: AppConfig, model: nn.Module) -> list[tuple[list[nn.Parameter], float]] | None:
+    """`privacy.head_clip_share` of the clipping budget (squared) for the head, the rest for the adapters; flat
+    clipping when it is unset or the model has no separate head."""
+    share = cfg.privacy.head_clip_share
+    head, rest = head_and_rest(model)
+    if share is None or not head or not rest:
+        return None
+    return [(head, share), (rest, 1.0 - share)]
 
 
 Forward = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.device], tuple[torch.Tensor, torch.Tensor]]
 Collate = Callable[[list[Any]], tuple[torch.Tensor, ...]]
+
+
+class FrozenPrefixes(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Every example's hidden states after the model's frozen lower layers, computed once and reused by every step
+    of every round: a step then runs only the adapted top layers.
+
+    Derived from patient records, so it stays where they are: in the hospital's process and, with `folder`, in the
+    node's own state folder (owner-only files), where every later process of the run (a deployed node starts one per
+    message) finds it by a digest of the texts' token ids, the frozen weights and code. It is never sent, and the
+    node removes the folder when a run closes (`remove_prefix_cache`)."""
+
+    KEEP = 4  # cached datasets a node keeps at once; older ones are removed
+
+    def __init__(self, model: MeanPooledClassifier, tokenized: TokenizedDataset, device: torch.device,
+                 folder: Path | None = None, batch_size: int = 256) -> None:
+        self.labels = tokenized.labels
+        path = folder / f"{prefix_digest(model, tokenized)}.pt" if folder is not None else None
+        dtype = model.classifier.weight.dtype
+        loaded = _load_prefixes(path, tokenized, model.config.hidden_size, dtype, device) if path is not None else None
+        if loaded is not None:
+            self.states = loaded
+            return
+        ids = tokenized.input_ids
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # length order: batches with little padding
+        self.states = [torch.empty(0)] * len(ids)
+        collate = Collator(0, causal_lm=False)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            input_ids, mask, _ = collate([(ids[i], tokenized.labels[i]) for i in rows])
+            hidden = model.frozen_prefix(input_ids.to(device), mask.to(device))
+            for row, i in enumerate(rows):
+                self.states[i] = hidden[row, : len(ids[i])].clone()
+        if path is not None:
+            self._save(path)
+
+    def _save(self, path: Path) -> None:
+        """Best effort: a cache that cannot be written (full disk, a run closing beside this one) costs a recompute
+        in a later process, never the round."""
+        staging: Path | None = None
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(path.parent, 0o700)
+            handle, name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # owner-only, unique
+            staging = Path(name)
+            with os.fdopen(handle, "wb") as out:
+                torch.save({"states": torch.cat(self.states).cpu(),
+                            "lengths": torch.tensor([len(s) for s in self.states])}, out)
+            staging.replace(path)  # atomic: a concurrent process never reads half a file
+            staging = None
+            kept = sorted(path.parent.glob("*.pt"), key=_mtime, reverse=True)
+            for old in kept[self.KEEP:]:
+                old.unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("prefix cache not written (%s): later processes will recompute it", type(err).__name__)
+        finally:
+            if staging is not None:
+                staging.unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.states[i], self.labels[i]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # pruned by a process beside this one
+        return 0.0
+
+
+def _load_prefixes(path: Path, tokenized: TokenizedDataset, hidden_size: int, dtype: torch.dtype,
+                   device: torch.device) -> list[torch.Tensor] | None:
+    """A cached file's prefixes if it is whole and fits these texts; None (recompute) if it is missing or does not."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        states, lengths = saved["states"], saved["lengths"]
+        expected = [len(ids) for ids in tokenized.input_ids]
+        if (lengths.tolist() != expected or states.dim() != 2 or states.shape[1] != hidden_size
+                or states.dtype != dtype or not bool(torch.isfinite(states).all())):
+            raise ValueError("does not fit the texts")
+    except Exception:  # whatever a damaged or foreign file raises, the answer is to recompute it
+        path.unlink(missing_ok=True)
+        return None
+    os.utime(path)  # in use: the last to be pruned
+    return list(states.split(expected))
+
+
+def remove_prefix_cache(folder: Path) -> None:
+    """What a node does when a run closes: no derivative of its records outlives the run."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+PREFIX_CACHE_VERSION = 1  # bump when what a prefix holds changes
+
+
+def prefix_digest(model: MeanPooledClassifier, tokenized: TokenizedDataset) -> str:
+    """Names a cache by everything its contents depend on: the token ids, and what the prefix runs (code version,
+    encoder config, attention implementation, dtype) with what weights."""
+    digest = hashlib.sha256(f"v{PREFIX_CACHE_VERSION}:{model.frozen_layers}:{model.attention_in_prefix}:"
+                            f"{model.config._attn_implementation}:{model.config.to_json_string()}".encode())
+    for ids in tokenized.input_ids:
+        digest.update(len(ids).to_bytes(4, "little"))
+        digest.update(ids.numpy().tobytes())
+    for module in model.prefix_modules():
+        for tensor in (*module.parameters(), *module.buffers()):
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def pad_prefixes(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """A batch of cached prefixes, right-padded with zeros (masked out) to the longest."""
+    width = max(len(states) for states, _ in items)
+    first = items[0][0]
+    batch = torch.zeros((len(items), width, first.shape[-1]), dtype=first.dtype, device=first.device)
+    mask = torch.zeros((len(items), width), dtype=torch.long, device=first.device)
+    for row, (states, _) in enumerate(items):
+        batch[row, : len(states)] = states
+        mask[row, : len(states)] = 1
+    return batch, mask, torch.stack([label for _, label in items])
+
+
+def prefix_forward(module: nn.Module, batch: tuple[torch.Tensor, ...],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a batch of cached prefixes: only the top layers and the head run."""
+    states, mask, labels = batch
+    return module(prefix=states.to(device), attention_mask=mask.to(device)).logits, labels.to(device)
+
+
+@dataclass(frozen=True)
+class TrainingView:
+    """What one step reads: the examples as the model trains on them, how to batch them, how to run a batch."""
+
+    dataset: Dataset[Any]
+    collate: Collate
+    forward: Forward
+
+
+def training_view(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset,
+                  device: torch.device, cache_dir: Path | None = None) -> TrainingView:
+    """Cached frozen prefixes when the model has them (MiniLM with adapters on its top layers), else token ids.
+    Build it once per hospital and pass it to every round's `train_local`; with `cache_dir` (a folder on the
+    node) the prefixes are computed once per dataset, not once per process."""
+    tokenized = TokenizedDataset(dataset, tokenizer, cfg.train.max_seq_len)
+    base = model.get_base_model()
+    if isinstance(base, MeanPooledClassifier):
+        return TrainingView(FrozenPrefixes(base, tokenized, device, cache_dir), pad_prefixes, prefix_forward)
+    return TrainingView(tokenized, Collator(pad_id_of(tokenizer), cfg.task.name == "causal-lm"), text_forward)
 
 
 def text_forward(module: nn.Module, batch: tuple[torch.Tensor, ...],
@@ -118,12 +305,14 @@ def train_local(
     accountant: AccountantState | None,
     proximal_mu: float = 0.0,
     rng: SecureRandom | None = None,
+    view: TrainingView | None = None,
 ) -> LocalTrainResult:
-    """Train `model`'s adapter in place for one round of `plan` from its current (global) state."""
-    tokenized = TokenizedDataset(dataset, tokenizer, cfg.train.max_seq_len)
-    return train_epochs(cfg, model, tokenized, Collator(pad_id_of(tokenizer), cfg.task.name == "causal-lm"),
-                        text_forward, device, plan=plan, noise_multiplier=noise_multiplier, accountant=accountant,
-                        proximal_mu=proximal_mu, rng=rng)
+    """Train `model`'s adapter in place for one round of `plan` from its current (global) state, reading the
+    examples through `view` (built from `dataset` when not given)."""
+    if view is None:
+        view = training_view(cfg, model, tokenizer, dataset, device)
+    return train_epochs(cfg, model, view.dataset, view.collate, view.forward, device, plan=plan,
+                        noise_multiplier=noise_multiplier, accountant=accountant, proximal_mu=proximal_mu, rng=rng)
 
 
 def train_epochs(
@@ -164,7 +353,7 @@ def train_epochs(
                 p.grad.add_(p.detach() - w_global, alpha=proximal_mu)
 
     model.train()
-    base_optimizer = make_optimizer(cfg, trainable)
+    base_optimizer = make_optimizer(cfg, model)
     optimizer: torch.optim.Optimizer | SecureNoise = base_optimizer
     loss_module = make_criterion(cfg)
     criterion: Callable[..., torch.Tensor] = loss_module
@@ -177,7 +366,8 @@ def train_epochs(
             model, base_optimizer, loss_module, noise_multiplier=noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm,
             expected_batch_size=max(1, int(plan.num_examples * plan.sample_rate)),
-            grad_sample_mode=cfg.privacy.grad_sample_mode, secure_random=rng, after_noise=add_proximal_gradient)
+            grad_sample_mode=cfg.privacy.grad_sample_mode, secure_random=rng, after_noise=add_proximal_gradient,
+            clip_groups=clip_groups(cfg, model))
         module, optimizer, criterion = session.module, session.optimizer, session.criterion
         batches = PoissonBatches(num_examples, plan.sample_rate, plan.steps_per_round, rng)
     else:

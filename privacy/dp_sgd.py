@@ -104,7 +104,12 @@ class SecureNoise:
 
 
 class SecureDPOptimizer(SecureNoise, DPOptimizer):
-    """Per-sample gradients clipped by Opacus (hooks, functorch), noise from `SecureRandom`."""
+    """Per-sample gradients clipped by Opacus (hooks, functorch), noise from `SecureRandom`; optionally clipped by
+    groups of parameters, each to its own bound (`group_bounds`)."""
+
+    # Clipping by groups: each parameter's group (in `self.params` order) and each group's bound; None: flat.
+    clip_group_of: list[int] | None = None
+    clip_bounds: tuple[float, ...] = ()
 
     def clip_and_accumulate(self) -> None:
         """A sample whose gradient is not finite counts as zero, which clipping allows any sample; Opacus's clipping
@@ -117,7 +122,28 @@ class SecureDPOptimizer(SecureNoise, DPOptimizer):
                 for p, g in zip(self.params, grads, strict=True):
                     mask = finite.to(g.device).view(-1, *([1] * (g.dim() - 1)))
                     p.grad_sample = torch.where(mask, g, torch.zeros_like(g))  # type: ignore[attr-defined]
-        super().clip_and_accumulate()
+        if self.clip_group_of is None or not grads or not len(grads[0]):
+            super().clip_and_accumulate()
+            return
+        self._clip_by_group(self.clip_group_of)
+
+    def _clip_by_group(self, group_of: list[int]) -> None:
+        """Each sample's gradient clipped group by group: group g to norm c_g, so the whole stays within
+        sqrt(sum of c_g^2) = max_grad_norm, the sensitivity the noise is scaled to (accounting unchanged). A head
+        then keeps its share of the budget however large the adapters' gradients are."""
+        device = self.grad_samples[0].device
+        norms: list[list[torch.Tensor]] = [[] for _ in self.clip_bounds]  # per-parameter norms: no overflow of squares
+        for group, p in zip(group_of, self.params, strict=True):
+            g = self._get_flat_grad_sample(p)
+            norms[group].append(g.reshape(len(g), -1).norm(2, dim=-1).to(device))
+        factors = [(bound / (torch.stack(group, dim=1).norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+                   for bound, group in zip(self.clip_bounds, norms, strict=True)]
+        for group, p in zip(group_of, self.params, strict=True):
+            _check_processed_flag(p.grad_sample)  # type: ignore[attr-defined]
+            g = self._get_flat_grad_sample(p).to(p.dtype)
+            clipped = torch.einsum("i,i...", factors[group].to(g.device, p.dtype), g)
+            p.summed_grad = clipped if p.summed_grad is None else p.summed_grad + clipped  # type: ignore[attr-defined]
+            _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
 
 
 class SecureGhostClippingOptimizer(SecureNoise, DPOptimizerFastGradientClipping):
@@ -160,11 +186,14 @@ def make_private(
     grad_sample_mode: str,
     secure_random: SecureRandom,
     after_noise: StepHook | None = None,
+    clip_groups: list[tuple[list[nn.Parameter], float]] | None = None,
 ) -> PrivateTraining:
-    """Wrap model and optimizer for DP-SGD (flat clipping, mean loss over the expected batch size).
+    """Wrap model and optimizer for DP-SGD (mean loss over the expected batch size).
 
-    `after_noise` runs after clipping and noising, before the parameter update: data-independent gradient
-    terms (FedProx's proximal term) go there so they spend no clipping budget.
+    Clipping is flat unless `clip_groups` gives (parameters, share of max_grad_norm squared) pairs that cover every
+    trainable parameter; shares sum to 1, so the sensitivity stays max_grad_norm. `after_noise` runs after
+    clipping and noising, before the parameter update: data-independent gradient terms (FedProx's proximal term) go
+    there so they spend no clipping budget.
     """
     ModuleValidator.validate(model, strict=True)  # what PrivacyEngine checks first: train mode, supported layers
     extra = {"max_grad_norm": max_grad_norm} if grad_sample_mode == "ghost" else {}
@@ -174,6 +203,17 @@ def make_private(
     dp_optimizer = OPTIMIZERS[grad_sample_mode](
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size, loss_reduction="mean", secure_random=secure_random)
+    if clip_groups is not None:
+        if grad_sample_mode == "ghost":
+            raise ValueError("make_private: clipping by groups needs per-sample gradients (hooks or functorch)")
+        group_of = {id(p): k for k, (params, _) in enumerate(clip_groups) for p in params}
+        covered = sum(len(params) for params, _ in clip_groups) == len(dp_optimizer.params) == len(group_of)
+        if not covered or set(group_of) != {id(p) for p in dp_optimizer.params} \
+                or not math.isclose(sum(share for _, share in clip_groups), 1.0):
+            raise ValueError("make_private: clip groups must cover every trained parameter once, shares summing to 1")
+        dp_optimizer.clip_group_of = [group_of[id(p)] for p in dp_optimizer.params]  # type: ignore[attr-defined]
+        dp_optimizer.clip_bounds = tuple(max_grad_norm * math.sqrt(share)  # type: ignore[attr-defined]
+                                         for _, share in clip_groups)
     if after_noise is not None:
         dp_optimizer.attach_step_hook(lambda _: after_noise())  # type: ignore[attr-defined]
     dp_criterion = (DPLossFastGradientClipping(module, dp_optimizer, criterion, "mean")

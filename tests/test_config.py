@@ -19,6 +19,10 @@ from fl_core.config import ConfigError, compose_config, to_app_config, validate_
     ("federation.min_participants=5", "federation.min_participants"),
     ("privacy.bogus=1", "privacy.bogus"),
     ("strategy.secagg.modulus_range=1000", "strategy.secagg.modulus_range"),
+    ("lora.layers=3", "lora.layers"),  # the tiny model has 2
+    ("train.head_lr=0", "train.head_lr"),
+    ("privacy.head_clip_share=1", "privacy.head_clip_share"),
+    ("train.max_seq_len=4096", "train.max_seq_len"),
 ])
 def test_bad_value_names_its_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -30,6 +34,12 @@ def test_bad_value_names_its_field(override: str, field: str) -> None:
 def test_encoder_model_refuses_causal_lm() -> None:
     with pytest.raises(ConfigError, match=r"task\.name"):
         to_app_config(compose_config(["model=minilm", "task=causal-lm"]))
+
+
+def test_minilm_layer_count_bounds_adapted_layers() -> None:
+    assert to_app_config(compose_config(["lora.layers=6"])).lora.layers == 6
+    with pytest.raises(ConfigError, match=r"^lora\.layers: must be between 1 and 6"):
+        to_app_config(compose_config(["lora.layers=7"]))
 
 
 def test_delta_must_be_below_one_over_n() -> None:

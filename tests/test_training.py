@@ -1,16 +1,35 @@
 """DP-SGD on a LoRA model: equivalence with plain training, what changes, FedProx's pull to the global model,
-empty batches in every clipping mode, and plan and sampler agreeing for every dataset size."""
+empty batches in every clipping mode, plan and sampler agreeing for every dataset size, and MiniLM's cached frozen
+layers computing the same loss and gradients as the whole model."""
+
+import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset, default_collate
 
+from fl_core.config import compose_config, to_app_config
 from fl_core.data import load_splits
+from fl_core.encoder import MeanPooledClassifier
 from fl_core.model import adapter_state, adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer
-from fl_core.training import evaluate, train_epochs, train_local
+from fl_core.training import (
+    Collator,
+    FrozenPrefixes,
+    TokenizedDataset,
+    evaluate,
+    head_and_rest,
+    make_optimizer,
+    pad_id_of,
+    text_forward,
+    train_epochs,
+    train_local,
+    training_view,
+)
 from privacy.accountant import AccountantState
 from privacy.calibration import SamplingPlan, sampling_plan
-from privacy.dp_sgd import PoissonBatches
+from privacy.dp_sgd import PoissonBatches, make_private
+from privacy.loss import SequenceClassificationLoss
 from privacy.secure_random import SecureRandom
 from tests.conftest import tiny_config
 
@@ -155,3 +174,165 @@ def test_causal_lm_evaluation_reports_perplexity() -> None:
     cfg, splits, tok, model = _setup("task=causal-lm")
     metrics = evaluate(cfg, model, tok, splits.test, CPU)
     assert set(metrics) == {"loss", "perplexity"} and metrics["perplexity"] > 1
+
+
+def _minilm(*overrides: str):  # type: ignore[no-untyped-def]
+    cfg = to_app_config(compose_config(["data.max_train_examples=40", "data.max_test_examples=8", "train.device=cpu",
+                                        *overrides]))
+    splits = load_splits(cfg.data)
+    tok = load_tokenizer(cfg.model)
+    return cfg, splits, tok, build_model(cfg, tok, len(splits.train.label_names), CPU)
+
+
+def _randomise_trainable(model: torch.nn.Module) -> None:
+    """LoRA's B and the head start at zero, where a wrong top-layer path could still give the right loss."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+@pytest.mark.parametrize(("overrides", "attention_in_prefix"), [
+    ((), True),  # the main job: the top layer's feed-forward block, its attention in the prefix
+    (("lora.layers=3", "lora.target_modules=null", "lora.exclude_modules=null"), False),  # whole layers
+])
+def test_cached_prefix_gives_the_full_models_loss_and_gradients(overrides: tuple[str, ...],
+                                                                 attention_in_prefix: bool) -> None:
+    """Training reads MiniLM's frozen lower layers from a cache computed once; it must be the same function."""
+    cfg, splits, tok, model = _minilm(*overrides)
+    assert model.get_base_model().attention_in_prefix is attention_in_prefix
+    _randomise_trainable(model)
+    view = training_view(cfg, model, tok, splits.train, CPU)
+    assert isinstance(view.dataset, FrozenPrefixes)
+    rows = list(range(16))
+    criterion = SequenceClassificationLoss()
+    tokenized = TokenizedDataset(splits.train, tok, cfg.train.max_seq_len)
+    results = []
+    for forward, dataset, collate in ((text_forward, tokenized, Collator(pad_id_of(tok), causal_lm=False)),
+                                      (view.forward, view.dataset, view.collate)):
+        model.zero_grad(set_to_none=True)
+        loss = criterion(*forward(model, collate([dataset[i] for i in rows]), CPU))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (full_loss, full_grads), (cached_loss, cached_grads) = results
+    assert torch.allclose(full_loss, cached_loss, atol=1e-6)
+    base = model.get_base_model()  # and both are transformers' own BERT, mean-pooled, under the head
+    input_ids, mask, labels = Collator(pad_id_of(tok), causal_lm=False)([tokenized[i] for i in rows])
+    with torch.no_grad():
+        hidden = base.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        stock = model.base_model.model.classifier(torch.nn.functional.normalize(pooled, dim=-1))
+    assert torch.allclose(criterion(stock, labels), full_loss, atol=1e-6)
+    assert full_grads.keys() == cached_grads.keys() and len(full_grads) > 2
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, cached_grads[name], atol=1e-5), name
+
+
+def test_adapters_sit_on_the_top_layers_only_and_the_prefix_stays_frozen() -> None:
+    _, _, _, model = _minilm("lora.layers=2")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".layer.4." in n or ".layer.5." in n or "classifier" in n for n in trainable)
+    assert any("classifier" in n for n in trainable) and any(".layer.4." in n for n in trainable)
+    assert not any("attention" in n for n in trainable)  # the main job's adapters: feed-forward blocks only
+    base = model.get_base_model()
+    assert isinstance(base, MeanPooledClassifier) and base.frozen_layers == 4
+    base.encoder.encoder.layer[3].output.dense.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="below the top layers are trainable"):
+        base.settle_prefix()
+
+
+def test_head_trains_at_its_own_learning_rate() -> None:
+    cfg, _, _, model = _minilm("train.lr=0.001", "train.head_lr=0.1")
+    lrs = {}
+    for group in make_optimizer(cfg, model).param_groups:
+        for p in group["params"]:
+            lrs[p] = group["lr"]
+    named = {n: lrs[p] for n, p in model.named_parameters() if p.requires_grad}
+    assert {lr for n, lr in named.items() if "classifier" in n} == {0.1}
+    assert {lr for n, lr in named.items() if "lora_" in n} == {0.001}
+
+
+def test_prefixes_are_computed_once_per_dataset_and_found_by_later_processes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployed node starts a process per message: the cache in its state folder spares every later round the
+    frozen layers, and it is found only for the same texts and the same frozen function."""
+    cfg, splits, tok, model = _minilm()
+    first = training_view(cfg, model, tok, splits.train, CPU, cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1 and files[0].stat().st_mode & 0o077 == 0  # owner-only: derived from patient records
+    base = model.get_base_model()
+
+    def no_recompute(*args: object) -> None:
+        raise AssertionError("the cached prefixes were computed again")
+
+    monkeypatch.setattr(base, "frozen_prefix", no_recompute)
+    again = training_view(cfg, model, tok, splits.train, CPU, cache_dir=tmp_path)
+    monkeypatch.undo()
+    assert list(tmp_path.glob("*.pt")) == files
+    for i in range(len(splits.train)):
+        assert torch.equal(first.dataset[i][0], again.dataset[i][0]) and first.dataset[i][1] == again.dataset[i][1]
+    training_view(cfg, model, tok, splits.train.subset(list(range(10))), CPU, cache_dir=tmp_path)
+    cfg2, _, _, deeper = _minilm("lora.layers=2")
+    training_view(cfg2, deeper, tok, splits.train, CPU, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 3  # other texts, another prefix: their own files
+    files[0].write_bytes(b"truncated")  # a damaged file is recomputed, never trusted
+    monkeypatch.setattr(base, "frozen_prefix", no_recompute)
+    with pytest.raises(AssertionError, match="computed again"):
+        training_view(cfg, model, tok, splits.train, CPU, cache_dir=tmp_path)
+    monkeypatch.undo()
+    assert not files[0].exists()
+    with torch.no_grad():  # other frozen weights: another digest, so a stale file is never read
+        base.encoder.embeddings.word_embeddings.weight[5] += 1.0
+    monkeypatch.setattr(base, "frozen_prefix", no_recompute)
+    with pytest.raises(AssertionError, match="computed again"):
+        training_view(cfg, model, tok, splits.train.subset(list(range(10))), CPU, cache_dir=tmp_path)
+
+
+def test_dp_sgd_on_cached_prefixes_without_noise_or_clipping_is_plain_training() -> None:
+    """Opacus's per-sample gradients on the cached path: every trainable tensor (adapters and head) clipped and
+    summed, none missed, so sigma 0 with an unreachable clip is plain training exactly."""
+    overrides = ("train.optimizer=sgd", "train.lr=0.5", "train.head_lr=0.5", "train.batch_size=40",
+                 "train.local_epochs=3", "privacy.max_grad_norm=1e6")
+    cfg, splits, tok, plain = _minilm(*overrides)
+    _, _, _, private = _minilm(*overrides)
+    _randomise_trainable(plain)
+    _randomise_trainable(private)
+    plan = sampling_plan(len(splits.train), 40, 3, 1)
+    assert plan.sample_rate == 1.0
+    start = adapter_to_arrays(plain)
+    train_local(cfg, plain, tok, splits.train, CPU, plan=plan, noise_multiplier=None, accountant=None)
+    train_local(cfg, private, tok, splits.train, CPU, plan=plan, noise_multiplier=0.0, accountant=AccountantState())
+    for a0, a, b in zip(start, adapter_to_arrays(plain), adapter_to_arrays(private), strict=True):
+        assert not torch.allclose(torch.from_numpy(a0), torch.from_numpy(a))  # every tensor trained
+        assert torch.allclose(torch.from_numpy(a), torch.from_numpy(b), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("share", [0.5, 0.9])
+def test_head_and_adapters_are_clipped_to_their_own_shares(share: float) -> None:
+    """Clipping by groups: one example's contribution is at most sqrt(share) * C in the head and
+    sqrt(1 - share) * C in the adapters (so at most C in all, the sensitivity the noise is scaled to), and with
+    large gradients each group uses its whole share."""
+    c = 1e-3  # far below any real gradient: both groups are clipped
+    cfg, splits, tok, model = _setup(f"privacy.head_clip_share={share}", f"privacy.max_grad_norm={c}",
+                                     "train.optimizer=sgd", "train.lr=1.0", "train.head_lr=1.0",
+                                     "data.max_train_examples=1", "train.batch_size=1")
+    head, rest = (dict.fromkeys(ps) for ps in head_and_rest(model))
+    assert head and rest
+    before = {p: p.detach().clone() for p in (*head, *rest)}
+    train_local(cfg, model, tok, splits.train, CPU, plan=sampling_plan(1, 1, 1, 1), noise_multiplier=0.0,
+                accountant=AccountantState())  # one example at rate 1, no noise: the step is its clipped gradient
+    moved = {p: float((before[p] - p.detach()).pow(2).sum()) for p in before}
+    head_norm, rest_norm = (math.sqrt(sum(moved[p] for p in group)) for group in (head, rest))
+    assert head_norm == pytest.approx(c * math.sqrt(share), rel=1e-3)
+    assert rest_norm == pytest.approx(c * math.sqrt(1 - share), rel=1e-3)
+
+
+def test_clip_groups_must_cover_every_trained_parameter() -> None:
+    _, _, _, model = _setup()
+    head, rest = head_and_rest(model)
+    with pytest.raises(ValueError, match="cover every trained parameter"):
+        make_private(model, torch.optim.SGD([*head, *rest], lr=0.1), SequenceClassificationLoss(),
+                     noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, grad_sample_mode="hooks",
+                     secure_random=_rng(1), clip_groups=[(head, 1.0)])

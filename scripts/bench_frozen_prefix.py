@@ -1,0 +1,118 @@
+"""MiniLM's DP-SGD step with adapters on the top layers over cached frozen prefixes, against adapters on every layer.
+
+Each variant is one DP-SGD step (Opacus hooks, ChaCha20 noise) of the product's own model and training view on real
+ICD-10-CM texts, at the main job's batch size, with one thread. Variants run interleaved in `--repeat` rounds so a
+swing of the machine's load falls on all alike; the figure is the median step over all rounds, and the ratio is
+against LoRA on all 6 layers measured in the same run. Writes docs/benchmarks.md between the frozen-prefix markers.
+
+    .venv/bin/python scripts/bench_frozen_prefix.py [--batch 256] [--steps 4] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fl_core.config import compose_config, to_app_config  # noqa: E402
+from fl_core.data import load_splits  # noqa: E402
+from fl_core.entry import quiet_libraries  # noqa: E402
+from fl_core.model import build_model, load_tokenizer  # noqa: E402
+from fl_core.training import (  # noqa: E402
+    Collator,
+    TokenizedDataset,
+    TrainingView,
+    make_optimizer,
+    pad_id_of,
+    text_forward,
+    training_view,
+)
+from privacy.dp_sgd import PrivateTraining, make_private  # noqa: E402
+from privacy.loss import SequenceClassificationLoss  # noqa: E402
+from privacy.secure_random import SecureRandom  # noqa: E402
+from scripts.bench_dp_step import write_section  # noqa: E402
+
+BEGIN, END = "<!-- frozen-prefix:begin -->", "<!-- frozen-prefix:end -->"
+CPU = torch.device("cpu")
+FFN = ("lora.target_modules=[intermediate.dense,output.dense]", "lora.exclude_modules=[attention.output.dense]")
+ALL_TARGETS = ("lora.target_modules=null", "lora.exclude_modules=null")
+# (label, overrides of the main job's config, read cached prefixes)
+VARIANTS = (
+    ("LoRA on all 6 layers (query, key, value, dense)", ("lora.layers=6", *ALL_TARGETS), False),
+    ("the same on the top layer, lower 5 recomputed each step", ("lora.layers=1", *ALL_TARGETS), False),
+    ("the same on the top layer over cached prefixes", ("lora.layers=1", *ALL_TARGETS), True),
+    ("the same on the top 2 layers over cached prefixes", ("lora.layers=2", *ALL_TARGETS), True),
+    ("top layer's feed-forward block only, its attention cached too (main job)", ("lora.layers=1", *FFN), True),
+)
+
+
+class Variant:
+    def __init__(self, overrides: tuple[str, ...], cached: bool, batch: int, examples: int) -> None:
+        self.cfg = to_app_config(compose_config([*overrides, f"data.max_train_examples={examples}",
+                                                 "train.device=cpu"]))
+        data = load_splits(self.cfg.data).train
+        tokenizer = load_tokenizer(self.cfg.model)
+        self.model = build_model(self.cfg, tokenizer, len(data.label_names), CPU)
+        # cached: the product's view; else the same examples as token ids, every layer run each step
+        self.view = training_view(self.cfg, self.model, tokenizer, data, CPU) if cached else TrainingView(
+            TokenizedDataset(data, tokenizer, self.cfg.train.max_seq_len),
+            Collator(pad_id_of(tokenizer), causal_lm=False), text_forward)
+        self.batch = batch
+        self.model.train()
+        self.session: PrivateTraining = make_private(
+            self.model, make_optimizer(self.cfg, self.model), SequenceClassificationLoss(), noise_multiplier=1.0,
+            max_grad_norm=1.0, expected_batch_size=batch, grad_sample_mode="hooks", secure_random=SecureRandom())
+
+    def step(self, rows: list[int]) -> float:
+        start = time.perf_counter()
+        self.session.optimizer.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
+        logits, labels = self.view.forward(self.session.module, self.view.collate([self.view.dataset[i] for i in rows]),
+                                           CPU)
+        self.session.criterion(logits, labels).backward()
+        self.session.optimizer.step()  # type: ignore[attr-defined]
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    quiet_libraries()
+    torch.set_num_threads(1)
+    examples = args.batch * 8
+    variants = [Variant(overrides, cached, args.batch, examples) for _, overrides, cached in VARIANTS]
+    picks = random.Random(0)
+    times: list[list[float]] = [[] for _ in VARIANTS]
+    for variant in variants:  # warm-up: allocators and hooks
+        variant.step(picks.sample(range(examples), args.batch))
+    for _ in range(args.repeat):
+        for _ in range(args.steps):
+            rows = picks.sample(range(examples), args.batch)  # the same batch for every variant
+            for k, variant in enumerate(variants):
+                times[k].append(variant.step(rows))
+    baseline = statistics.median(times[0])
+    lines = [f"MiniLM classification, batch {args.batch} real ICD-10-CM texts (padded to the batch's longest, at "
+             f"most 32 tokens), LoRA r=8, Opacus hooks with ChaCha20 noise, one thread; "
+             f"median of {args.steps * args.repeat} steps per variant, interleaved; "
+             "`python scripts/bench_frozen_prefix.py`.", "",
+             "| variant | DP step (s) | vs all layers |", "|---|---|---|"]
+    for (label, _, _), steps in zip(VARIANTS, times, strict=True):
+        step = statistics.median(steps)
+        lines.append(f"| {label} | {step:.3f} | {step / baseline:.2f}x |")
+    markdown = "\n".join(lines)
+    print(markdown)
+    print(f"wrote {write_section(markdown, BEGIN, END, 'MiniLM: adapters on the top layers over cached prefixes')}")
+
+
+if __name__ == "__main__":
+    main()

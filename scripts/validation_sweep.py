@@ -1,0 +1,89 @@
+"""Choose the main job's training settings on a validation split, never on the test texts.
+
+The validation texts are ICD-10-CM training-split texts the main job never trains on (positions 40,000-41,999 of
+the shuffled training split; the main job trains on the first `data.max_train_examples` = 30,000) and are disjoint
+from the test texts. Each candidate runs the main job's federation in one process: the same three hospital shares,
+the product's model, cached prefixes and DP-SGD loop, each hospital's sigma calibrated for the whole plan, and the
+server's example-weighted average of the adapters every round (what FedProx aggregates; SecAgg+ changes it by its
+quantisation step only). Every round is scored on the validation texts. Public data only: no hospital's records are
+looked at outside its DP training.
+
+    .venv/bin/python scripts/validation_sweep.py                          # the grid below, ~12 minutes a candidate
+    .venv/bin/python scripts/validation_sweep.py strategy.proximal_mu=0   # one candidate (Hydra overrides)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fl_client.plan import privacy_plan  # noqa: E402
+from fl_core.config import compose_config, require, to_app_config  # noqa: E402
+from fl_core.data import hospital_share, load_splits  # noqa: E402
+from fl_core.entry import quiet_libraries  # noqa: E402
+from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer  # noqa: E402
+from fl_core.training import classification_logits, classification_scores, train_local, training_view  # noqa: E402
+from privacy.accountant import AccountantState  # noqa: E402
+
+VALIDATION = range(40_000, 42_000)
+CPU = torch.device("cpu")
+GRID = (
+    (),  # the main job's settings (conf/)
+    ("privacy.head_clip_share=null",),  # one flat clipping bound
+    ("privacy.head_clip_share=0.5",),
+    ("privacy.head_clip_share=null", "train.lr=0.003"),
+    ("strategy.proximal_mu=0.01",),
+    ("strategy.proximal_mu=0",),
+)
+
+
+def score(overrides: tuple[str, ...]) -> dict[str, object]:
+    cfg = to_app_config(compose_config(["train.device=cpu", *overrides]))
+    require(cfg.data.max_train_examples is not None and cfg.data.max_train_examples <= VALIDATION.start,
+            "data.max_train_examples", f"must be at most {VALIDATION.start}: the validation texts come after")
+    validation = load_splits(replace(cfg.data, max_train_examples=None)).train.subset(list(VALIDATION))
+    shares = [hospital_share(cfg.data, cfg.federation, k).train for k in range(cfg.federation.num_clients)]
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_model(cfg, tokenizer, len(validation.label_names), CPU)
+    start = time.perf_counter()
+    views = [training_view(cfg, model, tokenizer, share, CPU) for share in shares]  # the frozen part is shared
+    plans = [privacy_plan(cfg, len(share)) for share in shares]
+    accountants: list[AccountantState | None] = [AccountantState((), cfg.privacy.accountant) for _ in shares]
+    rounds, epsilon = [], 0.0
+    for _ in range(cfg.federation.num_rounds):
+        global_adapter = adapter_to_arrays(model)
+        summed = [np.zeros_like(a, dtype=np.float64) for a in global_adapter]
+        for k, (share, view, (sampling, sigma)) in enumerate(zip(shares, views, plans, strict=True)):
+            load_adapter_arrays(model, global_adapter)
+            result = train_local(cfg, model, tokenizer, share, CPU, plan=sampling, noise_multiplier=sigma,
+                                 accountant=accountants[k] if sigma is not None else None,
+                                 proximal_mu=cfg.strategy.proximal_mu, view=view)
+            accountants[k], epsilon = result.accountant, max(epsilon, result.epsilon)
+            for total, array in zip(summed, adapter_to_arrays(model), strict=True):
+                total += len(share) * array
+        load_adapter_arrays(model, [(total / sum(map(len, shares))).astype(np.float32) for total in summed])
+        scores = classification_scores(*classification_logits(cfg, model, tokenizer, validation, CPU))
+        rounds.append([round(scores["accuracy"], 4), round(scores["macro_f1"], 4)])
+    return {"overrides": list(overrides), "max_epsilon": round(epsilon, 3), "hospitals": [len(s) for s in shares],
+            "seconds": round(time.perf_counter() - start, 1), "validation_accuracy_macro_f1_by_round": rounds}
+
+
+def main() -> None:
+    quiet_libraries()
+    torch.set_num_threads(1)
+    grid = (tuple(sys.argv[1:]),) if len(sys.argv) > 1 else GRID
+    for overrides in grid:
+        print(json.dumps(score(overrides)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
