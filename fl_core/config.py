@@ -222,6 +222,11 @@ def to_app_config(cfg: DictConfig | AppConfig) -> AppConfig:
     return app
 
 
+def layer_count(model: ModelConfig) -> int:
+    """Transformer layers of the model: the packaged models' own, or the tiny model's configured count."""
+    return PRETRAINED_LAYERS.get(model.name, model.num_layers)
+
+
 def require(ok: bool, field_path: str, problem: str) -> None:
     """Raise ConfigError naming `field_path` unless `ok`."""
     if not ok:
@@ -262,7 +267,7 @@ def validate(cfg: AppConfig) -> None:
     targets = cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_targets
     require(len(targets) > 0, "lora.target_modules", "must name at least one module")
     if cfg.lora.layers is not None:
-        layers = PRETRAINED_LAYERS.get(cfg.model.name, cfg.model.num_layers)
+        layers = layer_count(cfg.model)
         require(1 <= cfg.lora.layers <= layers, "lora.layers",
                 f"must be between 1 and {layers}, the layers of model {cfg.model.name!r} (got {cfg.lora.layers})")
 

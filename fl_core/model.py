@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from .cache import cache_root
-from .config import PRETRAINED_LAYERS, AppConfig, ModelConfig
+from .config import AppConfig, ModelConfig, layer_count
 from .data import package_dir
 from .encoder import MeanPooledClassifier
 
@@ -87,13 +87,9 @@ def _tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaC
     )
 
 
-def layer_count(cfg: AppConfig) -> int:
-    return PRETRAINED_LAYERS.get(cfg.model.name, cfg.model.num_layers)
-
-
 def adapted_layers(cfg: AppConfig) -> int:
     """How many of the top layers carry adapters (`lora.layers`, else all)."""
-    return cfg.lora.layers if cfg.lora.layers is not None else layer_count(cfg)
+    return cfg.lora.layers if cfg.lora.layers is not None else layer_count(cfg.model)
 
 
 def minilm_classifier(num_labels: int, trainable_layers: int) -> MeanPooledClassifier:
@@ -135,7 +131,7 @@ def build_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_labels: 
     base = build_base_model(cfg, tokenizer, num_labels)
     torch.nn.Module.to(base, device)  # transformers types its own `to` for dtypes only
     targets = cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_targets
-    top, count = adapted_layers(cfg), layer_count(cfg)
+    top, count = adapted_layers(cfg), layer_count(cfg.model)
     adapted = list(range(count - top, count)) if cfg.lora.layers is not None else None
     # MiniLM's classifier is our own module (a plain peft model, head saved beside the adapters); the Llama models
     # are transformers' own classes and causal LMs.
