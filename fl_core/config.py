@@ -35,6 +35,7 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONINGS = ("iid", "dirichlet")
 STRATEGIES = ("fedprox",)
+SERVER_OPTIMIZERS = ("none", "momentum", "adam", "yogi")
 
 
 class ConfigError(ValueError):
@@ -148,9 +149,23 @@ class SecAggConfig:
 
 
 @dataclass
+class ServerOptimizerConfig:
+    """What the server does with each round's aggregate (`strategies/server_optimizer.py`): `none` takes it as the
+    new model, as FedProx does; `momentum`, `adam` and `yogi` step towards it as FedAvgM, FedAdam and FedYogi do."""
+
+    name: str = "none"
+    lr: float = 1.0
+    momentum: float = 0.9  # momentum only
+    beta_1: float = 0.9  # adam, yogi
+    beta_2: float = 0.99
+    tau: float = 1e-3  # adam, yogi: the smallest per-coordinate scale
+
+
+@dataclass
 class StrategyConfig:
     name: str = "fedprox"
     proximal_mu: float = 0.001
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
     # Hospitals also score each round's model on their own held-out records, a noised release charged to their
     # ledgers (privacy.evaluation_noise); off by default.
     federated_evaluation: bool = False
@@ -327,8 +342,17 @@ def validate(cfg: AppConfig) -> None:
     require(s.convergence_threshold >= 0, "strategy.convergence_threshold",
              f"must be >= 0 (got {s.convergence_threshold})")
     positive(s.patience, "strategy.patience")
+    _validate_server_optimizer(s.server_optimizer)
     if s.secagg.enabled:
         _validate_secagg(s.secagg, f.min_participants)
+
+
+def _validate_server_optimizer(o: ServerOptimizerConfig) -> None:
+    _one_of(o.name, SERVER_OPTIMIZERS, "strategy.server_optimizer.name")
+    positive(o.lr, "strategy.server_optimizer.lr")
+    for name, value in (("momentum", o.momentum), ("beta_1", o.beta_1), ("beta_2", o.beta_2)):
+        require(0 <= value < 1, f"strategy.server_optimizer.{name}", f"must be in [0, 1) (got {value})")
+    positive(o.tau, "strategy.server_optimizer.tau")
 
 
 def _validate_secagg(sa: SecAggConfig, min_participants: int) -> None:

@@ -40,6 +40,8 @@ from privacy.accountant import AccountantState
 from privacy.ledger import ABORTED, COMMITTED
 from strategies.fedprox import RecordingFedProx
 from strategies.hospital_dp import HospitalLevelDP
+from strategies.server_optimized import ServerOptimized
+from strategies.server_optimizer import ServerOptimizer
 
 from .admission import Admission, AdmissionFailed, Answers, admit_run, close_run
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -62,10 +64,12 @@ def fit_workflow_for(cfg: AppConfig) -> FitWorkflow:
     )
 
 
-def strategy_for(cfg: AppConfig, recorder: RecordingFedProx) -> Strategy:
-    """FedProx, wrapped for hospital-level DP when asked: server noise on the mean of the clipped updates."""
+def strategy_for(cfg: AppConfig, recorder: RecordingFedProx, optimizer: ServerOptimizer) -> Strategy:
+    """FedProx, wrapped for hospital-level DP when asked (server noise on the mean of the clipped updates), then for
+    the server optimiser, which steps from the noised aggregate."""
     c = cfg.privacy.client_level
-    return HospitalLevelDP(recorder, c.noise_multiplier, c.clipping_norm) if c.enabled else recorder
+    strategy: Strategy = HospitalLevelDP(recorder, c.noise_multiplier, c.clipping_norm) if c.enabled else recorder
+    return strategy if optimizer.settings.name == "none" else ServerOptimized(strategy, optimizer)
 
 
 def checked_epsilon(hospital: str, epsilon: float, accountant: str, delta: float) -> tuple[float, int]:
@@ -107,6 +111,9 @@ class FederatedRun:
         resumed = load_checkpoint(self.output_dir) if cfg.resume_from else None
         self.checkpoint: Checkpoint | None = resumed[0] if resumed else None
         self.initial_arrays: NDArrays = resumed[1] if resumed else fresh_arrays
+        self.server_optimizer = ServerOptimizer(cfg.strategy.server_optimizer)
+        if resumed:  # the same trajectory as if the run had never stopped
+            self.server_optimizer.restore(resumed[0].server_optimizer_steps, *resumed[2])
         self.tracker = RunTracker(cfg, self.checkpoint.mlflow_run_id if self.checkpoint else None)
         self.spend: dict[str, dict[str, float]] = {}
         self.admission: Admission | None = None
@@ -116,7 +123,7 @@ class FederatedRun:
             initial_arrays=self.initial_arrays, run_id=self.tracker.run_id, evaluate_fn=self.evaluate_global,
             federated_evaluation=cfg.strategy.federated_evaluation, rejoin_timeout=cfg.federation.rejoin_timeout,
         )
-        self.strategy = strategy_for(cfg, self.recorder)
+        self.strategy = strategy_for(cfg, self.recorder, self.server_optimizer)
 
     def admit(self, context: LegacyContext) -> None:
         """Ask every hospital to admit the run; record refusals; stop here if too few admit."""
@@ -178,7 +185,8 @@ class FederatedRun:
             mlflow_run_id=self.tracker.run_id, convergence_streak=self.monitor.streak,
             last_loss=self.monitor.last_loss,
             initial_metrics=self.workflow.outcome.initial_metrics,
-        ))
+            server_optimizer_steps=self.server_optimizer.steps,
+        ), (self.server_optimizer.first_moment, self.server_optimizer.second_moment))
         shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.central.items()))
         print(f"[round {result.server_round}/{self.cfg.federation.num_rounds}] {shown}, "
               f"max epsilon {metrics['epsilon_max']:.3f}, {result.seconds:.1f}s", flush=True)

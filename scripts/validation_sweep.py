@@ -5,8 +5,8 @@ the shuffled training split; the main job trains on the first `data.max_train_ex
 from the test texts. Each candidate runs the main job's federation in one process: the same three hospital shares,
 the product's model, cached prefixes and DP-SGD loop, each hospital's sigma calibrated for the whole plan, and the
 server's example-weighted average of the adapters every round (what FedProx aggregates; SecAgg+ changes it by its
-quantisation step only). Every round is scored on the validation texts. Public data only: no hospital's records are
-looked at outside its DP training.
+quantisation step only), then the server optimiser's step. Every round is scored on the validation texts. Public
+data only: no hospital's records are looked at outside its DP training.
 
     .venv/bin/python scripts/validation_sweep.py                          # the grid below, ~12 minutes a candidate
     .venv/bin/python scripts/validation_sweep.py strategy.proximal_mu=0   # one candidate (Hydra overrides)
@@ -33,6 +33,7 @@ from fl_core.entry import quiet_libraries  # noqa: E402
 from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer  # noqa: E402
 from fl_core.training import classification_logits, classification_scores, train_local, training_view  # noqa: E402
 from privacy.accountant import AccountantState  # noqa: E402
+from strategies.server_optimizer import ServerOptimizer  # noqa: E402
 
 VALIDATION = range(40_000, 42_000)
 CPU = torch.device("cpu")
@@ -43,6 +44,9 @@ GRID = (
     ("privacy.head_clip_share=null", "train.lr=0.003"),
     ("strategy.proximal_mu=0.01",),
     ("strategy.proximal_mu=0",),
+    ("strategy.server_optimizer.name=momentum", "strategy.server_optimizer.momentum=0.9"),
+    ("strategy.server_optimizer.name=momentum", "strategy.server_optimizer.lr=2",
+     "strategy.server_optimizer.momentum=0"),
 )
 
 
@@ -59,6 +63,7 @@ def score(overrides: tuple[str, ...]) -> dict[str, object]:
     plans = [privacy_plan(cfg, len(share)) for share in shares]
     accountants: list[AccountantState | None] = [AccountantState((), cfg.privacy.accountant) for _ in shares]
     rounds, epsilon = [], 0.0
+    server = ServerOptimizer(cfg.strategy.server_optimizer)
     for _ in range(cfg.federation.num_rounds):
         global_adapter = adapter_to_arrays(model)
         summed = [np.zeros_like(a, dtype=np.float64) for a in global_adapter]
@@ -70,7 +75,8 @@ def score(overrides: tuple[str, ...]) -> dict[str, object]:
             accountants[k], epsilon = result.accountant, max(epsilon, result.epsilon)
             for total, array in zip(summed, adapter_to_arrays(model), strict=True):
                 total += len(share) * array
-        load_adapter_arrays(model, [(total / sum(map(len, shares))).astype(np.float32) for total in summed])
+        aggregate = [(total / sum(map(len, shares))).astype(np.float32) for total in summed]
+        load_adapter_arrays(model, server.step(global_adapter, aggregate))
         scores = classification_scores(*classification_logits(cfg, model, tokenizer, validation, CPU))
         rounds.append([round(scores["accuracy"], 4), round(scores["macro_f1"], 4)])
     return {"overrides": list(overrides), "max_epsilon": round(epsilon, 3), "hospitals": [len(s) for s in shares],

@@ -62,7 +62,7 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
     # The global adapter moved away from the server's initial adapter.
     cfg = tiny_config(*BASE)
     initial = adapter_to_arrays(build_model(cfg, load_tokenizer(cfg.model), 22, __import__("torch").device("cpu")))
-    checkpoint, final = load_checkpoint(run_dir)  # type: ignore[misc]
+    checkpoint, final, _ = load_checkpoint(run_dir)  # type: ignore[misc]
     assert checkpoint.server_round == 2
     assert max(float(np.abs(a - b).max()) for a, b in zip(initial, final, strict=True)) > 1e-4
 
@@ -114,14 +114,16 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
 
 def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    # Fixed sigma, plaintext aggregation, and hospital-level DP (small noise: this test is about the round count).
+    # Fixed sigma, plaintext aggregation, and hospital-level DP (small noise: this test is about the round count),
+    # with server momentum, whose buffer must survive the restart.
     fixed_sigma = ("privacy.noise_multiplier=1.0", "strategy.secagg.enabled=false",
                    "privacy.client_level.enabled=true", "privacy.client_level.noise_multiplier=0.05",
-                   "privacy.client_level.clipping_norm=10")
+                   "privacy.client_level.clipping_norm=10", "strategy.server_optimizer.name=momentum")
     first = fl_simulate(run_dir, "federation.num_rounds=1", *fixed_sigma)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run_id = summary_of(run_dir)["mlflow_run_id"]
     steps_after_one = ledger_of(tmp_path, "hospital-0").entry(run_id, "hospital-0", "icd10").spent.steps  # type: ignore[union-attr]
+    _, after_one, (buffer_after_one, _) = load_checkpoint(run_dir)  # type: ignore[misc]
 
     resumed = fl_simulate(tmp_path / "ignored", f"resume_from={run_dir}", "federation.num_rounds=6",
                           "strategy.convergence_threshold=1.0", "strategy.patience=1", *fixed_sigma)
@@ -129,6 +131,11 @@ def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Pat
     summary = summary_of(run_dir)
     assert summary["rounds_completed"] == 2  # round 2 of the same run, not round 1 of a new one
     assert summary["stopped_early"]
+    checkpoint, after_two, (buffer_after_two, _) = load_checkpoint(run_dir)  # type: ignore[misc]
+    assert checkpoint.server_optimizer_steps == 2  # restored with its buffer (a fresh optimiser would count 1)
+    for a, b, m_one, m_two in zip(after_one, after_two, buffer_after_one, buffer_after_two, strict=True):
+        np.testing.assert_allclose(b - a, m_two, rtol=1e-4, atol=1e-6)  # FedAvgM at lr 1: the model moved by it
+        assert np.abs(m_two - m_one).max() > 0
     entries = ledger_of(tmp_path, "hospital-0").entries()
     assert [e.run_id for e in entries] == [run_id]  # the resumed run continued its own entry
     assert entries[0].spent.steps == 2 * steps_after_one  # the hospital's spend kept composing across the restart

@@ -19,6 +19,7 @@ from fl_client.mods import make_hospital_level_clipping, make_secure_aggregation
 from fl_server.server_app import fit_workflow_for, strategy_for
 from fl_server.workflow import ConvergenceMonitor, FederatedWorkflow, RoundNotAggregatedError, current_arrays
 from strategies.fedprox import RecordingFedProx
+from strategies.server_optimizer import ServerOptimizer
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -67,7 +68,7 @@ def aggregate_once(client_runs_secagg: bool, *overrides: str, dropout: int | Non
                                     initial_arrays=zeros)
         result["strategy"] = recorder
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1),
-                               strategy=strategy_for(cfg, recorder))
+                               strategy=strategy_for(cfg, recorder, ServerOptimizer(cfg.strategy.server_optimizer)))
         FederatedWorkflow(fit_workflow_for(cfg), ConvergenceMonitor(0.0, 1), 1, lambda *_: None,
                           recorder=recorder)(grid, legacy)
         result["aggregate"] = current_arrays(legacy)
@@ -120,14 +121,17 @@ def clipped_updates(clip: float, partitions: tuple[int, ...]) -> list[NDArrays]:
 
 
 def test_hospital_level_dp_clips_each_update_inside_secagg_and_weighs_hospitals_equally() -> None:
+    """With a server learning rate of 2 on top: the model moves twice the mean update (from zeros here)."""
     clip = 0.2
     aggregate, strategy = aggregate_once(True, "privacy.client_level.enabled=true",
                                          f"privacy.client_level.clipping_norm={clip}",
-                                         "privacy.client_level.noise_multiplier=0.0")
+                                         "privacy.client_level.noise_multiplier=0.0",
+                                         "strategy.server_optimizer.name=momentum", "strategy.server_optimizer.lr=2",
+                                         "strategy.server_optimizer.momentum=0")
     assert 1 in strategy.rounds  # the wrapped round aggregated
     clipped = clipped_updates(clip, (0, 1, 2))
     for i, got in enumerate(aggregate):
-        expected = sum(c[i] for c in clipped) / 3  # uniform mean of clipped updates, not example-weighted
+        expected = 2 * sum(c[i] for c in clipped) / 3  # uniform mean of clipped updates, not example-weighted
         assert float(np.abs(got - expected).max()) < 5e-5
 
 

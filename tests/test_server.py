@@ -48,12 +48,17 @@ def test_convergence_needs_patience_rounds_of_small_relative_change() -> None:
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, dtype=np.float32)]
-    save_checkpoint(tmp_path, arrays, Checkpoint(3, "round-0003.npz", "run-id", 1, 0.5, {"loss": 3.0}))
+    moments = ([a + 1 for a in arrays], [a * 2 for a in arrays])
+    save_checkpoint(tmp_path, arrays, Checkpoint(3, "round-0003.npz", "run-id", 1, 0.5, {"loss": 3.0}, 3), moments)
     loaded = load_checkpoint(tmp_path)
     assert loaded is not None
-    checkpoint, restored = loaded
+    checkpoint, restored, (first, second) = loaded
     assert (checkpoint.server_round, checkpoint.mlflow_run_id, checkpoint.last_loss) == (3, "run-id", 0.5)
-    assert all(np.array_equal(a, b) for a, b in zip(arrays, restored, strict=True))
+    assert checkpoint.server_optimizer_steps == 3
+    for saved, back in ((arrays, restored), (moments[0], first), (moments[1], second)):
+        assert len(back) == 2 and all(np.array_equal(a, b) for a, b in zip(saved, back, strict=True))
+    save_checkpoint(tmp_path, arrays, Checkpoint(4, "round-0004.npz"))  # plain averaging: no moments kept
+    assert load_checkpoint(tmp_path)[2] == ([], [])  # type: ignore[index]
     assert load_checkpoint(tmp_path / "empty") is None
 
 

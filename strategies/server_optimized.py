@@ -1,0 +1,59 @@
+"""The server optimiser on Flower's legacy strategy API: the outermost wrapper, so it steps from the aggregate *after*
+hospital-level noise (post-processing: no privacy cost) and from the model the hospitals were really sent."""
+
+from __future__ import annotations
+
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from .server_optimizer import Arrays, ServerOptimizer
+
+
+class ServerOptimized(Strategy):
+    """Delegates everything to `strategy`; a round's aggregate becomes `optimizer.step(sent, aggregate)`."""
+
+    def __init__(self, strategy: Strategy, optimizer: ServerOptimizer) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.optimizer = optimizer
+        self.sent: dict[int, Arrays] = {}  # the model each round's hospitals started from
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.strategy.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        self.sent = {server_round: parameters_to_ndarrays(parameters)}
+        return self.strategy.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException],
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        if parameters is None:
+            return None, {}
+        stepped = self.optimizer.step(self.sent.pop(server_round), parameters_to_ndarrays(parameters))
+        return ndarrays_to_parameters(stepped), metrics
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+                           ) -> tuple[float | None, dict[str, Scalar]]:
+        return self.strategy.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        return self.strategy.evaluate(server_round, parameters)
