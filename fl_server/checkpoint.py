@@ -23,6 +23,7 @@ class Checkpoint:
     last_loss: float | None = None
     initial_metrics: dict[str, float] = field(default_factory=dict)
     server_optimizer_steps: int = 0  # with its moments in OPTIMIZER_FILE next to the arrays
+    server_optimizer: dict[str, object] = field(default_factory=dict)  # the settings that took those steps
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -37,6 +38,7 @@ def save_checkpoint(output_dir: str | Path, arrays: NDArrays, checkpoint: Checkp
     arrays_path = folder / checkpoint.arrays_file
     np.savez(arrays_path, *arrays)
     first, second = moments
+    _optimizer_path(folder, checkpoint).unlink(missing_ok=True)  # never a stale one from an earlier try
     if first or second:  # plain averaging keeps none
         moments_by_name = {f"first_{i}": a for i, a in enumerate(first)} | {f"second_{i}": a
                                                                              for i, a in enumerate(second)}

@@ -13,6 +13,7 @@ import json
 import math
 import shlex
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,12 @@ def fit_workflow_for(cfg: AppConfig) -> FitWorkflow:
     )
 
 
+def server_optimizer_for(cfg: AppConfig) -> ServerOptimizer:
+    """The run's server optimiser, keeping the model inside what SecAgg+ can carry when it is on."""
+    sa = cfg.strategy.secagg
+    return ServerOptimizer(cfg.strategy.server_optimizer, sa.clipping_range if sa.enabled else None)
+
+
 def strategy_for(cfg: AppConfig, recorder: RecordingFedProx, optimizer: ServerOptimizer) -> Strategy:
     """FedProx, wrapped for hospital-level DP when asked (server noise on the mean of the clipped updates), then for
     the server optimiser, which steps from the noised aggregate."""
@@ -111,9 +118,10 @@ class FederatedRun:
         resumed = load_checkpoint(self.output_dir) if cfg.resume_from else None
         self.checkpoint: Checkpoint | None = resumed[0] if resumed else None
         self.initial_arrays: NDArrays = resumed[1] if resumed else fresh_arrays
-        self.server_optimizer = ServerOptimizer(cfg.strategy.server_optimizer)
-        if resumed:  # the same trajectory as if the run had never stopped
-            self.server_optimizer.restore(resumed[0].server_optimizer_steps, *resumed[2])
+        self.server_optimizer = server_optimizer_for(cfg)
+        if resumed:  # the same trajectory as if the run had never stopped; checked before any hospital is asked
+            self.server_optimizer.restore(resumed[0].server_optimizer, resumed[0].server_optimizer_steps,
+                                          *resumed[2], model=resumed[1])
         self.tracker = RunTracker(cfg, self.checkpoint.mlflow_run_id if self.checkpoint else None)
         self.spend: dict[str, dict[str, float]] = {}
         self.admission: Admission | None = None
@@ -186,6 +194,7 @@ class FederatedRun:
             last_loss=self.monitor.last_loss,
             initial_metrics=self.workflow.outcome.initial_metrics,
             server_optimizer_steps=self.server_optimizer.steps,
+            server_optimizer=asdict(self.server_optimizer.settings),
         ), (self.server_optimizer.first_moment, self.server_optimizer.second_moment))
         shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.central.items()))
         print(f"[round {result.server_round}/{self.cfg.federation.num_rounds}] {shown}, "

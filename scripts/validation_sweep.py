@@ -32,8 +32,8 @@ from fl_core.data import hospital_share, load_splits  # noqa: E402
 from fl_core.entry import quiet_libraries  # noqa: E402
 from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer  # noqa: E402
 from fl_core.training import classification_logits, classification_scores, train_local, training_view  # noqa: E402
+from fl_server.server_app import server_optimizer_for  # noqa: E402
 from privacy.accountant import AccountantState  # noqa: E402
-from strategies.server_optimizer import ServerOptimizer  # noqa: E402
 
 VALIDATION = range(40_000, 42_000)
 CPU = torch.device("cpu")
@@ -63,7 +63,7 @@ def score(overrides: tuple[str, ...]) -> dict[str, object]:
     plans = [privacy_plan(cfg, len(share)) for share in shares]
     accountants: list[AccountantState | None] = [AccountantState((), cfg.privacy.accountant) for _ in shares]
     rounds, epsilon = [], 0.0
-    server = ServerOptimizer(cfg.strategy.server_optimizer)
+    server = server_optimizer_for(cfg)
     for _ in range(cfg.federation.num_rounds):
         global_adapter = adapter_to_arrays(model)
         summed = [np.zeros_like(a, dtype=np.float64) for a in global_adapter]

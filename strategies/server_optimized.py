@@ -17,7 +17,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from .server_optimizer import Arrays, ServerOptimizer
+from .server_optimizer import Arrays, ServerOptimizer, ServerOptimizerError
 
 
 class ServerOptimized(Strategy):
@@ -27,23 +27,30 @@ class ServerOptimized(Strategy):
         super().__init__()
         self.strategy = strategy
         self.optimizer = optimizer
-        self.sent: dict[int, Arrays] = {}  # the model each round's hospitals started from
+        self.sent: tuple[int, Arrays] | None = None  # (round, the model its hospitals started from)
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.strategy.initialize_parameters(client_manager)
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        self.sent = {server_round: parameters_to_ndarrays(parameters)}
+        self.sent = (server_round, parameters_to_ndarrays(parameters))
         return self.strategy.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException],
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """None (the round did not aggregate: the run fails) when the inner strategy aggregated nothing, the round is
+        not the one configured last, or the step would not be finite."""
         parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
-        if parameters is None:
+        sent, self.sent = self.sent, None
+        if parameters is None or sent is None or sent[0] != server_round:
             return None, {}
-        stepped = self.optimizer.step(self.sent.pop(server_round), parameters_to_ndarrays(parameters))
+        try:
+            stepped = self.optimizer.step(sent[1], parameters_to_ndarrays(parameters))
+        except ServerOptimizerError as error:
+            print(f"[round {server_round}] {error}", flush=True)
+            return None, {}
         return ndarrays_to_parameters(stepped), metrics
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,

@@ -123,7 +123,7 @@ def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Pat
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run_id = summary_of(run_dir)["mlflow_run_id"]
     steps_after_one = ledger_of(tmp_path, "hospital-0").entry(run_id, "hospital-0", "icd10").spent.steps  # type: ignore[union-attr]
-    _, after_one, (buffer_after_one, _) = load_checkpoint(run_dir)  # type: ignore[misc]
+    _, after_one, _ = load_checkpoint(run_dir)  # type: ignore[misc]
 
     resumed = fl_simulate(tmp_path / "ignored", f"resume_from={run_dir}", "federation.num_rounds=6",
                           "strategy.convergence_threshold=1.0", "strategy.patience=1", *fixed_sigma)
@@ -133,9 +133,8 @@ def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Pat
     assert summary["stopped_early"]
     checkpoint, after_two, (buffer_after_two, _) = load_checkpoint(run_dir)  # type: ignore[misc]
     assert checkpoint.server_optimizer_steps == 2  # restored with its buffer (a fresh optimiser would count 1)
-    for a, b, m_one, m_two in zip(after_one, after_two, buffer_after_one, buffer_after_two, strict=True):
+    for a, b, m_two in zip(after_one, after_two, buffer_after_two, strict=True):
         np.testing.assert_allclose(b - a, m_two, rtol=1e-4, atol=1e-6)  # FedAvgM at lr 1: the model moved by it
-        assert np.abs(m_two - m_one).max() > 0
     entries = ledger_of(tmp_path, "hospital-0").entries()
     assert [e.run_id for e in entries] == [run_id]  # the resumed run continued its own entry
     assert entries[0].spent.steps == 2 * steps_after_one  # the hospital's spend kept composing across the restart

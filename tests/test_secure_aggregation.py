@@ -16,10 +16,9 @@ from flwr.simulation import run_simulation
 
 from fl_client.client_app import run_config
 from fl_client.mods import make_hospital_level_clipping, make_secure_aggregation_as_admitted
-from fl_server.server_app import fit_workflow_for, strategy_for
+from fl_server.server_app import fit_workflow_for, server_optimizer_for, strategy_for
 from fl_server.workflow import ConvergenceMonitor, FederatedWorkflow, RoundNotAggregatedError, current_arrays
 from strategies.fedprox import RecordingFedProx
-from strategies.server_optimizer import ServerOptimizer
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -68,7 +67,7 @@ def aggregate_once(client_runs_secagg: bool, *overrides: str, dropout: int | Non
                                     initial_arrays=zeros)
         result["strategy"] = recorder
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1),
-                               strategy=strategy_for(cfg, recorder, ServerOptimizer(cfg.strategy.server_optimizer)))
+                               strategy=strategy_for(cfg, recorder, server_optimizer_for(cfg)))
         FederatedWorkflow(fit_workflow_for(cfg), ConvergenceMonitor(0.0, 1), 1, lambda *_: None,
                           recorder=recorder)(grid, legacy)
         result["aggregate"] = current_arrays(legacy)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAdam, FedAvgM, FedYogi, Strategy
 
 from fl_core.config import ConfigError, ServerOptimizerConfig
-from fl_server.server_app import strategy_for
+from fl_server.server_app import server_optimizer_for, strategy_for
 from strategies.fedprox import RecordingFedProx
 from strategies.hospital_dp import HospitalLevelDP
 from strategies.server_optimized import ServerOptimized
-from strategies.server_optimizer import ServerOptimizer
+from strategies.server_optimizer import ServerOptimizer, ServerOptimizerError
 from tests.conftest import tiny_config
 
 ROUNDS = 5
@@ -64,7 +66,8 @@ def test_a_restored_optimiser_continues_the_same_trajectory() -> None:
         current = whole.step(current, aggregate)
         resumed = first_half.step(resumed, aggregate)
     second_half = ServerOptimizer(settings)
-    second_half.restore(first_half.steps, first_half.first_moment, first_half.second_moment)
+    second_half.restore(asdict(settings), first_half.steps, first_half.first_moment, first_half.second_moment,
+                        model=resumed)
     for aggregate in rounds[2:]:
         current, resumed = whole.step(current, aggregate), second_half.step(resumed, aggregate)
     for a, b in zip(current, resumed, strict=True):
@@ -82,7 +85,9 @@ def test_none_takes_the_aggregate_and_keeps_no_state() -> None:
     ("strategy.server_optimizer.name=sgd", "strategy.server_optimizer.name"),
     ("strategy.server_optimizer.lr=0", "strategy.server_optimizer.lr"),
     ("strategy.server_optimizer.momentum=1.0", "strategy.server_optimizer.momentum"),
+    ("strategy.server_optimizer.beta_1=1", "strategy.server_optimizer.beta_1"),
     ("strategy.server_optimizer.beta_2=-0.1", "strategy.server_optimizer.beta_2"),
+    ("strategy.server_optimizer.tau=0", "strategy.server_optimizer.tau"),
 ])
 def test_bad_server_optimiser_settings_name_the_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError, match=f"^{field}:"):
@@ -92,8 +97,69 @@ def test_bad_server_optimiser_settings_name_the_field(override: str, field: str)
 def test_the_server_step_wraps_hospital_level_noise_so_it_only_post_processes_the_release() -> None:
     cfg = tiny_config("privacy.client_level.enabled=true", "strategy.server_optimizer.name=adam")
     recorder = RecordingFedProx(proximal_mu=0.0, min_participants=2, initial_arrays=[np.zeros(2)])
-    strategy = strategy_for(cfg, recorder, ServerOptimizer(cfg.strategy.server_optimizer))
+    strategy = strategy_for(cfg, recorder, server_optimizer_for(cfg))
     assert isinstance(strategy, ServerOptimized) and isinstance(strategy.strategy, HospitalLevelDP)
     assert strategy.strategy.strategy is recorder
     plain = tiny_config()
-    assert strategy_for(plain, recorder, ServerOptimizer(plain.strategy.server_optimizer)) is recorder
+    assert strategy_for(plain, recorder, server_optimizer_for(plain)) is recorder
+
+
+def model() -> list[np.ndarray]:
+    return [np.zeros((3, 4), dtype=np.float32), np.zeros(4, dtype=np.float32)]
+
+
+@pytest.mark.parametrize("saved, steps, first, second", [
+    ({"name": "momentum"}, 2, [np.ones((3, 4)), np.ones(4)], []),  # other settings wrote it
+    (None, 2, [], []),  # its moments file is gone
+    (None, 2, [np.ones(4), np.ones((3, 4))], [np.ones(4), np.ones((3, 4))]),  # shapes of another model
+    (None, 2, [np.full((3, 4), np.nan), np.ones(4)], [np.ones((3, 4)), np.ones(4)]),
+])
+def test_a_checkpoint_state_that_does_not_fit_is_refused(saved: dict[str, object] | None, steps: int,
+                                                        first: list[np.ndarray], second: list[np.ndarray]) -> None:
+    settings = ServerOptimizerConfig("adam", lr=0.1)
+    optimizer = ServerOptimizer(settings)
+    with pytest.raises(ServerOptimizerError, match=r"^strategy\.server_optimizer: "):
+        optimizer.restore(asdict(settings) if saved is None else saved, steps, first, second, model=model())
+    assert optimizer.steps == 0 and optimizer.first_moment == []
+
+
+def test_a_step_that_is_not_finite_changes_nothing_and_the_bound_holds_the_model() -> None:
+    optimizer = ServerOptimizer(ServerOptimizerConfig("momentum", lr=3.0, momentum=0.9), bound=1.0)
+    first = optimizer.step(model(), [np.full((3, 4), 0.5), np.full(4, -0.2)])
+    assert first[0].max() == 1.0 and np.allclose(first[1], -0.6)  # 3 * 0.5 clipped to the bound
+    buffer = [m.copy() for m in optimizer.first_moment]
+    with pytest.raises(ServerOptimizerError, match="not finite"):
+        optimizer.step(first, [np.full((3, 4), np.inf), np.zeros(4)])
+    assert optimizer.steps == 1 and all(np.array_equal(a, b) for a, b in zip(buffer, optimizer.first_moment,
+                                                                              strict=True))
+
+
+class TwoRounds(Strategy):
+    """An inner strategy whose aggregate is fixed per round (None in round 3: nothing aggregated)."""
+
+    def __init__(self) -> None:
+        self.aggregates = {1: [np.full(2, 1.0)], 2: [np.full(2, 3.0)], 3: None, 4: [np.full(2, 9.0)]}
+
+    def aggregate_fit(self, server_round, results, failures):
+        arrays = self.aggregates[server_round]
+        return (None if arrays is None else ndarrays_to_parameters(arrays)), {}
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return []
+
+    initialize_parameters = configure_evaluate = aggregate_evaluate = evaluate = None  # type: ignore[assignment]
+
+
+def test_the_wrapper_steps_from_the_model_each_round_was_sent_and_keeps_state_on_a_failed_round() -> None:
+    wrapped = ServerOptimized(TwoRounds(), ServerOptimizer(ServerOptimizerConfig("momentum", lr=1.0, momentum=0.5)))
+    wrapped.configure_fit(1, ndarrays_to_parameters([np.zeros(2)]), None)  # type: ignore[arg-type]
+    one, _ = wrapped.aggregate_fit(1, [], [])
+    assert one is not None and np.allclose(parameters_to_ndarrays(one)[0], 1.0)
+    # round 2 is sent 2.0 (say, a resumed or evaluated model), not round 1's output: the step starts there
+    wrapped.configure_fit(2, ndarrays_to_parameters([np.full(2, 2.0)]), None)  # type: ignore[arg-type]
+    two, _ = wrapped.aggregate_fit(2, [], [])
+    assert two is not None and np.allclose(parameters_to_ndarrays(two)[0], 2.0 + 0.5 * 1.0 + (3.0 - 2.0))
+    wrapped.configure_fit(3, ndarrays_to_parameters([np.full(2, 3.5)]), None)  # type: ignore[arg-type]
+    assert wrapped.aggregate_fit(3, [], []) == (None, {})
+    assert wrapped.optimizer.steps == 2 and np.allclose(wrapped.optimizer.first_moment[0], 1.5)
+    assert wrapped.aggregate_fit(4, [], []) == (None, {})  # a round never configured does not step

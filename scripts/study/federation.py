@@ -105,10 +105,9 @@ def build_server_app(arms: Sequence[FederatedArm], data_path: Path, work: Path) 
     from flwr.server import LegacyContext, ServerApp, ServerConfig
     from flwr.serverapp import Grid
 
-    from fl_server.server_app import fit_workflow_for, strategy_for
+    from fl_server.server_app import fit_workflow_for, server_optimizer_for, strategy_for
     from fl_server.workflow import ConvergenceMonitor, FederatedWorkflow, current_arrays
     from strategies.fedprox import RecordingFedProx
-    from strategies.server_optimizer import ServerOptimizer
 
     app = ServerApp()
 
@@ -124,7 +123,7 @@ def build_server_app(arms: Sequence[FederatedArm], data_path: Path, work: Path) 
                                         federated_evaluation=False)
             legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=arm.cfg.federation.num_rounds),
                                    strategy=strategy_for(arm.cfg, strategy,
-                                                         ServerOptimizer(arm.cfg.strategy.server_optimizer)))
+                                                         server_optimizer_for(arm.cfg)))
             workflow = FederatedWorkflow(fit_workflow_for(arm.cfg), ConvergenceMonitor(0.0, 1), 1,
                                          on_round=lambda *_: None, recorder=strategy)
             outcome = workflow(grid, legacy)

@@ -23,8 +23,8 @@ import torch
 from fl_client.plan import privacy_plan
 from fl_core.data import load_splits
 from fl_core.entry import quiet_libraries
+from fl_server.server_app import server_optimizer_for
 from privacy.accountant import AccountantState
-from strategies.server_optimizer import ServerOptimizer
 
 from .features import (
     StudyData,
@@ -78,7 +78,7 @@ def federate(data: StudyData, setting: Setting, epsilon: float, seed: int, alone
             scores.append(evaluate_head(head, data))
         return {"alone_mean": float(np.mean([s["accuracy"] for s in scores])),
                 "alone_best": max(s["accuracy"] for s in scores)}
-    server = ServerOptimizer(cfg.strategy.server_optimizer)
+    server = server_optimizer_for(cfg)
     current = head_to_arrays(new_head(data, seed))
     head = new_head(data, seed)
     for _ in range(FULL.rounds):
