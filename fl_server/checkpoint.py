@@ -49,7 +49,10 @@ def save_checkpoint(output_dir: str | Path, arrays: NDArrays, checkpoint: Checkp
     return arrays_path
 
 
-def load_checkpoint(output_dir: str | Path) -> tuple[Checkpoint, NDArrays, tuple[NDArrays, NDArrays]] | None:
+Resumed = tuple[Checkpoint, NDArrays, tuple[NDArrays, NDArrays]]  # the record, the model, the server moments
+
+
+def load_checkpoint(output_dir: str | Path) -> Resumed | None:
     """The newest checkpoint: its record, the model, and the server optimiser's moments (first, second)."""
     latest = checkpoint_dir(output_dir) / LATEST
     if not latest.exists():

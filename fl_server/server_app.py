@@ -45,7 +45,7 @@ from strategies.server_optimized import ServerOptimized
 from strategies.server_optimizer import ServerOptimizer
 
 from .admission import Admission, AdmissionFailed, Answers, admit_run, close_run
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, Resumed, load_checkpoint, save_checkpoint
 from .privacy_report import build_report, hospital_level_epsilon, report_markdown
 from .tracking import RunTracker
 from .workflow import ConvergenceMonitor, FederatedWorkflow, FitWorkflow, LoopOutcome, RoundResult, current_arrays
@@ -65,10 +65,15 @@ def fit_workflow_for(cfg: AppConfig) -> FitWorkflow:
     )
 
 
-def server_optimizer_for(cfg: AppConfig) -> ServerOptimizer:
-    """The run's server optimiser, keeping the model inside what SecAgg+ can carry when it is on."""
+def server_optimizer_for(cfg: AppConfig, resumed: Resumed | None = None) -> ServerOptimizer:
+    """The run's server optimiser, keeping the model inside what SecAgg+ can carry when it is on; from a checkpoint
+    (`load_checkpoint`'s answer) it continues the same trajectory, or refuses before any hospital is asked."""
     sa = cfg.strategy.secagg
-    return ServerOptimizer(cfg.strategy.server_optimizer, sa.clipping_range if sa.enabled else None)
+    optimizer = ServerOptimizer(cfg.strategy.server_optimizer, sa.clipping_range if sa.enabled else None)
+    if resumed is not None:
+        checkpoint, model, (first, second) = resumed
+        optimizer.restore(checkpoint.server_optimizer, checkpoint.server_optimizer_steps, first, second, model=model)
+    return optimizer
 
 
 def strategy_for(cfg: AppConfig, recorder: RecordingFedProx, optimizer: ServerOptimizer) -> Strategy:
@@ -118,10 +123,7 @@ class FederatedRun:
         resumed = load_checkpoint(self.output_dir) if cfg.resume_from else None
         self.checkpoint: Checkpoint | None = resumed[0] if resumed else None
         self.initial_arrays: NDArrays = resumed[1] if resumed else fresh_arrays
-        self.server_optimizer = server_optimizer_for(cfg)
-        if resumed:  # the same trajectory as if the run had never stopped; checked before any hospital is asked
-            self.server_optimizer.restore(resumed[0].server_optimizer, resumed[0].server_optimizer_steps,
-                                          *resumed[2], model=resumed[1])
+        self.server_optimizer = server_optimizer_for(cfg, resumed)
         self.tracker = RunTracker(cfg, self.checkpoint.mlflow_run_id if self.checkpoint else None)
         self.spend: dict[str, dict[str, float]] = {}
         self.admission: Admission | None = None

@@ -40,18 +40,16 @@ class ServerOptimized(Strategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException],
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """None (the round did not aggregate: the run fails) when the inner strategy aggregated nothing, the round is
-        not the one configured last, or the step would not be finite."""
+        """The stepped aggregate; None when the inner strategy aggregated nothing. A step that cannot be taken (a
+        round never configured, a model that would not be finite) raises ServerOptimizerError and fails the run: the
+        inner recorder has already counted the round, so returning None would go on with the old weights."""
         parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
         sent, self.sent = self.sent, None
-        if parameters is None or sent is None or sent[0] != server_round:
+        if parameters is None:
             return None, {}
-        try:
-            stepped = self.optimizer.step(sent[1], parameters_to_ndarrays(parameters))
-        except ServerOptimizerError as error:
-            print(f"[round {server_round}] {error}", flush=True)
-            return None, {}
-        return ndarrays_to_parameters(stepped), metrics
+        if sent is None or sent[0] != server_round:
+            raise ServerOptimizerError(f"server step for round {server_round}: the round was never configured")
+        return ndarrays_to_parameters(self.optimizer.step(sent[1], parameters_to_ndarrays(parameters))), metrics
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:

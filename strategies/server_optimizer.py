@@ -29,8 +29,9 @@ class ServerOptimizerError(ValueError):
 class ServerOptimizer:
     """One run's server optimiser: `step(current, aggregate)` gives the next global model.
 
-    `bound`, when set, keeps every weight of the stepped model within [-bound, bound]: SecAgg+ clips what hospitals
-    send to its `clipping_range`, and a server learning rate above 1 with momentum can walk the model out of it.
+    `bound`, when set, projects the stepped model onto [-bound, bound] (projected heavy-ball or Adam: the moments
+    are kept unprojected): SecAgg+ clips what hospitals send to its `clipping_range`, and a server learning rate above
+    1 with momentum can walk the model out of it. It equals Flower's trajectory only while no weight reaches it.
     """
 
     settings: ServerOptimizerConfig
@@ -94,6 +95,9 @@ class ServerOptimizer:
                 model: Arrays) -> None:
         """Continue from a checkpoint's state, after checking it is this optimiser's and fits `model`."""
         current = asdict(self.settings)
+        if steps and not saved_settings:
+            raise ServerOptimizerError("strategy.server_optimizer: the checkpoint does not record the settings that "
+                                       "took its server steps; it cannot be resumed with a server optimiser")
         if steps and saved_settings != current:
             raise ServerOptimizerError(f"strategy.server_optimizer: the checkpoint was written with {saved_settings}, "
                                        f"this run asks for {current}; resume with the checkpoint's settings")

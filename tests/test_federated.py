@@ -115,7 +115,7 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
 def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # Fixed sigma, plaintext aggregation, and hospital-level DP (small noise: this test is about the round count),
-    # with server momentum, whose buffer must survive the restart.
+    # with server momentum, whose steps continue across the restart (its buffer's round trip: test_server_optimizer).
     fixed_sigma = ("privacy.noise_multiplier=1.0", "strategy.secagg.enabled=false",
                    "privacy.client_level.enabled=true", "privacy.client_level.noise_multiplier=0.05",
                    "privacy.client_level.clipping_norm=10", "strategy.server_optimizer.name=momentum")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.strategy import FedAdam, FedAvgM, FedYogi, Strategy
 
 from fl_core.config import ConfigError, ServerOptimizerConfig
+from fl_server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fl_server.server_app import server_optimizer_for, strategy_for
 from strategies.fedprox import RecordingFedProx
 from strategies.hospital_dp import HospitalLevelDP
@@ -162,4 +164,28 @@ def test_the_wrapper_steps_from_the_model_each_round_was_sent_and_keeps_state_on
     wrapped.configure_fit(3, ndarrays_to_parameters([np.full(2, 3.5)]), None)  # type: ignore[arg-type]
     assert wrapped.aggregate_fit(3, [], []) == (None, {})
     assert wrapped.optimizer.steps == 2 and np.allclose(wrapped.optimizer.first_moment[0], 1.5)
-    assert wrapped.aggregate_fit(4, [], []) == (None, {})  # a round never configured does not step
+    with pytest.raises(ServerOptimizerError, match="never configured"):  # fails the run: no step from a guess
+        wrapped.aggregate_fit(4, [], [])
+    wrapped.strategy.aggregates[5] = [np.full(2, np.nan)]  # type: ignore[attr-defined]
+    wrapped.configure_fit(5, ndarrays_to_parameters([np.full(2, 3.5)]), None)  # type: ignore[arg-type]
+    with pytest.raises(ServerOptimizerError, match="not finite"):
+        wrapped.aggregate_fit(5, [], [])
+    assert wrapped.optimizer.steps == 2
+
+
+def test_a_resumed_run_continues_the_checkpointed_buffer_or_refuses_before_any_hospital(tmp_path: Path) -> None:
+    cfg = tiny_config("strategy.server_optimizer.name=momentum", "strategy.server_optimizer.momentum=0.5")
+    arrays = model()
+    buffer = [np.full((3, 4), 0.25), np.full(4, -0.5)]
+    settings = asdict(cfg.strategy.server_optimizer)
+    save_checkpoint(tmp_path, arrays, Checkpoint(2, "round-0002.npz", server_optimizer_steps=2,
+                                                 server_optimizer=settings), (buffer, []))
+    resumed = server_optimizer_for(cfg, load_checkpoint(tmp_path))
+    assert resumed.steps == 2
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.first_moment, buffer, strict=True))
+    other = tiny_config("strategy.server_optimizer.name=momentum", "strategy.server_optimizer.momentum=0.9")
+    with pytest.raises(ServerOptimizerError, match="written with"):
+        server_optimizer_for(other, load_checkpoint(tmp_path))
+    save_checkpoint(tmp_path, arrays, Checkpoint(3, "round-0003.npz", server_optimizer_steps=3), (buffer, []))
+    with pytest.raises(ServerOptimizerError, match="does not record the settings"):
+        server_optimizer_for(cfg, load_checkpoint(tmp_path))

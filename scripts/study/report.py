@@ -214,7 +214,8 @@ def write_report(study: StudyResults, out: Path, seconds: float, quick: bool) ->
         "the test texts: `python -m scripts.study.tune`). DP-SGD with "
         f"delta {plan.delta:g}, sigma calibrated once per party for all its steps; seeds "
         f"{', '.join(map(str, plan.seeds))} (mean ± standard deviation; the seed sets the split and the "
-        "initialisation, DP noise is fresh). Every epsilon spent was computed by the party's RDP accountant; "
+        "initialisation, DP noise is fresh). Every epsilon spent was computed by the party's own accountant "
+        "(`privacy.accountant`, replace-one PLD); "
         f"{'none' if not over else len(over)} of {len(results)} arms exceeded their target.", "",
         f"## Accuracy and macro-F1 against epsilon ({base})", "",
         "| ε | pooled acc | federated acc | alone acc (mean) | alone acc (best) | pooled F1 | federated F1 | "

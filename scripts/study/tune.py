@@ -7,7 +7,7 @@ example-weighted average of the heads (what FedProx aggregates; SecAgg+ changes 
 then the candidate's server optimiser. Beside it, every hospital alone, so a candidate is read as "does the
 federation beat the best hospital alone".
 
-    .venv/bin/python -m scripts.study.tune    # the grid below: 3 and 10 hospitals, IID and Dirichlet 0.3, ~1 hour
+    .venv/bin/python -m scripts.study.tune    # the grid below: 3 and 10 hospitals, IID and Dirichlet 0.3, ~1.5 hours
 """
 
 from __future__ import annotations
@@ -43,12 +43,17 @@ VALIDATION = range(40_000, 42_000)
 CANDIDATES = (  # FedProx's mu and the server optimiser: (mu, name, lr, momentum)
     (0.01, "none", 1.0, 0.0),  # the study before the server optimiser
     (0.01, "momentum", 1.0, 0.9),
+    (0.01, "momentum", 1.5, 0.7),
+    (0.01, "adam", 0.01, 0.0),
+    (0.01, "adam", 0.03, 0.0),
+    (0.01, "adam", 0.3, 0.0),
+    (0.01, "yogi", 0.01, 0.0),
+    (0.01, "yogi", 0.03, 0.0),
     (0.001, "none", 1.0, 0.0),
     (0.001, "momentum", 2.0, 0.0),  # a server learning rate alone
     (0.001, "momentum", 1.0, 0.9),
     (0.001, "momentum", 1.5, 0.5),
     (0.001, "momentum", 1.5, 0.7),
-    (0.001, "adam", 0.3, 0.0),
     (0.0, "momentum", 1.5, 0.7),
 )
 SETTINGS = (Setting(), Setting(partitioning="iid"), Setting(hospitals=10))
