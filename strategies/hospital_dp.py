@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 from flwr.common import (
-    EvaluateIns,
-    EvaluateRes,
     FitIns,
     FitRes,
     Parameters,
@@ -24,12 +22,12 @@ from flwr.common import (
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import Strategy
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from privacy.accountant import gaussian_epsilon
 from privacy.secure_random import SecureRandom
 
+from .delegating import DelegatingStrategy
 from .fedprox import RecordingFedProx
 
 HOSPITAL_LEVEL_SENSITIVITY = 2.0  # in units of C / n: replacing one hospital's clipped update
@@ -40,21 +38,19 @@ def hospital_level_epsilon(noise_multiplier: float, delta: float, rounds: int) -
     return gaussian_epsilon(noise_multiplier / HOSPITAL_LEVEL_SENSITIVITY, delta, rounds)
 
 
-class HospitalLevelDP(Strategy):
+class HospitalLevelDP(DelegatingStrategy):
     """Wraps the recording FedProx: asks hospitals to clip at C, adds noise scaled to the updates aggregated."""
+
+    strategy: RecordingFedProx
 
     def __init__(self, strategy: RecordingFedProx, noise_multiplier: float, clipping_norm: float,
                  rng: SecureRandom | None = None) -> None:
-        super().__init__()
         if noise_multiplier < 0 or clipping_norm <= 0:
             raise ValueError("HospitalLevelDP: need noise_multiplier >= 0 and clipping_norm > 0")
-        self.strategy = strategy
+        super().__init__(strategy)
         self.noise_multiplier = noise_multiplier
         self.clipping_norm = clipping_norm
         self.rng = rng or SecureRandom()
-
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return self.strategy.initialize_parameters(client_manager)
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
@@ -74,15 +70,3 @@ class HospitalLevelDP(Strategy):
                   for a in parameters_to_ndarrays(parameters)]
         self.strategy.rounds[server_round].hospital_noise_std = std
         return ndarrays_to_parameters([np.asarray(a, dtype=np.float32) for a in noised]), metrics
-
-    def configure_evaluate(self, server_round: int, parameters: Parameters,
-                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
-        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
-
-    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
-                           failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-                           ) -> tuple[float | None, dict[str, Scalar]]:
-        return self.strategy.aggregate_evaluate(server_round, results, failures)
-
-    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        return self.strategy.evaluate(server_round, parameters)

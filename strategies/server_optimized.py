@@ -4,8 +4,6 @@ hospital-level noise (post-processing: no privacy cost) and from the model the h
 from __future__ import annotations
 
 from flwr.common import (
-    EvaluateIns,
-    EvaluateRes,
     FitIns,
     FitRes,
     Parameters,
@@ -17,20 +15,17 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from .delegating import DelegatingStrategy
 from .server_optimizer import Arrays, ServerOptimizer, ServerOptimizerError
 
 
-class ServerOptimized(Strategy):
+class ServerOptimized(DelegatingStrategy):
     """Delegates everything to `strategy`; a round's aggregate becomes `optimizer.step(sent, aggregate)`."""
 
     def __init__(self, strategy: Strategy, optimizer: ServerOptimizer) -> None:
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self.optimizer = optimizer
         self.sent: tuple[int, Arrays] | None = None  # (round, the model its hospitals started from)
-
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return self.strategy.initialize_parameters(client_manager)
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
@@ -50,15 +45,3 @@ class ServerOptimized(Strategy):
         if sent is None or sent[0] != server_round:
             raise ServerOptimizerError(f"server step for round {server_round}: the round was never configured")
         return ndarrays_to_parameters(self.optimizer.step(sent[1], parameters_to_ndarrays(parameters))), metrics
-
-    def configure_evaluate(self, server_round: int, parameters: Parameters,
-                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
-        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
-
-    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
-                           failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-                           ) -> tuple[float | None, dict[str, Scalar]]:
-        return self.strategy.aggregate_evaluate(server_round, results, failures)
-
-    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        return self.strategy.evaluate(server_round, parameters)
