@@ -1,11 +1,14 @@
 # The two commands of the README. Both set up .venv on first use (scripts/setup.sh, about 3 minutes).
-.PHONY: setup demo test bench study
+.PHONY: setup demo demo-llm test bench study
 
 setup:
 	@scripts/setup.sh
 
 demo: setup
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/fl-simulate $(ARGS)
+
+demo-llm: setup
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/fl-simulate +experiment=llm $(ARGS)
 
 test: setup
 	.venv/bin/ruff check .

@@ -30,7 +30,7 @@ from fl_core.protocol import ADMIT, LEDGER_ACTION, RUN_ID
 from fl_core.training import (
     TrainingView,
     classification_logits,
-    language_model_losses,
+    language_model_scores,
     remove_prefix_cache,
     train_local,
     training_view,
@@ -244,7 +244,7 @@ class HospitalClient(NumPyClient):
             scores = noisy_classification_scores(logits, labels, noise=p.evaluation_noise,
                                                  loss_bound=p.evaluation_loss_bound, rng=rng)
         else:
-            losses, _ = language_model_losses(self.cfg, res.model, res.tokenizer, test, res.device)
+            losses = language_model_scores(self.cfg, res.model, res.tokenizer, test, res.device).losses
             scores = noisy_language_model_scores(losses, noise=p.evaluation_noise, loss_bound=p.evaluation_loss_bound,
                                                  rng=rng)
         loss = scores.pop("loss")

@@ -29,7 +29,7 @@ MODELS = ("tiny", "smollm2-135m", "minilm")
 PRETRAINED_LAYERS = {"smollm2-135m": 30, "minilm": 6}  # transformer layers of the packaged models
 CLASSIFICATION_ONLY_MODELS = ("minilm",)
 DATASETS = ("icd10", "drugreview")
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm", "chat")  # chat: a diagnosis in, its label's name out (fl_core.chat)
 ACCOUNTANTS = ("pld", "rdp")  # privacy.accountant.ACCOUNTANTS, without importing the accountants to check config
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
 OPTIMIZERS = ("sgd", "adam")
@@ -262,7 +262,7 @@ def validate(cfg: AppConfig) -> None:
     _one_of(cfg.data.name, DATASETS, "data.name")
     _one_of(cfg.task.name, TASKS, "task.name")
     require(
-        not (cfg.task.name == "causal-lm" and cfg.model.name in CLASSIFICATION_ONLY_MODELS),
+        not (cfg.task.name != "classification" and cfg.model.name in CLASSIFICATION_ONLY_MODELS),
         "task.name",
         f"model {cfg.model.name!r} is an encoder and supports only 'classification'",
     )

@@ -44,6 +44,10 @@ class MeanPooledClassifier(nn.Module):
             raise ValueError(f"MeanPooledClassifier: {len(trainable)} parameters below the top layers are trainable "
                              f"(first: {trainable[0]}); the frozen prefix would be stale")
 
+    @property
+    def prefix_dtype(self) -> torch.dtype:
+        return self.classifier.weight.dtype
+
     def prefix_modules(self) -> list[nn.Module]:
         """What `frozen_prefix` runs, in order."""
         layers = self.encoder.encoder.layer

@@ -29,7 +29,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
-    LlamaForCausalLM,
     LlamaForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -38,6 +37,7 @@ from transformers import (
 from .cache import cache_root
 from .config import AppConfig, ModelConfig, layer_count
 from .data import package_dir
+from .decoder import PrefixedLlama
 from .encoder import MeanPooledClassifier
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -112,14 +112,16 @@ def build_base_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_lab
             config.num_labels = num_labels
             model = LlamaForSequenceClassification(config)
         else:
-            model = LlamaForCausalLM(config)
+            model = PrefixedLlama(config)
     else:
         if classification:
             model = AutoModelForSequenceClassification.from_pretrained(
                 smollm2_dir(), num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
         else:
-            model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+            model = PrefixedLlama.from_pretrained(smollm2_dir(), dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if isinstance(model, PrefixedLlama):
+        model.split(adapted_layers(cfg))
     return model
 
 
@@ -144,7 +146,7 @@ def build_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_labels: 
         layers_pattern=("layer" if cfg.model.name == "minilm" else "layers") if adapted is not None else None)
     model = get_peft_model(base, lora)
     assert isinstance(model, PeftModel)
-    if isinstance(base, MeanPooledClassifier):
+    if isinstance(base, MeanPooledClassifier | PrefixedLlama):
         base.settle_prefix()
     return model
 

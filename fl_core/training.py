@@ -30,12 +30,16 @@ from transformers import PreTrainedTokenizerBase
 from privacy.accountant import AccountantState
 from privacy.calibration import SamplingPlan
 from privacy.dp_sgd import PoissonBatches, PrivateTraining, SecureNoise, ShuffledBatches, make_private
-from privacy.loss import IGNORE_INDEX, PerSequenceLMLoss, SequenceClassificationLoss
+from privacy.loss import IGNORE_INDEX, PerSequenceLMLoss, SequenceClassificationLoss, TokenLoss
 from privacy.secure_random import SecureRandom
 
+from .chat import ChatDataset
 from .config import AppConfig
 from .data import TextDataset
+from .decoder import PrefixedLlama
 from .encoder import MeanPooledClassifier
+
+PrefixModel = MeanPooledClassifier | PrefixedLlama  # models that run in two halves over a cached frozen prefix
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -55,7 +59,8 @@ class TokenizedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 
 class Collator:
-    """Right-pads a batch to its longest sequence; for causal LM the targets are the tokens themselves."""
+    """Right-pads a batch to its longest sequence. Targets: for causal LM the tokens themselves; per-token labels
+    (the chat task's) padded with IGNORE_INDEX; class labels stacked."""
 
     def __init__(self, pad_id: int, causal_lm: bool) -> None:
         self.pad_id = pad_id
@@ -70,7 +75,24 @@ class Collator:
             mask[row, : len(ids)] = 1
         if self.causal_lm:
             return input_ids, mask, input_ids.masked_fill(mask == 0, IGNORE_INDEX)
-        return input_ids, mask, torch.stack([label for _, label in items])
+        return input_ids, mask, stack_labels([label for _, label in items], width)
+
+
+def stack_labels(labels: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Class labels as one tensor; per-token labels right-padded to `width` with IGNORE_INDEX."""
+    if labels[0].dim() == 0:
+        return torch.stack(labels)
+    out = torch.full((len(labels), width), IGNORE_INDEX, dtype=torch.long, device=labels[0].device)
+    for row, label in enumerate(labels):
+        out[row, : len(label)] = label
+    return out
+
+
+def tokenized(cfg: AppConfig, data: TextDataset, tokenizer: PreTrainedTokenizerBase) -> TokenizedDataset | ChatDataset:
+    """The examples as token ids, as the task reads them."""
+    if cfg.task.name == "chat":
+        return ChatDataset(data, tokenizer, cfg.train.max_seq_len)
+    return TokenizedDataset(data, tokenizer, cfg.train.max_seq_len)
 
 
 @dataclass
@@ -83,6 +105,7 @@ class LocalTrainResult:
 
 
 def make_criterion(cfg: AppConfig) -> nn.Module:
+    """The loss over a whole model's logits (a prefix view of a causal LM brings its own: `TokenLoss`)."""
     return SequenceClassificationLoss() if cfg.task.name == "classification" else PerSequenceLMLoss()
 
 
@@ -93,7 +116,7 @@ def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
 def data_loader(cfg: AppConfig, dataset: TextDataset, tokenizer: PreTrainedTokenizerBase, *,
                 batch_size: int) -> DataLoader:
     """Evaluation batches in order; training draws its own batches (`train_epochs`)."""
-    return DataLoader(TokenizedDataset(dataset, tokenizer, cfg.train.max_seq_len), batch_size=batch_size,
+    return DataLoader(tokenized(cfg, dataset, tokenizer), batch_size=batch_size,
                       shuffle=False, collate_fn=Collator(pad_id_of(tokenizer), cfg.task.name == "causal-lm"))
 
 
@@ -145,11 +168,12 @@ class FrozenPrefixes(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     KEEP = 4  # cached datasets a node keeps at once; older ones are removed
 
-    def __init__(self, model: MeanPooledClassifier, tokenized: TokenizedDataset, device: torch.device,
-                 folder: Path | None = None, batch_size: int = 256) -> None:
-        self.labels = tokenized.labels
+    def __init__(self, model: PrefixModel, tokenized: TokenizedDataset | ChatDataset, device: torch.device,
+                 folder: Path | None = None, batch_size: int = 256,
+                 labels: list[torch.Tensor] | None = None) -> None:
+        self.labels = tokenized.labels if labels is None else labels
         path = folder / f"{prefix_digest(model, tokenized)}.pt" if folder is not None else None
-        dtype = model.classifier.weight.dtype
+        dtype = model.prefix_dtype
         loaded = _load_prefixes(path, tokenized, model.config.hidden_size, dtype, device) if path is not None else None
         if loaded is not None:
             self.states = loaded
@@ -160,7 +184,7 @@ class FrozenPrefixes(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         collate = Collator(0, causal_lm=False)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            input_ids, mask, _ = collate([(ids[i], tokenized.labels[i]) for i in rows])
+            input_ids, mask, _ = collate([(ids[i], ids[i]) for i in rows])
             hidden = model.frozen_prefix(input_ids.to(device), mask.to(device))
             for row, i in enumerate(rows):
                 self.states[i] = hidden[row, : len(ids[i])].clone()
@@ -204,7 +228,7 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _load_prefixes(path: Path, tokenized: TokenizedDataset, hidden_size: int, dtype: torch.dtype,
+def _load_prefixes(path: Path, tokenized: TokenizedDataset | ChatDataset, hidden_size: int, dtype: torch.dtype,
                    device: torch.device) -> list[torch.Tensor] | None:
     """A cached file's prefixes if it is whole and fits these texts; None (recompute) if it is missing or does not."""
     if not path.exists():
@@ -231,7 +255,7 @@ def remove_prefix_cache(folder: Path) -> None:
 PREFIX_CACHE_VERSION = 1  # bump when what a prefix holds changes
 
 
-def prefix_digest(model: MeanPooledClassifier, tokenized: TokenizedDataset) -> str:
+def prefix_digest(model: PrefixModel, tokenized: TokenizedDataset | ChatDataset) -> str:
     """Names a cache by everything its contents depend on: the token ids, and what the prefix runs (code version,
     encoder config, attention implementation, dtype) with what weights."""
     digest = hashlib.sha256(f"v{PREFIX_CACHE_VERSION}:{model.frozen_layers}:{model.attention_in_prefix}:"
@@ -255,7 +279,7 @@ def pad_prefixes(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     for row, (states, _) in enumerate(items):
         batch[row, : len(states)] = states
         mask[row, : len(states)] = 1
-    return batch, mask, torch.stack([label for _, label in items])
+    return batch, mask, stack_labels([label for _, label in items], width)
 
 
 def prefix_forward(module: nn.Module, batch: tuple[torch.Tensor, ...],
@@ -265,13 +289,29 @@ def prefix_forward(module: nn.Module, batch: tuple[torch.Tensor, ...],
     return module(prefix=states.to(device), attention_mask=mask.to(device)).logits, labels.to(device)
 
 
+def prefix_lm_forward(module: nn.Module, batch: tuple[torch.Tensor, ...],
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a target token, and those targets ([batch, k] each, k the most
+    targets in a row, IGNORE_INDEX beyond a row's own): the output layer runs on nothing else."""
+    states, mask, labels = batch
+    targets = labels[:, 1:].to(device)  # position t predicts token t + 1
+    valid = targets != IGNORE_INDEX
+    width = max(1, int(valid.sum(dim=1).max()))
+    positions = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :width]  # each row's targets first
+    kept = targets.gather(1, positions).masked_fill(~valid.gather(1, positions), IGNORE_INDEX)
+    logits = module(prefix=states.to(device), attention_mask=mask.to(device), positions=positions).logits
+    return logits, kept
+
+
 @dataclass(frozen=True)
 class TrainingView:
-    """What one step reads: the examples as the model trains on them, how to batch them, how to run a batch."""
+    """What one step reads: the examples as the model trains on them, how to batch them, how to run a batch, and
+    the loss over what a batch's run returns."""
 
     dataset: Dataset[Any]
     collate: Collate
     forward: Forward
+    criterion: nn.Module
 
 
 def training_view(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset,
@@ -279,11 +319,17 @@ def training_view(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokeniz
     """Cached frozen prefixes when the model has them (MiniLM with adapters on its top layers), else token ids.
     Build it once per hospital and pass it to every round's `train_local`; with `cache_dir` (a folder on the
     node) the prefixes are computed once per dataset, not once per process."""
-    tokenized = TokenizedDataset(dataset, tokenizer, cfg.train.max_seq_len)
+    examples = tokenized(cfg, dataset, tokenizer)
     base = model.get_base_model()
     if isinstance(base, MeanPooledClassifier):
-        return TrainingView(FrozenPrefixes(base, tokenized, device, cache_dir), pad_prefixes, prefix_forward)
-    return TrainingView(tokenized, Collator(pad_id_of(tokenizer), cfg.task.name == "causal-lm"), text_forward)
+        return TrainingView(FrozenPrefixes(base, examples, device, cache_dir), pad_prefixes, prefix_forward,
+                            make_criterion(cfg))
+    if isinstance(base, PrefixedLlama):
+        targets = list(examples.input_ids) if cfg.task.name == "causal-lm" else None  # there every token is one
+        prefixes = FrozenPrefixes(base, examples, device, cache_dir, labels=targets)
+        return TrainingView(prefixes, pad_prefixes, prefix_lm_forward, TokenLoss())
+    return TrainingView(examples, Collator(pad_id_of(tokenizer), cfg.task.name == "causal-lm"), text_forward,
+                        make_criterion(cfg))
 
 
 def text_forward(module: nn.Module, batch: tuple[torch.Tensor, ...],
@@ -312,7 +358,8 @@ def train_local(
     if view is None:
         view = training_view(cfg, model, tokenizer, dataset, device)
     return train_epochs(cfg, model, view.dataset, view.collate, view.forward, device, plan=plan,
-                        noise_multiplier=noise_multiplier, accountant=accountant, proximal_mu=proximal_mu, rng=rng)
+                        noise_multiplier=noise_multiplier, accountant=accountant, proximal_mu=proximal_mu, rng=rng,
+                        criterion=view.criterion)
 
 
 def train_epochs(
@@ -328,6 +375,7 @@ def train_epochs(
     accountant: AccountantState | None,
     proximal_mu: float,
     rng: SecureRandom | None = None,
+    criterion: nn.Module | None = None,
 ) -> LocalTrainResult:
     """One round of `plan` over `dataset`, training the model's trainable parameters in place.
 
@@ -355,8 +403,8 @@ def train_epochs(
     model.train()
     base_optimizer = make_optimizer(cfg, model)
     optimizer: torch.optim.Optimizer | SecureNoise = base_optimizer
-    loss_module = make_criterion(cfg)
-    criterion: Callable[..., torch.Tensor] = loss_module
+    loss_module = criterion if criterion is not None else make_criterion(cfg)
+    loss_fn: Callable[..., torch.Tensor] = loss_module
     session: PrivateTraining | None = None
     module: nn.Module = model
     batches: PoissonBatches | ShuffledBatches
@@ -368,7 +416,7 @@ def train_epochs(
             expected_batch_size=max(1, int(plan.num_examples * plan.sample_rate)),
             grad_sample_mode=cfg.privacy.grad_sample_mode, secure_random=rng, after_noise=add_proximal_gradient,
             clip_groups=clip_groups(cfg, model))
-        module, optimizer, criterion = session.module, session.optimizer, session.criterion
+        module, optimizer, loss_fn = session.module, session.optimizer, session.criterion
         batches = PoissonBatches(num_examples, plan.sample_rate, plan.steps_per_round, rng)
     else:
         batches = ShuffledBatches(num_examples, cfg.train.batch_size, cfg.train.local_epochs, rng)
@@ -381,7 +429,7 @@ def train_epochs(
             while indices:
                 optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
                 logits, labels = forward(module, collate([dataset[i] for i in indices]), device)
-                loss = criterion(logits, labels)
+                loss = loss_fn(logits, labels)
                 loss.backward()
                 dropped = set(session.non_finite_samples()) if session is not None else set()
                 if not dropped:
@@ -430,31 +478,61 @@ def classification_logits(cfg: AppConfig, model: PeftModel, tokenizer: PreTraine
     return torch.cat(logits), torch.cat(truth)
 
 
+@dataclass(frozen=True)
+class SequenceScores:
+    """Per sequence of an evaluation set, in order: mean next-token loss over its targets, its number of targets,
+    and whether greedy decoding from its prompt reproduces its targets exactly."""
+
+    losses: torch.Tensor
+    tokens: torch.Tensor
+    greedy_exact: torch.Tensor
+
+
+def _aligned_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Scores of logits aligned with their targets ([batch, k, vocab], [batch, k]). Greedy decoding reproduces a
+    row's targets iff every target is the argmax given the true tokens before it (teacher forcing): decoding picks
+    the argmax and, while it agrees, conditions on the same tokens. So one forward pass gives the exact match of
+    greedy answers, ended by the end-of-turn token, without generating them."""
+    valid = targets != IGNORE_INDEX
+    nll = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                      reduction="none").view(targets.shape)
+    tokens = valid.sum(dim=1)
+    agrees = (logits.argmax(dim=-1) == targets) | ~valid
+    return (nll * valid).sum(dim=1) / tokens.clamp(min=1), tokens, agrees.all(dim=1) & (tokens > 0)
+
+
 @torch.no_grad()
-def language_model_losses(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase,
-                          dataset: TextDataset, device: torch.device,
-                          batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sequence's mean next-token loss and its number of target tokens, in order."""
+def language_model_scores(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase,
+                          dataset: TextDataset, device: torch.device, view: TrainingView | None = None,
+                          batch_size: int = 64) -> SequenceScores:
+    """`SequenceScores` of every example, through `view` (a causal LM's cached prefixes: only the top layers and
+    the target positions run, so an evaluation every round is cheap) or, without it, the whole model."""
     model.eval()
-    losses, counts = [], []
-    for input_ids, mask, labels in data_loader(cfg, dataset, tokenizer, batch_size=batch_size):
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-        targets = labels[:, 1:].to(device)
-        token_nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                                reduction="none")
-        tokens = (targets != IGNORE_INDEX).sum(dim=1)
-        losses.append((token_nll.sum(dim=1) / tokens.clamp(min=1)).cpu())
-        counts.append(tokens.cpu())
+    parts: list[tuple[torch.Tensor, ...]] = []
+    if view is not None:
+        for start in range(0, len(view.dataset), batch_size):  # type: ignore[arg-type]
+            batch = view.collate([view.dataset[i] for i in range(start, min(start + batch_size,
+                                                                              len(view.dataset)))])  # type: ignore[arg-type]
+            parts.append(_aligned_scores(*view.forward(model, batch, device)))
+    else:
+        for input_ids, mask, labels in data_loader(cfg, dataset, tokenizer, batch_size=batch_size):
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            parts.append(_aligned_scores(logits[:, :-1], labels[:, 1:].to(device)))
     model.train()
-    return torch.cat(losses), torch.cat(counts)
+    losses, tokens, exact = (torch.cat([part[k].cpu() for part in parts]) for k in range(3))
+    return SequenceScores(losses, tokens, exact)
 
 
 def evaluate(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, view: TrainingView | None = None) -> dict[str, float]:
     """Exact scores on a test set the server holds. Classification: loss, accuracy, macro-F1; causal LM: per-token
-    loss and perplexity."""
+    loss and perplexity (chat: of the true answers), and for chat the exact match of greedy answers. A causal LM's
+    `view` of the same dataset (`training_view`) spares the frozen layers."""
     if cfg.task.name == "classification":
         return classification_scores(*classification_logits(cfg, model, tokenizer, dataset, device))
-    losses, tokens = language_model_losses(cfg, model, tokenizer, dataset, device)
-    loss = float((losses * tokens).sum() / tokens.sum().clamp(min=1))
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    scored = language_model_scores(cfg, model, tokenizer, dataset, device, view)
+    loss = float((scored.losses * scored.tokens).sum() / scored.tokens.sum().clamp(min=1))
+    scores = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if cfg.task.name == "chat":
+        scores["exact_match"] = float(scored.greedy_exact.float().mean())
+    return scores

@@ -36,7 +36,7 @@ from fl_core.data import load_splits
 from fl_core.device import resolve_device
 from fl_core.entry import quiet_libraries
 from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer, save_adapter
-from fl_core.training import evaluate
+from fl_core.training import TrainingView, evaluate, training_view
 from privacy.accountant import AccountantState
 from privacy.ledger import ABORTED, COMMITTED
 from strategies.fedprox import RecordingFedProx
@@ -118,6 +118,7 @@ class FederatedRun:
         self.test = splits.test
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = build_model(cfg, self.tokenizer, len(splits.train.label_names), self.device)
+        self.test_view: TrainingView | None = None  # a causal LM's test set over its cached frozen layers
         fresh_arrays = adapter_to_arrays(self.model)
         self.adapter_bytes = sum(a.nbytes for a in fresh_arrays)
         resumed = load_checkpoint(self.output_dir) if cfg.resume_from else None
@@ -168,7 +169,9 @@ class FederatedRun:
     def evaluate_global(self, server_round: int, arrays: NDArrays,
                         config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
         load_adapter_arrays(self.model, arrays)
-        metrics = evaluate(self.cfg, self.model, self.tokenizer, self.test, self.device)
+        if self.test_view is None and self.cfg.task.name != "classification":  # the frozen layers run once per run
+            self.test_view = training_view(self.cfg, self.model, self.tokenizer, self.test, self.device)
+        metrics = evaluate(self.cfg, self.model, self.tokenizer, self.test, self.device, self.test_view)
         return metrics["loss"], {k: v for k, v in metrics.items() if k != "loss"}
 
     def on_round(self, result: RoundResult, context: LegacyContext) -> None:

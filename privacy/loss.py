@@ -25,21 +25,27 @@ class SequenceClassificationLoss(nn.Module):
         return per_sample if self.reduction == "none" else _reduce(per_sample, self.reduction)
 
 
-class PerSequenceLMLoss(nn.Module):
-    """Next-token loss: mean over each sequence's own target tokens, then over sequences."""
+class TokenLoss(nn.Module):
+    """Loss of logits already aligned with their targets ([batch, k, vocab] and [batch, k]): mean over each
+    sequence's own targets, then over sequences."""
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
         self.reduction = reduction
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        shifted_logits = logits[:, :-1, :].float()
-        targets = labels[:, 1:]
-        token_loss = F.cross_entropy(shifted_logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                     reduction="none")
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="none").view(targets.shape)  # flat: no transposed copy of the logits
         mask = (targets != IGNORE_INDEX).to(token_loss.dtype)
         per_sample = (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         return per_sample if self.reduction == "none" else _reduce(per_sample, self.reduction)
+
+
+class PerSequenceLMLoss(TokenLoss):
+    """Next-token loss over a whole sequence's logits: position t predicts token t + 1."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return super().forward(logits[:, :-1, :], labels[:, 1:])
 
 
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:

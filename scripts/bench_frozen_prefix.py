@@ -64,7 +64,7 @@ class Variant:
         # cached: the product's view; else the same examples as token ids, every layer run each step
         self.view = training_view(self.cfg, self.model, tokenizer, data, CPU) if cached else TrainingView(
             TokenizedDataset(data, tokenizer, self.cfg.train.max_seq_len),
-            Collator(pad_id_of(tokenizer), causal_lm=False), text_forward)
+            Collator(pad_id_of(tokenizer), causal_lm=False), text_forward, SequenceClassificationLoss())
         self.batch = batch
         self.model.train()
         self.session: PrivateTraining = make_private(

@@ -1,0 +1,139 @@
+"""The chat task on a Llama: targets on the answer alone, the cached frozen prefix computing the whole model's loss
+and gradients at the answer positions only, and greedy answers scored by exact match."""
+
+import pytest
+import torch
+
+from fl_core.chat import ChatDataset, answer_of, generate_answers, prompt_ids
+from fl_core.config import ConfigError
+from fl_core.data import load_splits
+from fl_core.decoder import PrefixedLlama
+from fl_core.model import build_model, load_tokenizer
+from fl_core.training import (
+    Collator,
+    FrozenPrefixes,
+    _aligned_scores,
+    evaluate,
+    make_criterion,
+    pad_id_of,
+    tokenized,
+    train_local,
+    training_view,
+)
+from privacy.accountant import AccountantState
+from privacy.calibration import sampling_plan
+from privacy.loss import IGNORE_INDEX
+from privacy.secure_random import SecureRandom
+from tests.conftest import tiny_config
+
+CPU = torch.device("cpu")
+
+
+def _chat(*overrides: str):  # type: ignore[no-untyped-def]
+    cfg = tiny_config("task=chat", "model.num_layers=3", *overrides)
+    splits = load_splits(cfg.data)
+    tok = load_tokenizer(cfg.model)
+    return cfg, splits, tok, build_model(cfg, tok, len(splits.train.label_names), CPU)
+
+
+def test_targets_are_the_answer_tokens_alone() -> None:
+    cfg, splits, tok, _ = _chat()
+    data = ChatDataset(splits.train, tok, cfg.train.max_seq_len)
+    for i in range(20):
+        ids, labels = data[i]
+        prompt = data.prompt_lengths[i]
+        assert (labels[:prompt] == IGNORE_INDEX).all() and torch.equal(labels[prompt:], ids[prompt:])
+        answer = tok.decode(ids[prompt:], skip_special_tokens=True).strip()
+        assert answer == answer_of(splits.train.label_names[splits.train.labels[i]]).lower()  # MiniLM is uncased
+        assert int(ids[-1]) == tok.sep_token_id  # the end the answer stops at is a target too
+    assert answer_of("Neoplasms (C00-D49)") == "Neoplasms" and answer_of("Cardiology") == "Cardiology"
+
+
+def test_a_long_diagnosis_is_cut_and_its_answer_never_is() -> None:
+    _, splits, tok, _ = _chat("train.max_seq_len=4")
+    long = splits.train.subset([0])
+    long = type(long)(("word " * 50,), long.labels, long.label_names)
+    ids, labels = ChatDataset(long, tok, 4)[0]
+    answer = answer_of(long.label_names[long.labels[0]])
+    assert len(ids) == len(prompt_ids(tok, "word word word word")) + (labels != IGNORE_INDEX).sum()
+    assert tok.decode(ids[labels != IGNORE_INDEX], skip_special_tokens=True).strip() == answer.lower()
+
+
+@pytest.mark.parametrize("task", ["chat", "causal-lm"])
+def test_cached_prefix_gives_the_full_models_loss_and_gradients(task: str) -> None:
+    """Adapters on the top layer: the two lower layers read from the cache and the output layer runs at the target
+    positions only; loss and every adapter gradient must equal transformers' own forward over the whole text."""
+    cfg, splits, tok, model = _chat(f"task={task}", "lora.layers=1")
+    base = model.get_base_model()
+    assert isinstance(base, PrefixedLlama) and base.frozen_layers == 2
+    with torch.no_grad():  # LoRA's B starts at zero, which would hide a wrong path in the gradients of A
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    view = training_view(cfg, model, tok, splits.train, CPU)
+    assert isinstance(view.dataset, FrozenPrefixes)
+    examples = tokenized(cfg, splits.train, tok)
+    rows = list(range(12))
+    results = []
+    for path in ("full", "cached"):
+        model.zero_grad(set_to_none=True)
+        if path == "full":  # causal LM: the targets are the ids themselves; chat: the answer's
+            batch = Collator(pad_id_of(tok), causal_lm=task == "causal-lm")([examples[i] for i in rows])
+            loss = make_criterion(cfg)(model(input_ids=batch[0], attention_mask=batch[1]).logits, batch[2])
+        else:
+            loss = view.criterion(*view.forward(model, view.collate([view.dataset[i] for i in rows]), CPU))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                        if p.grad is not None}))
+    (full_loss, full_grads), (cached_loss, cached_grads) = results
+    assert torch.allclose(full_loss, cached_loss, atol=1e-5)
+    assert full_grads.keys() == cached_grads.keys() and len(full_grads) == 8  # q, k, v, o of the top layer
+    assert all(".layers.2." in name for name in full_grads)
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, cached_grads[name], atol=1e-5), name
+
+
+def test_a_trainable_weight_below_the_top_layers_is_refused() -> None:
+    _, _, _, model = _chat("lora.layers=1")
+    base = model.get_base_model()
+    base.model.layers[1].mlp.up_proj.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="below the top layers are trainable"):
+        base.settle_prefix()
+
+
+def test_dp_training_lowers_the_answer_loss_and_the_cached_scores_are_the_whole_models() -> None:
+    cfg, splits, tok, model = _chat("lora.layers=2", "train.lr=0.05", "data.max_test_examples=32",
+                                    "train.local_epochs=4")
+    test_view = training_view(cfg, model, tok, splits.test, CPU)  # how the server scores every round
+    before = evaluate(cfg, model, tok, splits.test, CPU, test_view)
+    plan = sampling_plan(len(splits.train), cfg.train.batch_size, cfg.train.local_epochs, 1)
+    result = train_local(cfg, model, tok, splits.train, CPU, plan=plan, noise_multiplier=0.5,
+                         accountant=AccountantState(), rng=SecureRandom(bytes(32)))
+    after = evaluate(cfg, model, tok, splits.test, CPU, test_view)
+    assert result.steps == plan.steps_per_round and 0 < result.epsilon < float("inf")
+    assert set(after) == {"loss", "perplexity", "exact_match"} and after["loss"] < before["loss"] - 0.1
+    assert evaluate(cfg, model, tok, splits.test, CPU) == pytest.approx(after, rel=1e-5)
+
+
+def test_greedy_exact_match_is_every_target_being_the_teacher_forced_argmax() -> None:
+    """Greedy decoding reproduces an answer iff each answer token is the argmax given the true tokens before it;
+    the first generated token is, on the same context, the argmax at the answer's first position."""
+    logits = torch.full((3, 2, 5), -1.0)
+    logits[0, 0, 1] = logits[0, 1, 2] = 1.0  # both right
+    logits[1, 0, 1] = logits[1, 1, 3] = 1.0  # the second wrong
+    logits[2, 0, 4] = 1.0  # one target only, wrong; its padding is not scored
+    targets = torch.tensor([[1, 2], [1, 2], [1, IGNORE_INDEX]])
+    assert _aligned_scores(logits, targets)[2].tolist() == [True, False, False]
+    cfg, splits, tok, model = _chat("lora.layers=1", "data.max_test_examples=16")
+    with torch.no_grad():
+        model.get_base_model().lm_head.weight.mul_(25)  # a peaked output, so the argmax is not a near tie
+    view = training_view(cfg, model, tok, splits.test, CPU)
+    logits, _ = view.forward(model, view.collate([view.dataset[i] for i in range(16)]), CPU)
+    first = generate_answers(model, tok, list(splits.test.texts), CPU, max_new_tokens=1,
+                             max_text_tokens=cfg.train.max_seq_len)
+    assert first == [tok.decode(int(token), skip_special_tokens=True).strip() for token in logits[:, 0].argmax(-1)]
+
+
+def test_an_encoder_cannot_take_the_chat_task() -> None:
+    with pytest.raises(ConfigError, match=r"task\.name"):
+        tiny_config("model=minilm", "task=chat")
