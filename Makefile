@@ -18,6 +18,7 @@ test: setup
 bench: setup
 	.venv/bin/python scripts/bench_dp_step.py
 	.venv/bin/python scripts/bench_frozen_prefix.py
+	.venv/bin/python scripts/bench_frozen_prefix.py --model smollm2
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python scripts/bench_federated_round.py
 	.venv/bin/python scripts/bench_gateway.py
 

@@ -100,8 +100,8 @@ def _resources(config_json: str, node: NodeSettings) -> HospitalResources:
 
 @lru_cache(maxsize=4)
 def _view(config_json: str, node: NodeSettings) -> TrainingView:
-    """The hospital's training examples as the model reads them; MiniLM's frozen prefixes are computed once per
-    dataset and kept in the node's state folder, for every later round and process (the frozen layers never
+    """The hospital's training examples as the model reads them; frozen prefixes (MiniLM, SmolLM2) are computed once
+    per dataset and kept in the node's state folder, for every later round and process (the frozen layers never
     change)."""
     res = _resources(config_json, node)
     return training_view(_config(config_json), res.model, res.tokenizer, _plan(config_json, node).data.train,

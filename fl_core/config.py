@@ -80,6 +80,11 @@ class LoraConfig:
     # Adapters on the top `layers` transformer layers only (None: every layer). MiniLM's frozen lower layers then run
     # once per example, not every step (fl_core.encoder).
     layers: int | None = None
+    # FFA-LoRA (Sun et al., ICLR 2024): A stays at its initialisation, the same on every node (seeded by train.seed),
+    # and only B trains. The update is then linear in what trains, so averaging the hospitals' B averages their
+    # updates exactly (the mean of products B_i A_i is not the product of means), and DP noise falls on half the
+    # parameters.
+    freeze_a: bool = False
 
 
 @dataclass

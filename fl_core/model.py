@@ -146,6 +146,10 @@ def build_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_labels: 
         layers_pattern=("layer" if cfg.model.name == "minilm" else "layers") if adapted is not None else None)
     model = get_peft_model(base, lora)
     assert isinstance(model, PeftModel)
+    if cfg.lora.freeze_a:
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
     if isinstance(base, MeanPooledClassifier | PrefixedLlama):
         base.settle_prefix()
     return model

@@ -316,7 +316,8 @@ class TrainingView:
 
 def training_view(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset,
                   device: torch.device, cache_dir: Path | None = None) -> TrainingView:
-    """Cached frozen prefixes when the model has them (MiniLM with adapters on its top layers), else token ids.
+    """Cached frozen prefixes when the model has them (MiniLM; a causal LM, whose output layer then runs at the
+    target positions only), else token ids.
     Build it once per hospital and pass it to every round's `train_local`; with `cache_dir` (a folder on the
     node) the prefixes are computed once per dataset, not once per process."""
     examples = tokenized(cfg, dataset, tokenizer)

@@ -65,9 +65,9 @@ def simulate(overrides: list[str]) -> dict[str, Any]:
 
 def print_table(summary: dict[str, Any]) -> None:
     before, after = summary["initial_metrics"], summary["final_metrics"]
-    print(f"\n{'metric':<12}{'before':>10}{'after':>10}")
+    print(f"\n{'metric':<14}{'before':>14}{'after':>14}")  # wide enough for a random model's perplexity
     for key in sorted(after):
-        print(f"{key:<12}{before.get(key, float('nan')):>10.4f}{after[key]:>10.4f}")
+        print(f"{key:<14}{before.get(key, float('nan')):>14.4f}{after[key]:>14.4f}")
     print(f"\n{'hospital':<14}{'epsilon':>9}{'sigma':>9}   (delta {summary['delta']})")
     for hospital in sorted(summary["epsilon_per_client"]):
         print(f"{hospital:<14}{summary['epsilon_per_client'][hospital]:>9.3f}"

@@ -1,11 +1,12 @@
-"""MiniLM's DP-SGD step with adapters on the top layers over cached frozen prefixes, against adapters on every layer.
+"""The DP-SGD step with adapters on the top layers over cached frozen prefixes, against adapters on every layer:
+MiniLM's classifier (the main job) and SmolLM2's chat model (`make demo-llm`).
 
 Each variant is one DP-SGD step (Opacus hooks, ChaCha20 noise) of the product's own model and training view on real
-ICD-10-CM texts, at the main job's batch size, with one thread. Variants run interleaved in `--repeat` rounds so a
+ICD-10-CM texts, at its job's batch size, with one thread. Variants run interleaved in `--repeat` rounds so a
 swing of the machine's load falls on all alike; the figure is the median step over all rounds, and the ratio is
-against LoRA on all 6 layers measured in the same run. Writes docs/benchmarks.md between the frozen-prefix markers.
+against LoRA on all layers measured in the same run. Writes docs/benchmarks.md between the model's markers.
 
-    .venv/bin/python scripts/bench_frozen_prefix.py [--batch 256] [--steps 4] [--repeat 3]
+    .venv/bin/python scripts/bench_frozen_prefix.py [--model minilm|smollm2] [--batch N] [--steps 4] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -28,30 +29,45 @@ from fl_core.entry import quiet_libraries  # noqa: E402
 from fl_core.model import build_model, load_tokenizer  # noqa: E402
 from fl_core.training import (  # noqa: E402
     Collator,
-    TokenizedDataset,
     TrainingView,
+    make_criterion,
     make_optimizer,
     pad_id_of,
     text_forward,
+    tokenized,
     training_view,
 )
 from privacy.dp_sgd import PrivateTraining, make_private  # noqa: E402
-from privacy.loss import SequenceClassificationLoss  # noqa: E402
 from privacy.secure_random import SecureRandom  # noqa: E402
 from scripts.bench_dp_step import write_section  # noqa: E402
 
-BEGIN, END = "<!-- frozen-prefix:begin -->", "<!-- frozen-prefix:end -->"
 CPU = torch.device("cpu")
 FFN = ("lora.target_modules=[intermediate.dense,output.dense]", "lora.exclude_modules=[attention.output.dense]")
 ALL_TARGETS = ("lora.target_modules=null", "lora.exclude_modules=null")
-# (label, overrides of the main job's config, read cached prefixes)
-VARIANTS = (
+# (label, overrides of the job's config, read cached prefixes)
+MINILM = (
     ("LoRA on all 6 layers (query, key, value, dense)", ("lora.layers=6", *ALL_TARGETS), False),
     ("the same on the top layer, lower 5 recomputed each step", ("lora.layers=1", *ALL_TARGETS), False),
     ("the same on the top layer over cached prefixes", ("lora.layers=1", *ALL_TARGETS), True),
     ("the same on the top 2 layers over cached prefixes", ("lora.layers=2", *ALL_TARGETS), True),
     ("top layer's feed-forward block only, its attention cached too (main job)", ("lora.layers=1", *FFN), True),
 )
+SMOLLM2 = (
+    ("LoRA on all 30 layers (q, k, v, o), logits at every position", ("+experiment=llm", "lora.layers=null"), False),
+    ("the same, logits at the answer positions only", ("+experiment=llm", "lora.layers=null"), True),
+    ("the top 2 layers over cached prefixes", ("+experiment=llm", "lora.layers=2"), True),
+    ("the top 4 layers over cached prefixes (demo-llm)", ("+experiment=llm", "lora.layers=4"), True),
+    ("the top 8 layers over cached prefixes", ("+experiment=llm", "lora.layers=8"), True),
+)
+# model: (variants, default batch, markers in docs/benchmarks.md, section title, what the table measures)
+JOBS = {
+    "minilm": (MINILM, 256, "frozen-prefix", "MiniLM: adapters on the top layers over cached prefixes",
+               "MiniLM classification, batch {batch} real ICD-10-CM texts (padded to the batch's longest, at most 32 "
+               "tokens), LoRA r=8"),
+    "smollm2": (SMOLLM2, 16, "frozen-prefix-llm", "SmolLM2 chat: adapters on the top layers over cached prefixes",
+                "SmolLM2-135M-Instruct chat task, batch {batch} real ICD-10-CM texts in its chat template (about 34 "
+                "tokens, 9 of them the answer), LoRA r=8 on q, k, v, o"),
+}
 
 
 class Variant:
@@ -63,12 +79,12 @@ class Variant:
         self.model = build_model(self.cfg, tokenizer, len(data.label_names), CPU)
         # cached: the product's view; else the same examples as token ids, every layer run each step
         self.view = training_view(self.cfg, self.model, tokenizer, data, CPU) if cached else TrainingView(
-            TokenizedDataset(data, tokenizer, self.cfg.train.max_seq_len),
-            Collator(pad_id_of(tokenizer), causal_lm=False), text_forward, SequenceClassificationLoss())
+            tokenized(self.cfg, data, tokenizer), Collator(pad_id_of(tokenizer), causal_lm=False), text_forward,
+            make_criterion(self.cfg))
         self.batch = batch
         self.model.train()
         self.session: PrivateTraining = make_private(
-            self.model, make_optimizer(self.cfg, self.model), SequenceClassificationLoss(), noise_multiplier=1.0,
+            self.model, make_optimizer(self.cfg, self.model), self.view.criterion, noise_multiplier=1.0,
             max_grad_norm=1.0, expected_batch_size=batch, grad_sample_mode="hooks", secure_random=SecureRandom())
 
     def step(self, rows: list[int]) -> float:
@@ -83,35 +99,37 @@ class Variant:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--model", choices=sorted(JOBS), default="minilm")
+    parser.add_argument("--batch", type=int, default=None, help="default: the job's batch size")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     quiet_libraries()
     torch.set_num_threads(1)
-    examples = args.batch * 8
-    variants = [Variant(overrides, cached, args.batch, examples) for _, overrides, cached in VARIANTS]
+    job, default_batch, marker, title, what = JOBS[args.model]
+    batch = args.batch or default_batch
+    examples = batch * 8
+    variants = [Variant(overrides, cached, batch, examples) for _, overrides, cached in job]
     picks = random.Random(0)
-    times: list[list[float]] = [[] for _ in VARIANTS]
+    times: list[list[float]] = [[] for _ in job]
     for variant in variants:  # warm-up: allocators and hooks
-        variant.step(picks.sample(range(examples), args.batch))
+        variant.step(picks.sample(range(examples), batch))
     for _ in range(args.repeat):
         for _ in range(args.steps):
-            rows = picks.sample(range(examples), args.batch)  # the same batch for every variant
+            rows = picks.sample(range(examples), batch)  # the same batch for every variant
             for k, variant in enumerate(variants):
                 times[k].append(variant.step(rows))
     baseline = statistics.median(times[0])
-    lines = [f"MiniLM classification, batch {args.batch} real ICD-10-CM texts (padded to the batch's longest, at "
-             f"most 32 tokens), LoRA r=8, Opacus hooks with ChaCha20 noise, one thread; "
+    lines = [f"{what.format(batch=batch)}, Opacus hooks with ChaCha20 noise, one thread; "
              f"median of {args.steps * args.repeat} steps per variant, interleaved; "
-             "`python scripts/bench_frozen_prefix.py`.", "",
+             f"`python scripts/bench_frozen_prefix.py --model {args.model}`.", "",
              "| variant | DP step (s) | vs all layers |", "|---|---|---|"]
-    for (label, _, _), steps in zip(VARIANTS, times, strict=True):
+    for (label, _, _), steps in zip(job, times, strict=True):
         step = statistics.median(steps)
         lines.append(f"| {label} | {step:.3f} | {step / baseline:.2f}x |")
     markdown = "\n".join(lines)
     print(markdown)
-    print(f"wrote {write_section(markdown, BEGIN, END, 'MiniLM: adapters on the top layers over cached prefixes')}")
+    print(f"wrote {write_section(markdown, f'<!-- {marker}:begin -->', f'<!-- {marker}:end -->', title)}")
 
 
 if __name__ == "__main__":

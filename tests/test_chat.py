@@ -137,3 +137,20 @@ def test_greedy_exact_match_is_every_target_being_the_teacher_forced_argmax() ->
 def test_an_encoder_cannot_take_the_chat_task() -> None:
     with pytest.raises(ConfigError, match=r"task\.name"):
         tiny_config("model=minilm", "task=chat")
+
+
+def test_ffa_lora_trains_b_alone_and_every_node_starts_from_the_same_a() -> None:
+    """FFA-LoRA: with A frozen at its seeded initialisation, the hospitals' updates are linear in B, so the
+    server's average of B is the average of their updates; A never moves and is the same on every node."""
+    cfg, splits, tok, model = _chat("lora.layers=1", "lora.freeze_a=true", "data.max_train_examples=64")
+    _, _, _, other_node = _chat("lora.layers=1", "lora.freeze_a=true", "data.max_train_examples=64")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_B" in n for n in trainable)
+    a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    assert all(torch.equal(p, dict(other_node.named_parameters())[n]) for n, p in a_before.items())
+    plan = sampling_plan(len(splits.train), cfg.train.batch_size, 1, 1)
+    train_local(cfg, model, tok, splits.train, CPU, plan=plan, noise_multiplier=1.0, accountant=AccountantState(),
+                rng=SecureRandom(bytes(32)))
+    after = dict(model.named_parameters())
+    assert all(torch.equal(a, after[n]) for n, a in a_before.items())
+    assert any(float(after[n].abs().max()) > 0 for n in trainable)  # B moved from zero

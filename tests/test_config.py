@@ -74,3 +74,13 @@ def test_the_tracking_server_comes_from_the_environment_unless_the_run_names_one
     assert to_app_config(compose_config([])).tracking.mlflow_uri == "http://mlflow:5000"
     named = to_app_config(compose_config(["tracking.mlflow_uri=sqlite:///run.db"]))
     assert named.tracking.mlflow_uri == "sqlite:///run.db"
+
+
+def test_llm_experiment_overrides_the_main_jobs_model_and_its_training_defaults() -> None:
+    """`+experiment=llm` comes after the model file in the defaults list, so its batch and learning rate win over
+    MiniLM's and SmolLM2's, and a command-line override still wins over it."""
+    cfg = to_app_config(compose_config(["+experiment=llm"]))
+    assert (cfg.model.name, cfg.task.name, cfg.lora.layers, cfg.train.batch_size) == ("smollm2-135m", "chat", 4, 16)
+    assert cfg.privacy.target_epsilon == 8.0 and cfg.strategy.secagg.enabled and cfg.federation.num_clients == 3
+    assert cfg.privacy.head_clip_share is None  # MiniLM's head split does not follow it: a chat model has no head
+    assert to_app_config(compose_config(["+experiment=llm", "train.batch_size=8"])).train.batch_size == 8

@@ -149,6 +149,27 @@ def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Pat
     assert [g["unit_of_privacy"] for g in guarantees][1] == "one hospital's whole dataset"
 
 
+def test_a_chat_model_federates_and_reports_its_exact_match_every_round(tmp_path: Path) -> None:
+    """`make demo-llm`'s path on the tiny Llama: the chat task over cached prefixes, SecAgg+ and DP-SGD; the
+    server's exact match and answer perplexity in the round lines, MLflow and the summary, before and after."""
+    run_dir = tmp_path / "run"
+    proc = fl_simulate(run_dir, "task=chat", "lora.layers=1", "federation.num_rounds=2", "train.lr=0.05")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Secure aggregation completed" in proc.stdout + proc.stderr
+    rounds = [line for line in proc.stdout.splitlines() if line.startswith("[round ")]
+    assert len(rounds) == 2 and all("exact_match" in line and "perplexity" in line for line in rounds)
+    summary = summary_of(run_dir)
+    for scores in (summary["initial_metrics"], summary["final_metrics"]):
+        assert set(scores) == {"loss", "perplexity", "exact_match"}
+    assert summary["final_metrics"]["loss"] < summary["initial_metrics"]["loss"]
+    assert all(7.5 < epsilon <= 8.0 for epsilon in summary["epsilon_per_client"].values())
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = client.get_metric_history(summary["mlflow_run_id"], "eval_exact_match")
+    assert [m.step for m in history] == [1, 2]
+    for hospital in ("hospital-0", "hospital-1", "hospital-2"):  # the node keeps its prefixes until the run closes
+        assert not list((tmp_path / "nodes" / hospital).rglob("*.pt"))
+
+
 def test_bad_config_fails_before_the_simulation_engine_starts(tmp_path: Path) -> None:
     proc = fl_simulate(tmp_path / "run", "privacy.delta=0.01", timeout=120)  # delta >= 1/n for every hospital
     assert proc.returncode == 2
