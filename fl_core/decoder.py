@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM
+from transformers import Cache, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -27,6 +27,8 @@ class PrefixedLlama(LlamaForCausalLM):
         layers = self.config.num_hidden_layers
         if not 1 <= trainable_layers <= layers:
             raise ValueError(f"trainable_layers must be between 1 and {layers} (got {trainable_layers})")
+        if layers > trainable_layers and float(getattr(self.config, "attention_dropout", 0.0)) > 0:
+            raise ValueError("PrefixedLlama: a cached prefix would hold one draw of attention dropout")
         self.frozen_layers = layers - trainable_layers
 
     def settle_prefix(self) -> None:
@@ -63,14 +65,22 @@ class PrefixedLlama(LlamaForCausalLM):
         return self._layers(self.model.embed_tokens(input_ids), attention_mask, 0, self.frozen_layers)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, *,
                 prefix: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 **kwargs: Any) -> CausalLMOutputWithPast:
-        """Without `prefix`, transformers' forward. With it (the training path): logits at `positions` only
-        ([batch, k] token indices; all positions when None), from the top layers over the cached prefix."""
+        """Without `prefix`, transformers' forward, with its signature (which `generate` inspects to pass
+        `position_ids` and `logits_to_keep`). With it (the training path): logits at `positions` only ([batch, k]
+        token indices; all positions when None), from the top layers over the cached prefix."""
         if prefix is None:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                   logits_to_keep=logits_to_keep, **kwargs)
         if attention_mask is None:
             raise ValueError("PrefixedLlama needs the attention mask with a prefix")
+        if labels is not None or cache is not None or input_ids is not None:
+            raise ValueError("PrefixedLlama: a prefix replaces input_ids, and its loss and cache are the caller's")
         hidden = self._layers(prefix, attention_mask, self.frozen_layers, self.config.num_hidden_layers)
         hidden = self.model.norm(hidden)
         if positions is not None:

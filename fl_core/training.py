@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from peft import PeftModel
 from sklearn.metrics import f1_score
 from torch import nn
@@ -256,9 +257,10 @@ PREFIX_CACHE_VERSION = 1  # bump when what a prefix holds changes
 
 
 def prefix_digest(model: PrefixModel, tokenized: TokenizedDataset | ChatDataset) -> str:
-    """Names a cache by everything its contents depend on: the token ids, and what the prefix runs (code version,
-    encoder config, attention implementation, dtype) with what weights."""
-    digest = hashlib.sha256(f"v{PREFIX_CACHE_VERSION}:{model.frozen_layers}:{model.attention_in_prefix}:"
+    """Names a cache by everything its contents depend on: the token ids, and what the prefix runs (code and
+    library versions, model config, attention implementation, dtype) with what weights."""
+    digest = hashlib.sha256(f"v{PREFIX_CACHE_VERSION}:{torch.__version__}:{transformers.__version__}:"
+                            f"{model.frozen_layers}:{model.attention_in_prefix}:"
                             f"{model.config._attn_implementation}:{model.config.to_json_string()}".encode())
     for ids in tokenized.input_ids:
         digest.update(len(ids).to_bytes(4, "little"))
@@ -325,7 +327,7 @@ def training_view(cfg: AppConfig, model: PeftModel, tokenizer: PreTrainedTokeniz
     if isinstance(base, MeanPooledClassifier):
         return TrainingView(FrozenPrefixes(base, examples, device, cache_dir), pad_prefixes, prefix_forward,
                             make_criterion(cfg))
-    if isinstance(base, PrefixedLlama):
+    if isinstance(base, PrefixedLlama) and base.frozen_layers > 0:  # else the "prefix" would be token embeddings
         targets = list(examples.input_ids) if cfg.task.name == "causal-lm" else None  # there every token is one
         prefixes = FrozenPrefixes(base, examples, device, cache_dir, labels=targets)
         return TrainingView(prefixes, pad_prefixes, prefix_lm_forward, TokenLoss())

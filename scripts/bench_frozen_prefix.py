@@ -54,7 +54,6 @@ MINILM = (
 )
 SMOLLM2 = (
     ("LoRA on all 30 layers (q, k, v, o), logits at every position", ("+experiment=llm", "lora.layers=null"), False),
-    ("the same, logits at the answer positions only", ("+experiment=llm", "lora.layers=null"), True),
     ("the top 2 layers over cached prefixes", ("+experiment=llm", "lora.layers=2"), True),
     ("the top 4 layers over cached prefixes (demo-llm)", ("+experiment=llm", "lora.layers=4"), True),
     ("the top 8 layers over cached prefixes", ("+experiment=llm", "lora.layers=8"), True),
