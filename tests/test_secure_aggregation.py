@@ -3,6 +3,7 @@ DP clips on the node, weighs hospitals equally, and scales its noise to the upda
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,9 @@ def aggregate_once(client_runs_secagg: bool, *overrides: str, dropout: int | Non
         recorder = RecordingFedProx(proximal_mu=PROXIMAL_MU, min_participants=2 if dropout is not None else 3,
                                     initial_arrays=zeros)
         result["strategy"] = recorder
+        deadline = time.monotonic() + 120  # every node registered first: with 2 of 3 the sample would be 2
+        while len(list(grid.get_node_ids())) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1),
                                strategy=strategy_for(cfg, recorder, server_optimizer_for(cfg)))
         FederatedWorkflow(fit_workflow_for(cfg), ConvergenceMonitor(0.0, 1), 1, lambda *_: None,
