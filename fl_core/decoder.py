@@ -18,6 +18,8 @@ from transformers import Cache, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .encoder import require_frozen_prefix
+
 
 class PrefixedLlama(LlamaForCausalLM):
     frozen_layers = 0  # set by `split`: the lower layers that carry no adapter
@@ -33,11 +35,7 @@ class PrefixedLlama(LlamaForCausalLM):
 
     def settle_prefix(self) -> None:
         """Once adapters are attached: nothing in the prefix may train (a stale cache would be a wrong model)."""
-        trainable = [name for module in self.prefix_modules() for name, p in module.named_parameters()
-                     if p.requires_grad]
-        if trainable:
-            raise ValueError(f"PrefixedLlama: {len(trainable)} parameters below the top layers are trainable "
-                             f"(first: {trainable[0]}); the frozen prefix would be stale")
+        require_frozen_prefix(type(self).__name__, self.prefix_modules())
 
     @property
     def prefix_dtype(self) -> torch.dtype:

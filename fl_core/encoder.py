@@ -17,6 +17,15 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.bert.modeling_bert import BertLayer
 
 
+def require_frozen_prefix(owner: str, modules: list[nn.Module]) -> None:
+    """What a model that runs in two halves checks once its adapters are attached: nothing in what `frozen_prefix`
+    runs may train, or the cached prefix would be stale and the model a wrong one."""
+    trainable = [name for module in modules for name, p in module.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ValueError(f"{owner}: {len(trainable)} parameters below the top layers are trainable "
+                         f"(first: {trainable[0]}); the frozen prefix would be stale")
+
+
 class MeanPooledClassifier(nn.Module):
     """BERT-style encoder (no pooler: the mean over tokens is the sentence embedding) and a zero-initialised head,
     so that at the start every class scores the same and the first DP steps move the head, not noise."""
@@ -38,11 +47,7 @@ class MeanPooledClassifier(nn.Module):
         """Once adapters are attached: take the lowest adapted layer's self-attention into the prefix if it has no
         trainable parameter, and check that nothing in the prefix trains (a stale cache would be a wrong model)."""
         self.attention_in_prefix = not any(p.requires_grad for p in self._first_adapted().attention.parameters())
-        trainable = [name for module in self.prefix_modules() for name, p in module.named_parameters()
-                     if p.requires_grad]
-        if trainable:
-            raise ValueError(f"MeanPooledClassifier: {len(trainable)} parameters below the top layers are trainable "
-                             f"(first: {trainable[0]}); the frozen prefix would be stale")
+        require_frozen_prefix(type(self).__name__, self.prefix_modules())
 
     @property
     def prefix_dtype(self) -> torch.dtype:
