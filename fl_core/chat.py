@@ -12,6 +12,7 @@ MiniLM's) gets a plain "Diagnosis: ... Chapter:" layout, so the same code runs o
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from privacy.loss import IGNORE_INDEX
 from .data import TextDataset
 
 SYSTEM_PROMPT = ""
+PLAIN_LAYOUT = {"system": "{}", "user": "Diagnosis: {}", "assistant": "Chapter: {}"}
 CODE_RANGE = re.compile(r"\s*\([A-Z0-9-]+\)$")
 
 
@@ -39,10 +41,20 @@ def _ids(encoded: object) -> list[int]:
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """The conversation up to the assistant's turn: what the model answers."""
+    return conversation_ids(tokenizer, [{"role": "user", "content": text}])
+
+
+def conversation_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """A conversation up to the assistant's next turn, laid out as training laid out its examples, so a served
+    model sees what it learnt from: the template with an empty system turn unless the conversation brings one;
+    without a template, each user turn as a diagnosis and each assistant turn as its chapter."""
     if tokenizer.chat_template:
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
-        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    return [int(i) for i in tokenizer(f"Diagnosis: {text}\nChapter:")["input_ids"]]
+        turns = [dict(m) for m in messages]
+        if not turns or turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+        return _ids(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True))
+    lines = [PLAIN_LAYOUT[m["role"]].format(m["content"]) for m in messages]
+    return [int(i) for i in tokenizer("\n".join([*lines, "Chapter:"]))["input_ids"]]
 
 
 def answer_ids(tokenizer: PreTrainedTokenizerBase, prompt: list[int], text: str, answer: str) -> list[int]:

@@ -3,10 +3,11 @@ replica (routing), all of it in the audit log and in Prometheus metrics."""
 
 # No `from __future__ import annotations`: FastAPI must see the dependency aliases defined inside the factory.
 import asyncio
+import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,12 @@ from typing import Annotated, Any
 
 import aiohttp
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,15 +34,23 @@ from .limits import LimitStore, RedisLimitStore, SQLiteLimitStore
 from .metrics import GatewayMetrics
 from .routing import Backend, NoBackendAvailable, Reply, Router
 from .schemas import (
+    DONE,
     BackendState,
     BudgetResponse,
+    ChatCompletionResponse,
+    ChatRequest,
     CircuitChange,
     ClassifyRequest,
     ClassifyResponse,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    ModelCard,
+    ModelList,
+    OpenAIError,
     PrivacyInfo,
+    Sampling,
+    sse,
 )
 
 HOUR = 3600.0
@@ -48,6 +59,14 @@ BACKEND_HEADER = "X-Backend"  # which replica answered (its index in routing.bac
 AUDITED_PREFIXES = ("/v1/", "/admin/")
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 403, 429, 503, 504)}
+# The OpenAI-compatible routes answer errors as OpenAI does, so its clients raise the right exception with the
+# message; bad input there is a 400 naming the parameter.
+OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIError} for code in (400, 401, 404, 429, 503, 504)}
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                      404: "not_found_error", 429: "rate_limit_error"}
+NO_STORE = (b"cache-control", b"no-store")  # answers carry patient text: no proxy or browser keeps them
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +102,50 @@ def build_services(cfg: GatewayConfig) -> GatewayServices:
                            SecureRandom())
 
 
+class RequestError(HTTPException):
+    """A refusal that names the request field at fault (OpenAI's `param`)."""
+
+    def __init__(self, status: int, detail: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(status, detail)
+        self.param, self.code = param, code
+
+
+def error_response(path: str, status: int, message: str, headers: Mapping[str, str] | None = None,
+                   param: str | None = None, code: str | None = None) -> JSONResponse:
+    """An error in the route's shape: OpenAI's on its compatible routes, `{"detail": ...}` elsewhere."""
+    if path not in OPENAI_ROUTES:
+        return JSONResponse({"detail": message}, status, headers)
+    kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status, headers)
+
+
+def field_name(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as the request's field ("messages.1.role"), without the "body" root."""
+    return ".".join(str(part) for part in (loc[1:] if loc[:1] == ("body",) else loc)) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Refusals in each route's shape. A validation error names the field and what it needs, never the value sent:
+    echoing it would copy patient text (or text that cannot be encoded) into the answer."""
+
+    async def http_error(request: Request, err: Exception) -> Response:
+        assert isinstance(err, StarletteHTTPException)
+        return error_response(request.url.path, err.status_code, str(err.detail), err.headers,
+                              getattr(err, "param", None), getattr(err, "code", None))
+
+    async def invalid(request: Request, err: Exception) -> Response:
+        assert isinstance(err, RequestValidationError)
+        errors = err.errors()
+        if request.url.path in OPENAI_ROUTES:
+            first = errors[0]
+            name = field_name(tuple(first["loc"]))
+            return error_response(request.url.path, 400, f"{name}: {first['msg']}", param=name)
+        return JSONResponse({"detail": [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in errors]}, 422)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+
+
 def _route_path(scope: Scope) -> str:
     """The route template ("/v1/classify"), never the raw path: metric labels stay few whatever clients send."""
     route = scope.get("route")
@@ -112,11 +175,12 @@ class CapTimeAndAudit:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", []), NO_STORE]
             await send(message)
 
         try:
             if self.in_flight >= services.cfg.limits.max_concurrent:
-                busy = JSONResponse({"detail": "gateway at capacity, retry shortly"}, 503, {"Retry-After": "1"})
+                busy = error_response(scope["path"], 503, "gateway at capacity, retry shortly", {"Retry-After": "1"})
                 await busy(scope, receive, send_status)
                 return
             self.in_flight += 1
@@ -159,6 +223,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
     app = FastAPI(title="federated-dp-llm gateway", version="1", lifespan=lifespan,
                   description="Serves the federated model to clinicians. Every answer carries the model's "
                               "training privacy guarantee; every request is audited.")
+    install_error_handlers(app)
     app.add_middleware(CapTimeAndAudit, services=services)
     if cfg.cors_origins:  # added last, so outermost: preflight requests are answered before the cap and audit
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
@@ -193,17 +258,42 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
     Caller = Annotated[Principal, Depends(rate_limited)]
     Admin = Annotated[Principal, Depends(admin)]
 
-    async def forward(request: Request, task: str, path: str, body: dict[str, Any]) -> tuple[Backend, dict[str, Any]]:
+    async def forward(request: Request, tasks: tuple[str, ...], path: str, body: dict[str, Any],
+                      model: str | None = None) -> tuple[Backend, dict[str, Any]]:
         try:
-            backend, response = await router().call(task, path, body, request.state.deadline)
+            backend, response = await router().call(tasks, path, body, request.state.deadline, model)
         except NoBackendAvailable as err:
             raise HTTPException(503, str(err), headers={"Retry-After": "5"}) from None
         except TimeoutError:
             raise HTTPException(504, f"no answer within {cfg.limits.request_timeout} s") from None
         request.state.model = str(backend.info.get("model", backend.url))
         if response.status != 200:
-            raise HTTPException(response.status, str(response.body.get("detail", "backend refused the request")))
+            raise replica_refusal(response)
         return backend, response.body
+
+    def replica_refusal(reply: Reply) -> HTTPException:
+        """A replica's 4xx: the request's fault (a prompt past the context, a route its model does not serve)."""
+        detail = reply.body.get("detail", "backend refused the request")
+        return RequestError(reply.status, detail if isinstance(detail, str) else "backend refused the request",
+                            param=str(detail).split(":", 1)[0] if ":" in str(detail) else None)
+
+    def served(model: str | None, tasks: tuple[str, ...]) -> str | None:
+        """The model asked for, if a replica serves it for one of the route's tasks; none asked: any replica of
+        those tasks."""
+        if model is None:
+            return None
+        info = router().models().get(model)
+        if info is None:
+            raise RequestError(404, f"model {model!r} is not served here: GET /v1/models lists the models",
+                               param="model", code="model_not_found")
+        if info.get("task") not in tasks:
+            raise RequestError(400, f"model {model!r} is a {info.get('task')} model, which this route does not "
+                                    f"serve", param="model")
+        return model
+
+    def standard_privacy(backend: Backend) -> PrivacyInfo:
+        return PrivacyInfo(provenance=backend.info.get("provenance", {}), query_mode="standard",
+                           epsilon_charged=0.0, budget_remaining=None)
 
     def budget(user: str) -> BudgetResponse:
         vote = services.vote
@@ -279,26 +369,87 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         request.state.query_mode = body.privacy
         if body.privacy == "noisy-vote":
             return await noisy_vote(request, principal, body)
-        backend, answer = await forward(request, "classification", "/v1/classify", {"text": body.text})
+        backend, answer = await forward(request, ("classification",), "/v1/classify", {"text": body.text})
         response.headers[BACKEND_HEADER] = str(backend.index)
         return ClassifyResponse(
             label=answer["label"], probabilities=answer["probabilities"], request_id=request.state.request_id,
-            model=request.state.model, privacy=PrivacyInfo(provenance=backend.info.get("provenance", {}),
-                                                           query_mode="standard", epsilon_charged=0.0,
-                                                           budget_remaining=None))
+            model=request.state.model, privacy=standard_privacy(backend))
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS, tags=["inference"])
-    async def completions(request: Request, response: Response, body: CompletionRequest,
-                          principal: Caller) -> CompletionResponse:
-        """OpenAI-compatible text completion with the federated causal-LM adapter."""
+    async def generate(request: Request, response: Response, tasks: tuple[str, ...], path: str, body: Sampling,
+                       answer: type[CompletionResponse | ChatCompletionResponse],
+                       ) -> CompletionResponse | ChatCompletionResponse | StreamingResponse:
+        """An OpenAI-style answer from a replica of the federated model, whole or streamed, with its provenance."""
         request.state.request_id = uuid.uuid4().hex
-        request.state.request_text = body.prompt
         request.state.query_mode = "standard"
-        backend, answer = await forward(request, "causal-lm", "/v1/completions", body.model_dump())
+        model = served(body.model, tasks)
+        payload = body.model_dump(exclude={"user"})  # the caller is the token's subject, whatever `user` says
+        if body.stream:
+            return await streamed(request, tasks, path, payload, model)
+        backend, reply = await forward(request, tasks, path, payload, model)
         response.headers[BACKEND_HEADER] = str(backend.index)
-        return CompletionResponse(**answer, request_id=request.state.request_id, privacy=PrivacyInfo(
-            provenance=backend.info.get("provenance", {}), query_mode="standard", epsilon_charged=0.0,
-            budget_remaining=None))
+        return answer(**reply, request_id=request.state.request_id, privacy=standard_privacy(backend))
+
+    async def streamed(request: Request, tasks: tuple[str, ...], path: str, payload: dict[str, Any],
+                       model: str | None) -> StreamingResponse:
+        """The replica's server-sent events passed on as they come; the first carries the request id and the
+        privacy provenance. A replica that fails mid-answer ends the stream with an error event."""
+        try:
+            backend, opened = await router().open_stream(tasks, path, payload, request.state.deadline, model)
+        except NoBackendAvailable as err:
+            raise HTTPException(503, str(err), headers={"Retry-After": "5"}) from None
+        except TimeoutError:
+            raise HTTPException(504, f"no answer within {cfg.limits.request_timeout} s") from None
+        request.state.model = str(backend.info.get("model", backend.url))
+        if isinstance(opened, Reply):
+            raise replica_refusal(opened)
+        first = {"request_id": request.state.request_id, "privacy": standard_privacy(backend).model_dump()}
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for line in opened.content:
+                    if not line.startswith(b"data: "):
+                        continue
+                    if line.strip() == DONE.strip():
+                        yield DONE
+                        return
+                    chunk = json.loads(line[len(b"data: "):])
+                    yield sse({**chunk, **first})
+                    first.clear()
+                raise ValueError("the stream ended without [DONE]")
+            except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+                log.warning("%s stopped mid-answer: %s", backend.url, type(err).__name__)
+                yield sse({"error": {"message": "the model replica stopped mid-answer", "type": "server_error",
+                                     "param": None, "code": None}})
+            finally:
+                opened.release()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={BACKEND_HEADER: str(backend.index)})
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=OPENAI_ERRORS, tags=["inference"])
+    async def completions(request: Request, response: Response, body: CompletionRequest,
+                          _: Caller) -> CompletionResponse | ChatCompletionResponse | StreamingResponse:
+        """OpenAI-compatible text completion with the federated causal-LM or chat adapter (`stream`: server-sent
+        events, the first carrying `request_id` and `privacy`)."""
+        request.state.request_text = body.prompt
+        return await generate(request, response, ("causal-lm", "chat"), "/v1/completions", body, CompletionResponse)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=OPENAI_ERRORS,
+              tags=["inference"])
+    async def chat_completions(request: Request, response: Response, body: ChatRequest,
+                               _: Caller) -> CompletionResponse | ChatCompletionResponse | StreamingResponse:
+        """OpenAI-compatible chat with the federated chat adapter: the assistant's next turn (`stream`: server-sent
+        events, the first carrying `request_id` and `privacy`)."""
+        request.state.request_text = "\n".join(f"{m.role}: {m.content}" for m in body.messages)
+        return await generate(request, response, ("chat",), "/v1/chat/completions", body, ChatCompletionResponse)
+
+    @app.get("/v1/models", response_model=ModelList, responses=OPENAI_ERRORS, tags=["inference"])
+    async def models(_: Caller) -> ModelList:
+        """The models the replicas serve, each with its task and training guarantee."""
+        return ModelList(data=[
+            ModelCard(id=name, created=int(info.get("created", 0)), owned_by="federated-dp-llm",
+                      task=str(info.get("task")), provenance=info.get("provenance", {}))
+            for name, info in sorted(router().models().items())])
 
     @app.get("/v1/privacy/budget", response_model=BudgetResponse, responses=ERRORS, tags=["privacy"])
     async def my_budget(principal: Authenticated) -> BudgetResponse:

@@ -3,22 +3,41 @@ it for auth and limits, so it listens on loopback or a cluster-internal address 
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from .generation import Generation
 from .schemas import (
+    DONE,
+    AssistantMessage,
+    ChatChoice,
+    ChatRequest,
     ClassifyRequest,
     CompletionChoice,
     CompletionRequest,
     Prediction,
+    ReplicaChatCompletion,
     ReplicaCompletion,
     ReplicaHealth,
+    Sampling,
     Usage,
+    sse,
 )
 from .served_model import ServedModel
+
+GENERATIVE = ("causal-lm", "chat")
+
+def usage(g: Generation) -> Usage:
+    return Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
+                 total_tokens=g.prompt_tokens + g.completion_tokens)
 
 
 def create_replica_app(model: ServedModel, hospital: str | None = None) -> FastAPI:
@@ -27,7 +46,7 @@ def create_replica_app(model: ServedModel, hospital: str | None = None) -> FastA
 
     @app.get("/health", response_model=ReplicaHealth)
     def health() -> ReplicaHealth:
-        return ReplicaHealth(status="ok", model=model.name, task=model.task, hospital=hospital,
+        return ReplicaHealth(status="ok", model=model.name, created=model.created, task=model.task, hospital=hospital,
                              provenance=model.provenance)
 
     @app.post("/v1/classify", response_model=Prediction)
@@ -37,17 +56,79 @@ def create_replica_app(model: ServedModel, hospital: str | None = None) -> FastA
         result = await run_in_threadpool(model.classify, body.text)
         return Prediction(label=result.label, probabilities=result.probabilities)
 
+    def fitted(prompt: list[int], body: Sampling, field: str) -> list[int]:
+        """The prompt, if it leaves room in the model's context for the answer asked for."""
+        if len(prompt) + body.max_tokens > model.context:
+            raise HTTPException(400, f"{field}: {len(prompt)} prompt tokens and max_tokens {body.max_tokens} exceed "
+                                     f"the model's context of {model.context} tokens")
+        return prompt
+
+    async def streamed(prompt: list[int], body: Sampling, chunk: Callable[[str | None, str | None], dict[str, Any]],
+                       ) -> StreamingResponse:
+        """Server-sent events: a chunk per piece of visible text, then the finish reason and the usage."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue[str | Generation | BaseException]()
+        cancelled = threading.Event()
+
+        def run() -> None:
+            def put(item: str | Generation | BaseException) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            try:
+                put(model.generate(prompt, body.params(), put, cancelled))
+            except Exception as err:
+                put(err)
+
+        async def events() -> AsyncIterator[bytes]:
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
+            try:
+                while not isinstance(item := await queue.get(), Generation):
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield sse(chunk(item, None))
+                yield sse({**chunk(None, item.finish_reason), "usage": usage(item).model_dump()})
+                yield DONE
+            finally:
+                cancelled.set()  # the client left, or the answer is complete: stop generating either way
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def generative(task: str) -> None:
+        if model.task != task and not (task == "causal-lm" and model.task in GENERATIVE):
+            route = "/v1/classify" if model.task == "classification" else "/v1/completions"
+            raise HTTPException(400, f"this model is a {model.task} model: use {route}")
+
     @app.post("/v1/completions", response_model=ReplicaCompletion)
-    async def completions(body: CompletionRequest) -> ReplicaCompletion:
-        if model.task != "causal-lm":
-            raise HTTPException(400, f"this model is a {model.task} model: use /v1/classify")
-        text, prompt_tokens, new_tokens = await run_in_threadpool(
-            model.complete, body.prompt, body.max_tokens, body.temperature, body.seed)
-        finish = "length" if new_tokens >= min(body.max_tokens, model.max_new_tokens) else "stop"
-        return ReplicaCompletion(
-            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model.name,
-            choices=[CompletionChoice(index=0, text=text, finish_reason=finish)],
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=new_tokens,
-                        total_tokens=prompt_tokens + new_tokens))
+    async def completions(body: CompletionRequest) -> ReplicaCompletion | StreamingResponse:
+        generative("causal-lm")
+        prompt = fitted(await run_in_threadpool(model.completion_prompt, body.prompt), body, "prompt")
+        answer_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+                return {"id": answer_id, "object": "text_completion", "created": created, "model": model.name,
+                        "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+            return await streamed(prompt, body, chunk)
+        g = await run_in_threadpool(model.generate, prompt, body.params())
+        return ReplicaCompletion(id=answer_id, created=created, model=model.name, usage=usage(g),
+                                 choices=[CompletionChoice(index=0, text=g.text, finish_reason=g.finish_reason)])
+
+    @app.post("/v1/chat/completions", response_model=ReplicaChatCompletion)
+    async def chat_completions(body: ChatRequest) -> ReplicaChatCompletion | StreamingResponse:
+        generative("chat")
+        messages = [m.model_dump() for m in body.messages]
+        prompt = fitted(await run_in_threadpool(model.chat_prompt, messages), body, "messages")
+        answer_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            first = [True]
+
+            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+                delta: dict[str, str] = {"role": "assistant"} if first[0] else {}
+                first[0] = False
+                return {"id": answer_id, "object": "chat.completion.chunk", "created": created, "model": model.name,
+                        "choices": [{"index": 0, "delta": {**delta, **({"content": text} if text else {})},
+                                     "finish_reason": finish, "logprobs": None}]}
+            return await streamed(prompt, body, chunk)
+        g = await run_in_threadpool(model.generate, prompt, body.params())
+        return ReplicaChatCompletion(id=answer_id, created=created, model=model.name, usage=usage(g), choices=[
+            ChatChoice(index=0, message=AssistantMessage(content=g.text), finish_reason=g.finish_reason)])
 
     return app

@@ -4,6 +4,7 @@ and failover within the request's time budget."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from .config import RoutingConfig
 EWMA_WEIGHT = 0.2  # weight of the newest response time in a backend's running average
 INITIAL_RESPONSE_TIME = 0.05
 HEALTH_TIMEOUT = 3.0  # seconds, at least
+log = logging.getLogger(__name__)
 CircuitState = Literal["closed", "open", "half-open", "forced-open"]
 
 
@@ -74,16 +76,21 @@ class Router:
                 out.append(b)
         return out
 
-    def _pick(self, task: str, exclude: set[int]) -> Backend:
-        """Weighted response time over the replicas of the federated model for `task` (hospital nodes only vote):
-        a backend twice as fast gets twice the share."""
-        candidates = [b for b in self.available()
-                      if b.index not in exclude and not b.hospital and b.info.get("task") == task]
+    def _pick(self, tasks: tuple[str, ...], exclude: set[int], model: str | None = None) -> Backend:
+        """Weighted response time over the replicas of the federated model serving one of `tasks` (and `model`, if
+        named; hospital nodes only vote): a backend twice as fast gets twice the share."""
+        candidates = [b for b in self.available() if b.index not in exclude and not b.hospital
+                      and b.info.get("task") in tasks and model in (None, b.info.get("model"))]
+        what = f"model {model}" if model else f"a {' or '.join(tasks)} model"
         if not candidates:
-            raise NoBackendAvailable(f"every healthy replica serving a {task} model failed this request" if exclude
-                                     else f"no healthy replica serves a {task} model")
+            raise NoBackendAvailable(f"every healthy replica serving {what} failed this request" if exclude
+                                     else f"no healthy replica serves {what}")
         weights = [1.0 / max(b.response_time, 1e-4) for b in candidates]
         return random.choices(candidates, weights=weights)[0]
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Each model a replica of the federated model has reported serving, by id: its /health body."""
+        return {str(b.info["model"]): b.info for b in self.backends if not b.hospital and "model" in b.info}
 
     def record_success(self, backend: Backend, seconds: float) -> None:
         backend.response_time = (1 - EWMA_WEIGHT) * backend.response_time + EWMA_WEIGHT * seconds
@@ -115,20 +122,58 @@ class Router:
         self.record_success(backend, time.perf_counter() - start)
         return Reply(status, answer)
 
-    async def call(self, task: str, path: str, body: dict[str, Any], deadline: float) -> tuple[Backend, Reply]:
-        """POST to one backend serving `task`, failing over to the others until one answers or the deadline
-        passes."""
+    async def call(self, tasks: tuple[str, ...], path: str, body: dict[str, Any], deadline: float,
+                   model: str | None = None) -> tuple[Backend, Reply]:
+        """POST to one backend serving one of `tasks`, failing over to the others until one answers or the
+        deadline passes."""
         tried: set[int] = set()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            backend = self._pick(task, tried)
+            backend = self._pick(tasks, tried, model)
             tried.add(backend.index)
             try:
                 return backend, await self.call_one(backend, path, body, remaining)
             except BackendError:
                 continue
+
+    async def open_stream(self, tasks: tuple[str, ...], path: str, body: dict[str, Any], deadline: float,
+                          model: str | None = None) -> tuple[Backend, Reply | aiohttp.ClientResponse]:
+        """As `call`, for an answer streamed as server-sent events: fails over until a backend starts answering,
+        never after. A 4xx comes back as a Reply; a 200 as the open response, for the caller to read and release
+        (the deadline bounds all of it)."""
+        tried: set[int] = set()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            backend = self._pick(tasks, tried, model)
+            tried.add(backend.index)
+            backend.trial_in_flight = backend.circuit(self.cfg.circuit_cooldown, time.monotonic()) == "half-open"
+            start = time.perf_counter()
+            try:
+                response = await self.client.post(backend.url + path, json=body,
+                                                  timeout=aiohttp.ClientTimeout(total=remaining))
+            except (aiohttp.ClientError, TimeoutError) as err:
+                self.record_failure(backend)
+                log.warning("%s: %s", backend.url, type(err).__name__)
+                continue
+            finally:
+                backend.trial_in_flight = False
+            if response.status >= 500:
+                response.release()
+                self.record_failure(backend)
+                continue
+            self.record_success(backend, time.perf_counter() - start)
+            if response.status != 200:
+                try:
+                    return backend, Reply(response.status, await response.json())
+                except (aiohttp.ClientError, ValueError):
+                    return backend, Reply(response.status, {})
+                finally:
+                    response.release()
+            return backend, response
 
     def voters(self) -> list[Backend]:
         """One available classifier per hospital model, for the noisy vote."""

@@ -5,11 +5,31 @@ Bounds on every field keep a malformed or hostile request a 422 before it costs 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TEXT = 8000
+MAX_MESSAGES = 64
+DONE = b"data: [DONE]\n\n"  # the last server-sent event of a streamed answer, as OpenAI ends its streams
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    """One server-sent event of a streamed answer."""
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What a replica needs of a completion request to generate its answer."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
 
 
 class ClassifyRequest(BaseModel):
@@ -20,15 +40,50 @@ class ClassifyRequest(BaseModel):
                                 "Gaussian-noised vote of the hospitals' own models, charged to your budget.")
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI-compatible subset: one prompt, one choice."""
+class Sampling(BaseModel):
+    """The generation parameters common OpenAI clients send; anything else is refused by name."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
-    model: str | None = Field(None, max_length=200, description="Ignored: the gateway serves one model.")
+    model: str | None = Field(None, max_length=200, description="A model id from /v1/models; none: any replica.")
     max_tokens: int = Field(64, ge=1, le=1024)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling, when sampling.")
+    n: int = Field(1, ge=1, le=1, description="Answers per request: one.")
+    stop: str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        None, max_length=4, description="Up to 4 sequences that end the answer; they are not part of it.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stream: bool = Field(False, description="Send the answer as server-sent events, as it is generated.")
+    user: str | None = Field(None, max_length=256, description="Accepted for compatibility and not used: the "
+                                                               "caller is the token's subject.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if stop == "":
+            raise ValueError("a stop sequence cannot be empty")
+        return stop
+
+    def params(self) -> GenerationParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return GenerationParams(self.max_tokens, self.temperature, self.top_p, stop, self.seed)
+
+
+class CompletionRequest(Sampling):
+    """OpenAI's /v1/completions: one prompt, one choice."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1, max_length=MAX_TEXT)
+
+
+class ChatRequest(Sampling):
+    """OpenAI's /v1/chat/completions: a conversation, answered by the assistant's next turn."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
 
 class Prediction(BaseModel):
@@ -57,6 +112,26 @@ class ReplicaCompletion(BaseModel):
     usage: Usage
 
 
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+
+
+class ReplicaChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
 class PrivacyInfo(BaseModel):
     """What the answer cost and what guarantee the model behind it carries."""
 
@@ -80,9 +155,31 @@ class CompletionResponse(ReplicaCompletion):
     privacy: PrivacyInfo
 
 
+class ChatCompletionResponse(ReplicaChatCompletion):
+    request_id: str
+    privacy: PrivacyInfo
+
+
+class ModelCard(BaseModel):
+    """One served model, as OpenAI's /v1/models lists it, with what it was trained for and under which guarantee."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    task: str
+    provenance: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class ReplicaHealth(BaseModel):
     status: Literal["ok"]
     model: str
+    created: int = Field(description="Unix time the run wrote its privacy report.")
     task: str
     hospital: str | None
     provenance: dict[str, Any]
@@ -112,3 +209,16 @@ class CircuitChange(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    """Errors of the OpenAI-compatible routes, in the shape OpenAI's clients read."""
+
+    error: OpenAIErrorBody

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,15 @@ import torch
 from omegaconf import OmegaConf
 
 from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, PRIVACY_REPORT_FILE
+from fl_core.chat import conversation_ids
 from fl_core.config import AppConfig, ConfigError, to_app_config
 from fl_core.data import load_splits
 from fl_core.device import resolve_device
 from fl_core.model import load_tokenizer, load_trained_model
 
 from .config import ReplicaConfig
+from .generation import Generation, TextWatch, visible
+from .schemas import GenerationParams
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 
@@ -83,6 +87,7 @@ class ServedModel:
                                         self.device)
         self.provenance = provenance(json.loads((folder / PRIVACY_REPORT_FILE).read_text()), replica.source)
         self.name = f"{self.cfg.model.name}+lora:{self.provenance['run_id']}"
+        self.created = int((folder / PRIVACY_REPORT_FILE).stat().st_mtime)  # when training wrote its guarantee
         self._lock = threading.Lock()
 
     @torch.inference_mode()
@@ -94,18 +99,38 @@ class ServedModel:
         best = max(range(len(probs)), key=probs.__getitem__)
         return Prediction(self.label_names[best], dict(zip(self.label_names, probs, strict=True)))
 
+    @property
+    def context(self) -> int:
+        """Tokens the model attends over: prompt and answer together."""
+        return int(self.model.config.max_position_embeddings)
+
+    def completion_prompt(self, prompt: str) -> list[int]:
+        return [int(i) for i in self.tokenizer(prompt)["input_ids"]]
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        return conversation_ids(self.tokenizer, messages)
+
     @torch.inference_mode()
-    def complete(self, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> tuple[str, int, int]:
-        """(text, prompt tokens, completion tokens)."""
-        encoded = self.tokenizer([prompt], return_tensors="pt")
-        batch = {k: encoded[k].to(self.device) for k in ("input_ids", "attention_mask")}  # no token_type_ids (BERT)
+    def generate(self, prompt: list[int], params: GenerationParams, on_text: Callable[[str], None] | None = None,
+                 cancelled: threading.Event | None = None) -> Generation:
+        """Greedy at temperature 0, else sampled with `top_p`; ends at the end of turn, a stop sequence, the token
+        limit, or when `cancelled` is set. `on_text` receives the answer as it grows (for streaming)."""
+        limit = min(params.max_tokens, self.max_new_tokens)
+        input_ids = torch.tensor([prompt], device=self.device)
+        watch = TextWatch(self.tokenizer, len(prompt), params.stop, on_text, cancelled)
+        sampled = params.temperature > 0
         with self._lock:
-            if seed is not None:
-                torch.manual_seed(seed)
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
             out = self.model.generate(
-                **batch, max_new_tokens=min(max_tokens, self.max_new_tokens), do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=limit,
+                do_sample=sampled, temperature=params.temperature if sampled else None,
+                top_p=params.top_p if sampled else None, top_k=None, stopping_criteria=[watch],
                 pad_token_id=self.tokenizer.pad_token_id)
-        new = out[0, batch["input_ids"].shape[1]:]
-        text = str(self.tokenizer.decode(new, skip_special_tokens=True))
-        return text, int(batch["input_ids"].shape[1]), len(new)
+        new = out[0, len(prompt):]
+        text, stopped = visible(watch.text_of(out[0]), params.stop)
+        if not stopped:  # generation is over: a tail that looked like the start of a stop sequence is text
+            text = watch.text_of(out[0])
+        watch.emit(text)
+        ended = stopped or (len(new) > 0 and int(new[-1]) == self.tokenizer.eos_token_id)
+        return Generation(text, len(prompt), len(new), "stop" if ended or len(new) < limit else "length")

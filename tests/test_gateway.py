@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 import redis
 import schemathesis
@@ -100,13 +102,13 @@ class Stack:
 
 
 def train_hospitals(root: Path) -> dict[str, Path]:
-    """Two hospitals' own DP classifiers and one DP causal LM (a real DP-SGD run each, in parallel), as servable
-    run folders."""
-    runs = {name: root / f"run-{name}" for name in ("hospital-0", "hospital-1", "causal-lm")}
+    """Two hospitals' own DP classifiers, one DP causal LM and one DP chat model (a real DP-SGD run each, in
+    parallel), as servable run folders."""
+    runs = {name: root / f"run-{name}" for name in ("hospital-0", "hospital-1", "causal-lm", "chat")}
     jobs = [subprocess.Popen([sys.executable, "-m", "fl_client.local_job", "--hospital", hospital, *TRAIN, *extra,
                               f"output_dir={runs[name]}"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for name, hospital, extra in (("hospital-0", "0", []), ("hospital-1", "1", []),
-                                          ("causal-lm", "0", ["task=causal-lm"]))]
+                                          ("causal-lm", "0", ["task=causal-lm"]), ("chat", "0", ["task=chat"]))]
     for job in jobs:
         output, _ = job.communicate(timeout=600)
         assert job.returncode == 0, output.decode()[-3000:]
@@ -126,6 +128,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.replica("node-0", runs["hospital-0"], "hospital-0")
         s.replica("node-1", runs["hospital-1"], "hospital-1")
         s.replica("lm", runs["causal-lm"])
+        s.replica("chat", runs["chat"])
         init(root / "certs", [], [], days=1)
         create_client_certificate(root / "certs", "ehr", days=1)
         s.ports["redis"] = free_port()
@@ -136,7 +139,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                   f"privacy.epsilon_per_user={VOTE.epsilon_per_user}", f"privacy.delta={VOTE.delta}",
                   "cors_origins=[https://ehr.example.org]", "routing.failure_threshold=2",
                   "routing.circuit_cooldown=300")
-        s.gateway("busy", ["replica-a", "lm"], "limits.max_concurrent=1", "limits.requests_per_hour=1000000")
+        s.gateway("busy", ["replica-a", "lm", "chat"], "limits.max_concurrent=1", "limits.requests_per_hour=1000000")
         certs = root / "certs"
         s.ports["tls-operations"] = free_port()
         s.gateway("tls", ["replica-a"], f"tls.certfile={certs / 'superlink.crt'}",
@@ -196,9 +199,13 @@ def test_an_answer_carries_the_models_training_guarantee(stack: Stack) -> None:
     assert response.headers["x-backend"] in ("0", "1")  # replicas of the federated model, never a hospital node
 
 
+def model_id(stack: Stack, run: str) -> str:
+    return f"tiny+lora:{json.loads((stack.runs[run] / 'privacy_report.json').read_text())['run_id']}"
+
+
 def test_completions_are_openai_shaped_and_come_from_the_causal_lm_replica(stack: Stack) -> None:
-    response = httpx.post(stack.url("busy") + "/v1/completions", headers=token("kim"), timeout=60,
-                          json={"prompt": "Patient presents with", "max_tokens": 5, "seed": 1})
+    response = httpx.post(stack.url("busy") + "/v1/completions", headers=token("kim"), timeout=60, json={
+        "prompt": "Patient presents with", "max_tokens": 5, "seed": 1, "model": model_id(stack, "causal-lm")})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "text_completion" and len(body["choices"]) == 1
@@ -206,10 +213,68 @@ def test_completions_are_openai_shaped_and_come_from_the_causal_lm_replica(stack
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     report = json.loads((stack.runs["causal-lm"] / "privacy_report.json").read_text())
     assert body["privacy"]["provenance"]["run_id"] == report["run_id"] and response.headers["x-backend"] == "1"
-    # a gateway without a causal-LM replica says so instead of sending the prompt to a classifier
+    assert response.headers["cache-control"] == "no-store"
+    # a gateway without a causal-LM replica says so, in OpenAI's error shape, instead of sending the prompt to a
+    # classifier
     refused = httpx.post(stack.url("main") + "/v1/completions", headers=token("kim"), timeout=60,
                          json={"prompt": "Patient presents with"})
-    assert refused.status_code == 503 and "causal-lm" in refused.json()["detail"]
+    assert refused.status_code == 503 and "causal-lm" in refused.json()["error"]["message"]
+    assert refused.json()["error"]["type"] == "server_error"
+
+
+def test_the_openai_client_lists_chats_streams_and_is_refused(stack: Stack) -> None:
+    """The official `openai` client against the gateway: the chat model in /v1/models with its guarantee, a chat
+    answer with its provenance, the same answer streamed, stop sequences, and refusals it raises as OpenAI's."""
+    jwt = token("olga")["Authorization"].removeprefix("Bearer ")
+    client = openai.OpenAI(base_url=stack.url("busy") + "/v1", api_key=jwt, max_retries=0, timeout=60)
+    cards = {m.id: m for m in client.models.list().data}
+    chat_id = model_id(stack, "chat")
+    assert {card.task for card in cards.values()} == {"classification", "chat", "causal-lm"}  # type: ignore[attr-defined]
+    report = json.loads((stack.runs["chat"] / "privacy_report.json").read_text())
+    assert cards[chat_id].provenance["run_id"] == report["run_id"]  # type: ignore[attr-defined]
+    question = [{"role": "user", "content": TEXT}]
+    whole = client.chat.completions.create(model=chat_id, messages=question, max_tokens=8)  # type: ignore[arg-type]
+    answer = whole.choices[0].message
+    assert answer.role == "assistant" and answer.content and whole.model == chat_id
+    assert whole.usage is not None and whole.usage.completion_tokens == 8 and whole.choices[0].finish_reason == "length"
+    privacy = (whole.model_extra or {})["privacy"]
+    assert privacy["provenance"]["run_id"] == report["run_id"] and privacy["epsilon_charged"] == 0.0
+    assert privacy["provenance"]["guarantees"][0]["epsilon"] == \
+        report["guarantees"][0]["hospitals"]["hospital-0"]["epsilon"]
+
+    chunks: list[Any] = list(client.chat.completions.create(model=chat_id, messages=question, max_tokens=8,  # type: ignore[arg-type]
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer.content  # greedy: the same answer
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
+    assert (chunks[0].model_extra or {})["privacy"] == privacy
+
+    # a stop sequence ends the answer before it, whole or streamed
+    free = client.completions.create(model=chat_id, prompt=TEXT, max_tokens=12).choices[0].text
+    stop = free[len(free) // 2:len(free) // 2 + 3]
+    cut = client.completions.create(model=chat_id, prompt=TEXT, max_tokens=12, stop=[stop]).choices[0]
+    assert cut.text == free[:free.index(stop)] and cut.finish_reason == "stop"
+    streamed = client.completions.create(model=chat_id, prompt=TEXT, max_tokens=12, stop=[stop], stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.text
+
+    refusals: list[tuple[dict[str, Any], type[openai.APIStatusError], str, str]] = [
+        ({"messages": [{"role": "doctor", "content": TEXT}]}, openai.BadRequestError, "messages.0.role", "'user'"),
+        ({"messages": [{"role": "user", "content": ""}]}, openai.BadRequestError, "messages.0.content", "at least 1"),
+        ({"messages": question, "n": 2}, openai.BadRequestError, "n", "less than or equal to 1"),
+        ({"messages": question, "logit_bias": {"1": 5}}, openai.BadRequestError, "logit_bias", "not permitted"),
+        ({"messages": [{"role": "user", "content": "fracture " * 400}] * 2}, openai.BadRequestError, "messages",
+         "exceed the model's context of 512 tokens"),
+        ({"messages": question, "model": "gpt-4o"}, openai.NotFoundError, "model", "GET /v1/models"),
+        ({"messages": question, "model": model_id(stack, "hospital-0")}, openai.BadRequestError, "model",
+         "a classification model"),
+    ]
+    for request, error, param, message in refusals:
+        with pytest.raises(error) as refused:
+            client.chat.completions.create(**{"model": chat_id, "max_tokens": 4, **request})
+        body = refused.value.body
+        assert isinstance(body, dict) and body["param"] == param and message in body["message"], body
+        assert TEXT not in body["message"] and "fracture" not in body["message"]  # input is never echoed
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=stack.url("busy") + "/v1", api_key="not-a-token", max_retries=0).models.list()
 
 
 def test_past_the_rate_limit_a_user_gets_429_and_others_do_not(stack: Stack) -> None:
@@ -369,7 +434,8 @@ def test_no_generated_request_makes_the_gateway_fail(stack: Stack) -> None:
     other than the documented 503/504 (a 500 would mean an unhandled error)."""
     schema = schemathesis.openapi.from_url(stack.url("busy") + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/classify", "/v1/completions", "/admin/backends/{index}/circuit"}
+    assert {op.path for op in operations} >= {"/v1/classify", "/v1/completions", "/v1/chat/completions", "/v1/models",
+                                              "/admin/backends/{index}/circuit"}
     headers = token("fuzz", "admin")
     for operation in operations:
 
