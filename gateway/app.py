@@ -28,9 +28,9 @@ from privacy.noisy_vote import NoisyVote
 from privacy.secure_random import SecureRandom
 
 from .audit import AuditEvent, AuditLog
-from .auth import AuthError, Principal, TokenVerifier, bearer_token
+from .auth import AuthError, Principal, TokenVerifier, bearer_token, valid_user
 from .config import GatewayConfig, secret_from_env
-from .limits import LimitStore, RedisLimitStore, SQLiteLimitStore
+from .limits import LimitStore, LimitStoreDown, RedisLimitStore, SQLiteLimitStore
 from .metrics import GatewayMetrics
 from .routing import Backend, NoBackendAvailable, Reply, Router
 from .schemas import (
@@ -142,8 +142,49 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(request.url.path, 400, f"{name}: {first['msg']}", param=name)
         return JSONResponse({"detail": [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in errors]}, 422)
 
+    async def store_down(request: Request, err: Exception) -> Response:
+        log.error("%s", err)
+        return error_response(request.url.path, 503, "limits and budgets cannot be checked now, retry shortly",
+                              {"Retry-After": "5"})
+
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(LimitStoreDown, store_down)
+
+
+class BoundedBody:
+    """Reads at most `limit` bytes of a request body before the app sees any of it: a Content-Length past the
+    limit is refused (413) unread, and a chunked body as soon as it passes it. The app reads the body from here."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = error_response(scope["path"], 413, f"request body over limits.max_body_bytes ({self.limit})")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await too_large(scope, receive, send)
+            return
+        chunks, size, message = [], 0, await receive()
+        while message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await too_large(scope, receive, send)
+                return
+            if not message.get("more_body"):
+                break
+            message = await receive()
+        first: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                                if message["type"] == "http.request" else message]
+
+        async def replay() -> Message:
+            return first.pop() if first else await receive()  # later: the disconnect, which streaming watches for
+
+        await self.app(scope, replay, send)
 
 
 def _route_path(scope: Scope) -> str:
@@ -201,10 +242,14 @@ class CapTimeAndAudit:
                 epsilon=state.get("epsilon", 0.0), status=status, request_text=state.get("request_text", "")))
 
 
+def retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, int(seconds + 0.999)))}
+
+
 def create_gateway_app(services: GatewayServices) -> FastAPI:
     cfg, metrics = services.cfg, services.metrics
     state: dict[str, Any] = {}
-    verify = TokenVerifier(services.jwt_secret, cfg.auth.issuer)
+    verify = TokenVerifier(services.jwt_secret, cfg.auth.issuer, cfg.auth.token_minutes)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -224,6 +269,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
                   description="Serves the federated model to clinicians. Every answer carries the model's "
                               "training privacy guarantee; every request is audited.")
     install_error_handlers(app)
+    app.add_middleware(BoundedBody, limit=cfg.limits.max_body_bytes)  # inside the cap and audit: a 413 is audited
     app.add_middleware(CapTimeAndAudit, services=services)
     if cfg.cors_origins:  # added last, so outermost: preflight requests are answered before the cap and audit
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
@@ -237,6 +283,12 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         try:
             principal = verify(bearer_token(request.headers.get("authorization")))
         except AuthError as err:
+            # refusals are cheap but each is audited: limited per client address, so they cannot flood the log
+            address = request.client.host if request.client else "-"
+            take = services.limits.take_window(f"anon:{address}", cfg.limits.unauthenticated_per_hour, HOUR)
+            if not take.allowed:
+                raise HTTPException(429, f"{cfg.limits.unauthenticated_per_hour} requests per hour without a valid "
+                                         f"token from one address", headers=retry_after(take.retry_after)) from None
             raise HTTPException(err.status, str(err), headers={"WWW-Authenticate": "Bearer"}) from None
         request.state.principal = principal
         return principal
@@ -247,7 +299,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         take = services.limits.take_window(f"rate:{principal.user}", cfg.limits.requests_per_hour, HOUR)
         if not take.allowed:
             raise HTTPException(429, f"rate limit: {cfg.limits.requests_per_hour} requests per hour",
-                                headers={"Retry-After": str(max(1, int(take.retry_after + 0.999)))})
+                                headers=retry_after(take.retry_after))
         return principal
 
     async def admin(principal: Authenticated) -> Principal:
@@ -299,7 +351,6 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         vote = services.vote
         rho = services.limits.spent(f"{SPEND}{user}")
         spent = vote.epsilon_of(rho)
-        metrics.budget_remaining.labels(user).set(cfg.privacy.epsilon_per_user - spent)
         return BudgetResponse(user=user, epsilon_spent=spent, epsilon_remaining=cfg.privacy.epsilon_per_user - spent,
                               epsilon_per_user=cfg.privacy.epsilon_per_user, queries_left=vote.queries_left(rho))
 
@@ -314,6 +365,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
             raise HTTPException(403, f"privacy budget exhausted: epsilon {vote.epsilon_of(take.total):.4g} of "
                                      f"{cfg.privacy.epsilon_per_user} spent")
         charged = vote.epsilon_of(take.total) - vote.epsilon_of(take.total - vote.rho_per_query)
+        metrics.budget_spent.observe(vote.epsilon_of(take.total) / cfg.privacy.epsilon_per_user)
         request.state.epsilon = charged  # charged on the attempt: a failed vote is not refunded
         timeout = request.state.deadline - time.monotonic()
         answers = await asyncio.gather(*(router().call_one(b, "/v1/classify", {"text": body.text}, timeout)
@@ -452,9 +504,17 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
             for name, info in sorted(router().models().items())])
 
     @app.get("/v1/privacy/budget", response_model=BudgetResponse, responses=ERRORS, tags=["privacy"])
-    async def my_budget(principal: Authenticated) -> BudgetResponse:
+    async def my_budget(principal: Caller) -> BudgetResponse:
         """Your epsilon budget for noisy-vote queries."""
         return budget(principal.user)
+
+    @app.get("/admin/privacy/budget/{user}", response_model=BudgetResponse,
+             responses={**ERRORS, 404: {"model": ErrorResponse}}, tags=["admin"])
+    async def user_budget(user: str, _: Admin) -> BudgetResponse:
+        """A user's epsilon budget, for operators (metrics carry no user names)."""
+        if not valid_user(user):
+            raise HTTPException(404, "no such user name")
+        return budget(user)
 
     def backend_state(b: Backend) -> BackendState:
         return BackendState(index=b.index, url=b.url, healthy=b.healthy,

@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
 
             secret = secret_from_env(cfg.auth.secret_env, "auth.secret_env")
             minutes = args.minutes if args.minutes is not None else cfg.auth.token_minutes
-            if not minutes > 0:
-                raise ConfigError("--minutes", f"must be > 0 (got {minutes})")
+            if not 0 < minutes <= cfg.auth.token_minutes:
+                raise ConfigError("--minutes", f"must be > 0 and at most auth.token_minutes={cfg.auth.token_minutes:g} "
+                                               f"(got {minutes:g}); the gateway refuses longer-lived tokens")
             print(mint_token(secret, args.user, args.role, minutes, cfg.auth.issuer))
     except (ConfigError, DataError, AuditKeyError, ValueError) as err:
         print(f"fl-gateway: {err}", file=sys.stderr)

@@ -23,6 +23,7 @@ from fl_core.config import CONF_DIR, composition_error, positive, require
 GATEWAY_CONF_DIR = CONF_DIR / "gateway"
 STORES = ("sqlite", "redis")
 ROLES = ("clinician", "admin")
+MIN_SECRET_BYTES = 32  # HMAC-SHA256 keys: RFC 7518 asks for at least the hash's 32 bytes (PyJWT warns below)
 
 
 @dataclass
@@ -44,6 +45,8 @@ class LimitsConfig:
     requests_per_hour: int = 30  # per user, sliding window
     max_concurrent: int = 500  # requests in flight; beyond it: 503
     request_timeout: float = 45.0  # seconds, from arrival to answer, failover included
+    max_body_bytes: int = 1_048_576  # a request body past it is refused (413) before it is read further
+    unauthenticated_per_hour: int = 60  # requests without a valid token, per client address, sliding window
     store: str = "sqlite"  # sqlite: one gateway; redis: several gateway replicas sharing limits and budgets
     sqlite_path: str = "gateway-state.sqlite"
     redis_url: str | None = None
@@ -142,6 +145,8 @@ def validate_gateway(cfg: GatewayConfig) -> None:
     positive(lim.requests_per_hour, "limits.requests_per_hour")
     positive(lim.max_concurrent, "limits.max_concurrent")
     positive(lim.request_timeout, "limits.request_timeout")
+    positive(lim.max_body_bytes, "limits.max_body_bytes")
+    positive(lim.unauthenticated_per_hour, "limits.unauthenticated_per_hour")
     require(lim.store in STORES, "limits.store", f"unknown value {lim.store!r}; choose one of {', '.join(STORES)}")
     if lim.store == "redis":
         require(lim.redis_url is not None and urlparse(lim.redis_url).scheme in ("redis", "rediss", "unix"),
@@ -173,5 +178,6 @@ def secret_from_env(name: str, field_path: str) -> str:
         path = Path(os.environ[f"{name}_FILE"])
         require(path.is_file(), field_path, f"{name}_FILE names no readable file: {path}")
         value = path.read_text().strip()
-    require(len(value) >= 16, field_path, f"environment variable {name} must hold a secret of at least 16 characters")
+    require(len(value.encode()) >= MIN_SECRET_BYTES, field_path,
+            f"environment variable {name} must hold a secret of at least {MIN_SECRET_BYTES} bytes")
     return value

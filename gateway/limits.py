@@ -7,8 +7,11 @@ take changes nothing.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +26,19 @@ CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS spends (key TEXT PRIMARY KEY, total REAL NOT NULL);
 """
 LEGACY_BUDGET_PREFIX = "budget:"  # query counts, kept before spend was stored as what each query cost
+
+
+class LimitStoreDown(Exception):
+    """The store of limits and budgets cannot be reached: nothing can be checked, so nothing is answered (503)."""
+
+
+@contextmanager
+def _reachable(store: str) -> Iterator[None]:
+    import redis
+    try:
+        yield
+    except (redis.RedisError, sqlite3.OperationalError) as err:
+        raise LimitStoreDown(f"{store} unavailable: {type(err).__name__}") from err
 
 
 @dataclass(frozen=True)
@@ -55,7 +71,7 @@ class SQLiteLimitStore:
 
     def take_window(self, key: str, cap: int, window: float) -> Take:
         now = time.time()
-        with write_transaction(self._db, self._lock) as db:
+        with _reachable("limit database"), write_transaction(self._db, self._lock) as db:
             if now - self._swept > SWEEP_INTERVAL:  # expired events cost nothing but space: sweep now and then
                 db.execute("DELETE FROM window_events WHERE at <= ?", (now - window,))
                 self._swept = now
@@ -67,7 +83,7 @@ class SQLiteLimitStore:
         return Take(True, count + 1, 0.0)
 
     def take_spend(self, key: str, cost: float, cap: float) -> Spend:
-        with write_transaction(self._db, self._lock) as db:
+        with _reachable("limit database"), write_transaction(self._db, self._lock) as db:
             total = self._spent(key)
             if total + cost > cap:
                 return Spend(False, total)
@@ -80,7 +96,7 @@ class SQLiteLimitStore:
         return float(row[0]) if row else 0.0
 
     def spent(self, key: str) -> float:
-        with self._lock:
+        with _reachable("limit database"), self._lock:
             return self._spent(key)
 
     def migrate_counts(self, prefix: str, cost_per_count: float) -> int:
@@ -133,7 +149,7 @@ class RedisLimitStore:
     def __init__(self, url: str, prefix: str = "fl-gateway:") -> None:
         import redis
 
-        self._redis = redis.Redis.from_url(url, socket_timeout=5)
+        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
         self._redis.ping()
         self._prefix = prefix
         self._window = self._redis.register_script(WINDOW_SCRIPT)
@@ -141,15 +157,18 @@ class RedisLimitStore:
         self._migrate = self._redis.register_script(MIGRATE_SCRIPT)
 
     def take_window(self, key: str, cap: int, window: float) -> Take:
-        allowed, count, retry = self._window(keys=[self._prefix + key], args=[cap, window, time.time()])
+        with _reachable("redis"):
+            allowed, count, retry = self._window(keys=[self._prefix + key], args=[cap, window, time.time()])
         return Take(bool(allowed), int(count), max(float(retry), 0.0))
 
     def take_spend(self, key: str, cost: float, cap: float) -> Spend:
-        allowed, total = self._spend(keys=[self._prefix + key], args=[repr(cost), repr(cap)])
+        with _reachable("redis"):
+            allowed, total = self._spend(keys=[self._prefix + key], args=[repr(cost), repr(cap)])
         return Spend(bool(allowed), float(total))
 
     def spent(self, key: str) -> float:
-        value = self._redis.get(self._prefix + key)
+        with _reachable("redis"):
+            value = self._redis.get(self._prefix + key)
         return float(value) if value is not None else 0.0
 
     def migrate_counts(self, prefix: str, cost_per_count: float) -> int:

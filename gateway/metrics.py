@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+BUDGET_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 45.0)
 
 
@@ -15,9 +16,11 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.requests = Counter("requests", "Requests answered, by route and HTTP status.", ["route", "status"],
                                 registry=self.registry)
-        self.budget_remaining = Gauge(
-            "privacy_budget_remaining", "epsilon a user may still spend on noisy-vote queries.", ["user"],
-            registry=self.registry)
+        # a distribution over queries, not a gauge per user: metrics are read without authentication and must not
+        # name who asks
+        self.budget_spent = Histogram(
+            "privacy_budget_spent_fraction", "Share of the user's epsilon spent once a noisy-vote query is charged.",
+            buckets=BUDGET_BUCKETS, registry=self.registry)
         self.node_health = Gauge("federated_node_health", "1 if a model backend passes its health check, else 0.",
                                  ["backend", "hospital"], registry=self.registry)
         self.circuit_open = Gauge("backend_circuit_open", "1 if a backend's circuit is open (by failures or admin).",

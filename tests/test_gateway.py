@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import ssl
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import openai
 import pytest
 import redis
@@ -45,6 +47,7 @@ TRAIN = ["model=tiny", "data.max_train_examples=200", "data.max_test_examples=32
 TEXT = "Displaced fracture of shaft of left femur"
 VOTE = NoisyVote(epsilon_per_query=1.0, epsilon_per_user=2.0, delta=1e-5)
 RATE = 6
+ANONYMOUS = 3  # requests per hour without a valid token, per address, at the gateways sharing redis
 
 
 def token(user: str, role: str = "clinician", minutes: float = 30, now: float | None = None) -> dict[str, str]:
@@ -148,7 +151,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         redis_url = f"redis://127.0.0.1:{s.ports['redis']}/0"
         for name in ("shared-1", "shared-2"):
             s.gateway(name, ["replica-a"], "limits.store=redis", f"limits.redis_url={redis_url}",
-                      "limits.requests_per_hour=4")
+                      "limits.requests_per_hour=4", f"limits.unauthenticated_per_hour={ANONYMOUS}")
         for name in ("main", "busy", "shared-1", "shared-2", "tls-operations"):
             s.wait_ready(name)
         admin = token("root", "admin")
@@ -346,13 +349,68 @@ def test_gateways_sharing_redis_share_one_rate_limit(stack: Stack) -> None:
     assert redis.Redis(port=stack.ports["redis"]).zcard("fl-gateway:rate:hal") == 4
 
 
+def test_requests_without_a_valid_token_are_limited_per_address_across_gateways(stack: Stack) -> None:
+    statuses = [httpx.post(stack.url(g) + "/v1/classify", json={"text": TEXT}, timeout=30).status_code
+                for g in ("shared-1", "shared-2") * 2]
+    assert statuses == [401] * ANONYMOUS + [429]
+    assert classify(stack, "ida", "shared-2").status_code == 200  # a valid token is not held back
+
+
+def test_when_redis_is_down_a_gateway_answers_503_and_recovers(stack: Stack) -> None:
+    command = stack.processes["redis"].args
+    stack.kill("redis")
+    try:
+        down = classify(stack, "jon", "shared-1")
+        assert down.status_code == 503 and down.headers["retry-after"] == "5", down.text
+        assert down.json()["detail"] == "limits and budgets cannot be checked now, retry shortly"
+    finally:
+        stack.start("redis", list(command))  # type: ignore[arg-type]
+    wait_until(lambda: classify(stack, "jon", "shared-1").status_code == 200, 30, "the gateway to use redis again")
+
+
+def raw_http(port: int, head: bytes, body: bytes = b"") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(head + body)
+        conn.shutdown(socket.SHUT_WR)
+        return b"".join(iter(lambda: conn.recv(65536), b""))
+
+
+def test_credentials_and_bodies_past_their_bounds_are_refused(stack: Stack) -> None:
+    url = stack.url("busy") + "/v1/classify"
+
+    def status(claims: dict[str, object]) -> int:
+        signed = jwt.encode({"role": "clinician", "iss": ISSUER, "iat": int(time.time()),
+                             "exp": int(time.time()) + 600, **claims}, SECRET, algorithm="HS256")
+        return httpx.post(url, json={"text": TEXT}, headers={"Authorization": f"Bearer {signed}"},
+                          timeout=30).status_code
+
+    decade = int(time.time()) + 10 * 365 * 86400  # signed with the deployment's own secret, for ten years
+    assert [status({"sub": "ivy", "exp": decade}), status({"sub": ""}), status({"sub": "x" * 300}),
+            status({"sub": "ivy\nforged"}), status({"sub": "ivy"})] == [401, 401, 401, 401, 200]
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: {token('ivy')['Authorization']}\r\n"
+            "Content-Type: application/json\r\n").encode()
+    # a declared 100 MB body is refused unread; a chunked one once it passes the limit
+    assert raw_http(stack.ports["busy"], head + b"Content-Length: 100000000\r\n\r\n").startswith(
+        b"HTTP/1.1 413")
+    chunk = b"x" * 65536
+    chunked = (f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n") * 20 + b"0\r\n\r\n"
+    answer = raw_http(stack.ports["busy"], head + b"Transfer-Encoding: chunked\r\n\r\n", chunked)
+    assert answer.startswith(b"HTTP/1.1 413") and b"limits.max_body_bytes" in answer
+
+
 def test_metrics_expose_latency_statuses_budgets_and_node_health(stack: Stack) -> None:
     text = httpx.get(stack.url("main") + "/metrics", timeout=30).text
     assert 'request_duration_seconds_bucket{le="0.2",route="/v1/classify"}' in text
     assert 'requests_total{route="/v1/classify",status="429"} 1.0' in text
     assert 'requests_total{route="/v1/classify",status="401"} 5.0' in text
+    assert 'user="' not in text and "fay" not in text  # metrics are read without a token: they name no one
+    assert f"privacy_budget_spent_fraction_count {float(VOTE.queries_left(0.0))}" in text
+    assert 'privacy_budget_spent_fraction_bucket{le="0.25"} 0.0' in text  # fay's first vote already spent more
     remaining = VOTE.epsilon_per_user - VOTE.epsilon_of(VOTE.queries_left(0.0) * VOTE.rho_per_query)
-    assert f'privacy_budget_remaining{{user="fay"}} {remaining}' in text
+    fay = stack.url("main") + "/admin/privacy/budget/fay"
+    assert httpx.get(fay, headers=token("root", "admin"), timeout=30).json()["epsilon_remaining"] == \
+        pytest.approx(remaining)
+    assert httpx.get(fay, headers=token("fay"), timeout=30).status_code == 403
     assert f'federated_node_health{{backend="{stack.url("node-1")}",hospital="hospital-1"}} 1.0' in text
     busy = httpx.get(stack.url("busy") + "/metrics", timeout=30).text
     assert 'requests_total{route="/v1/classify",status="503"}' in busy
@@ -363,10 +421,10 @@ def test_every_metric_in_the_alert_rules_and_dashboard_is_exported(stack: Stack)
     exported = {line.split("{")[0].split(" ")[0] for line in metrics if line and not line.startswith("#")}
     monitoring = REPO / "docker" / "monitoring"
     text = (monitoring / "alerts.yml").read_text() + (monitoring / "grafana-dashboard.json").read_text()
-    used = set(re.findall(r"\b(request_duration_seconds_bucket|requests_total|privacy_budget_remaining|"
+    used = set(re.findall(r"\b(request_duration_seconds_bucket|requests_total|privacy_budget_spent_fraction_\w+|"
                           r"federated_node_health|backend_circuit_open|requests_in_flight|"
                           r"privacy_budget_refusals_total)\b", text))
-    assert used >= {"request_duration_seconds_bucket", "privacy_budget_remaining", "federated_node_health"}
+    assert used >= {"request_duration_seconds_bucket", "privacy_budget_spent_fraction_bucket", "federated_node_health"}
     assert used <= exported
 
 

@@ -34,6 +34,8 @@ def test_defaults_are_the_issues_and_the_production_preset_is_the_reference_depl
     ("cors_origins=[https://ehr.example.org/path]", "cors_origins"),
     ("privacy.epsilon_per_user=0.01", "privacy.epsilon_per_user"),
     ("limits.max_concurrent=abc", "limits.max_concurrent"),
+    ("limits.max_body_bytes=0", "limits.max_body_bytes"),
+    ("limits.unauthenticated_per_hour=0", "limits.unauthenticated_per_hour"),
 ])
 def test_a_bad_value_is_an_error_naming_its_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -56,7 +58,14 @@ def test_fl_gateway_token_mints_a_token_with_the_role_and_expiry() -> None:
     no_secret = run_cli("token", "--user", "x", "--role", "clinician", secret=None)
     assert no_secret.returncode == 2
     assert no_secret.stderr.strip() == ("fl-gateway: auth.secret_env: environment variable FL_GATEWAY_JWT_SECRET "
-                                        "must hold a secret of at least 16 characters")
+                                        "must hold a secret of at least 32 bytes")
+    weak = run_cli("token", "--user", "x", "--role", "clinician", secret="sixteen-chars-ok")
+    assert weak.returncode == 2 and "at least 32 bytes" in weak.stderr
+    for minutes in ("5256000", "31"):  # past auth.token_minutes (30): the gateway would refuse the token
+        long_lived = run_cli("token", "--user", "x", "--role", "clinician", "--minutes", minutes, secret=secret)
+        assert long_lived.returncode == 2 and long_lived.stderr.startswith("fl-gateway: --minutes: ")
+    bad_user = run_cli("token", "--user", "dr who", "--role", "clinician", secret=secret)
+    assert bad_user.returncode == 2 and bad_user.stderr.startswith("fl-gateway: user: ")
     bad_role = run_cli("token", "--user", "x", "--role", "nurse", secret=secret)
     assert bad_role.returncode == 2 and "--role" in bad_role.stderr and len(bad_role.stderr.splitlines()) == 1
     serve = run_cli("serve", "limits.store=redis", secret=secret)
