@@ -66,6 +66,7 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": OpenAIError} for code in (400, 401, 404, 429, 503, 504)}
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                       404: "not_found_error", 429: "rate_limit_error"}
+MAX_FIELD_NAME, MAX_ERRORS = 100, 20  # a refusal stays small whatever the request held
 NO_STORE = (b"cache-control", b"no-store")  # answers carry patient text: no proxy or browser keeps them
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,13 @@ def error_response(path: str, status: int, message: str, headers: Mapping[str, s
 
 
 def field_name(loc: tuple[int | str, ...]) -> str:
-    """A validation error's location as the request's field ("messages.1.role"), without the "body" root."""
-    return ".".join(str(part) for part in (loc[1:] if loc[:1] == ("body",) else loc)) or "body"
+    """A validation error's location as the request's field ("messages.1.role"), without the "body" root. Keys
+    come from the client: cut to a sane length and made encodable (a lone surrogate would fail the response)."""
+    return str(encodable(".".join(str(part) for part in (loc[1:] if loc[:1] == ("body",) else loc)) or "body"))
+
+
+def encodable(part: int | str) -> int | str:
+    return part if isinstance(part, int) else str(part)[:MAX_FIELD_NAME].encode("utf-8", "replace").decode()
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -140,7 +146,8 @@ def install_error_handlers(app: FastAPI) -> None:
             first = errors[0]
             name = field_name(tuple(first["loc"]))
             return error_response(request.url.path, 400, f"{name}: {first['msg']}", param=name)
-        return JSONResponse({"detail": [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in errors]}, 422)
+        return JSONResponse({"detail": [{"loc": [encodable(part) for part in e["loc"]], "msg": e["msg"],
+                                         "type": e["type"]} for e in errors[:MAX_ERRORS]]}, 422)
 
     async def store_down(request: Request, err: Exception) -> Response:
         log.error("%s", err)

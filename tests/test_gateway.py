@@ -396,6 +396,19 @@ def test_credentials_and_bodies_past_their_bounds_are_refused(stack: Stack) -> N
     chunked = (f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n") * 20 + b"0\r\n\r\n"
     answer = raw_http(stack.ports["busy"], head + b"Transfer-Encoding: chunked\r\n\r\n", chunked)
     assert answer.startswith(b"HTTP/1.1 413") and b"limits.max_body_bytes" in answer
+    # JSON no encoder can echo (a lone surrogate, NaN, Infinity), huge or hostile keys: refused, never a 500
+    phi, long_key = "Patient Jane Roe, MRN 12345", "k" * 5000
+    for route, raw in [
+        ("/v1/classify", '{"text": "\\ud800"}'), ("/v1/classify", '{"text": NaN}'),
+        ("/v1/classify", '{"\\ud800": 1, "text": "x"}'), ("/v1/classify", f'{{"text": "{phi}", "{long_key}": 1}}'),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "temperature": Infinity}'),
+        ("/v1/chat/completions", f'{{"messages": [{{"role": "nurse", "content": "{phi}"}}]}}'),
+        ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": "x", "\\udfff": "{phi}"}}]}}'),
+    ]:
+        refused = httpx.post(stack.url("busy") + route, content=raw.encode(), timeout=30,
+                             headers={**token("ivy"), "Content-Type": "application/json"})
+        assert refused.status_code in (400, 422) and phi not in refused.text, (raw[:80], refused.text[:300])
+        assert len(refused.content) < 2000
 
 
 def test_metrics_expose_latency_statuses_budgets_and_node_health(stack: Stack) -> None:
