@@ -28,6 +28,7 @@ from privacy.noisy_vote import NoisyVote
 from privacy.secure_random import SecureRandom
 
 from .audit import AuditEvent, AuditLog
+from .audit_writer import AuditWriter
 from .auth import AuthError, Principal, TokenVerifier, bearer_token, valid_user
 from .config import GatewayConfig, secret_from_env
 from .limits import LimitStore, LimitStoreDown, RedisLimitStore, SQLiteLimitStore
@@ -68,6 +69,7 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       404: "not_found_error", 429: "rate_limit_error"}
 MAX_FIELD_NAME, MAX_ERRORS = 100, 20  # a refusal stays small whatever the request held
 NO_STORE = (b"cache-control", b"no-store")  # answers carry patient text: no proxy or browser keeps them
+AUDIT_LOCK_WAIT = 5.0  # seconds one attempt waits for another process's write lock on the audit log; then again
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class GatewayServices:
     cfg: GatewayConfig
     jwt_secret: str
     audit: AuditLog
+    audit_writer: AuditWriter
     limits: LimitStore
     metrics: GatewayMetrics
     vote: NoisyVote
@@ -99,8 +102,8 @@ def build_services(cfg: GatewayConfig) -> GatewayServices:
     if migrated:
         log.warning("carried %d users' query counts over at epsilon_per_query %g each (the price they were bought "
                     "at is not recorded)", migrated, cfg.privacy.epsilon_per_query)
-    return GatewayServices(cfg, secret, AuditLog(Path(cfg.audit.path), audit_key), limits, GatewayMetrics(), vote,
-                           SecureRandom())
+    audit = AuditLog(Path(cfg.audit.path), audit_key, lock_timeout=AUDIT_LOCK_WAIT)
+    return GatewayServices(cfg, secret, audit, AuditWriter(audit), limits, GatewayMetrics(), vote, SecureRandom())
 
 
 class RequestError(HTTPException):
@@ -203,8 +206,9 @@ def _route_path(scope: Scope) -> str:
 
 
 class CapTimeAndAudit:
-    """Outermost layer for /v1 and /admin: refuses past the concurrency cap (503) before any other work, then times
-    each request into the metrics and writes its audit record, whatever the outcome (pure ASGI: no extra task)."""
+    """Outermost layer for /v1 and /admin: refuses past the concurrency cap (503) before any other work, times each
+    request into the metrics, and holds each answer until its audit record is committed, whatever the outcome
+    (pure ASGI: no extra task)."""
 
     def __init__(self, app: ASGIApp, services: GatewayServices) -> None:
         self.app, self.services, self.in_flight = app, services, 0
@@ -217,24 +221,34 @@ class CapTimeAndAudit:
         start = time.perf_counter()
         state = scope.setdefault("state", {})
         state["deadline"] = time.monotonic() + services.cfg.limits.request_timeout
-        status = 500
+        status, audited = 500, False
 
-        async def send_status(message: Message) -> None:
+        async def audit() -> None:
+            nonlocal audited
+            audited = True
+            principal: Principal | None = state.get("principal")
+            await services.audit_writer.record(AuditEvent(
+                user=principal.user if principal else "-", role=principal.role if principal else "-",
+                route=_route_path(scope), model=state.get("model", "-"), query_mode=state.get("query_mode", "-"),
+                epsilon=state.get("epsilon", 0.0), status=status, request_text=state.get("request_text", "")))
+
+        async def send_after_audit(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), NO_STORE]
+                await audit()  # the answer leaves only once its record is on disk
             await send(message)
 
         try:
             if self.in_flight >= services.cfg.limits.max_concurrent:
                 busy = error_response(scope["path"], 503, "gateway at capacity, retry shortly", {"Retry-After": "1"})
-                await busy(scope, receive, send_status)
+                await busy(scope, receive, send_after_audit)
                 return
             self.in_flight += 1
             metrics.in_flight.inc()
             try:
-                await self.app(scope, receive, send_status)
+                await self.app(scope, receive, send_after_audit)
             finally:
                 self.in_flight -= 1
                 metrics.in_flight.dec()
@@ -242,11 +256,8 @@ class CapTimeAndAudit:
             route = _route_path(scope)
             metrics.request_duration.labels(route).observe(time.perf_counter() - start)
             metrics.requests.labels(route, str(status)).inc()
-            principal: Principal | None = state.get("principal")
-            services.audit.append(AuditEvent(
-                user=principal.user if principal else "-", role=principal.role if principal else "-", route=route,
-                model=state.get("model", "-"), query_mode=state.get("query_mode", "-"),
-                epsilon=state.get("epsilon", 0.0), status=status, request_text=state.get("request_text", "")))
+            if not audited:  # no answer was sent (an error, or the client left first): recorded all the same
+                await audit()
 
 
 def retry_after(seconds: float) -> dict[str, str]:
@@ -270,6 +281,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
                 yield
             finally:
                 checker.cancel()
+                services.audit_writer.close()
                 services.audit.close()
 
     app = FastAPI(title="federated-dp-llm gateway", version="1", lifespan=lifespan,

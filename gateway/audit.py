@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -67,9 +68,10 @@ def _mac(chain_key: bytes, values: list[object]) -> str:
 
 
 class AuditLog:
-    def __init__(self, path: Path, key: str) -> None:
+    def __init__(self, path: Path, key: str, lock_timeout: float = 30.0) -> None:
         self._fernet, self._chain_key = _keys(key)
-        self._db = open_database(path, SCHEMA)
+        # FULL sync: a record is on disk when its commit returns, power cut included (group commit pays for it)
+        self._db = open_database(path, SCHEMA, synchronous="FULL", timeout=lock_timeout)
         self._lock = threading.Lock()
 
     def _head(self) -> tuple[int, str]:
@@ -80,15 +82,22 @@ class AuditLog:
 
     def append(self, event: AuditEvent, at: datetime | None = None) -> int:
         """Add one record at the head of the chain; returns its sequence number."""
+        return self.append_all([event], at)[0]
+
+    def append_all(self, events: Sequence[AuditEvent], at: datetime | None = None) -> list[int]:
+        """Add records at the head of the chain in one transaction (one commit for all: group commit); returns
+        their sequence numbers. Raises sqlite3.OperationalError, having written none, if the write lock stays taken."""
         stamp = (at or datetime.now(UTC)).isoformat()
-        token = self._fernet.encrypt(event.request_text.encode())
+        tokens = [self._fernet.encrypt(event.request_text.encode()) for event in events]
         with write_transaction(self._db, self._lock) as db:
             last_seq, prev = self._head()
-            values: list[object] = [last_seq + 1, stamp, event.user, event.role, event.route, event.model,
-                                    event.query_mode, float(event.epsilon), int(event.status), token, prev]
-            db.execute(f"INSERT INTO audit ({', '.join(FIELDS)}, mac) VALUES ({', '.join('?' * 12)})",
-                       [*values, _mac(self._chain_key, values)])
-        return last_seq + 1
+            for i, (event, token) in enumerate(zip(events, tokens, strict=True), start=last_seq + 1):
+                values: list[object] = [i, stamp, event.user, event.role, event.route, event.model,
+                                        event.query_mode, float(event.epsilon), int(event.status), token, prev]
+                prev = _mac(self._chain_key, values)
+                db.execute(f"INSERT INTO audit ({', '.join(FIELDS)}, mac) VALUES ({', '.join('?' * 12)})",
+                           [*values, prev])
+        return list(range(last_seq + 1, last_seq + 1 + len(events)))
 
     def verify(self) -> tuple[int, list[str]]:
         """(records checked, problems): each problem names the record where the chain breaks and how."""

@@ -11,13 +11,14 @@ from pathlib import Path
 from privacy.ledger import immediate_transaction
 
 
-def open_database(path: Path, schema: str) -> sqlite3.Connection:
-    """Autocommit with explicit write transactions, WAL so readers never block the writer, and NORMAL sync (a commit
-    survives a process crash; a power cut may lose the last ones)."""
+def open_database(path: Path, schema: str, synchronous: str = "NORMAL", timeout: float = 30.0) -> sqlite3.Connection:
+    """Autocommit with explicit write transactions, WAL so readers never block the writer. NORMAL sync: a commit
+    survives a process crash, a power cut may lose the last ones; FULL: it survives both. `timeout`: seconds to wait
+    for another connection's write lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=timeout)
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
     db.executescript(schema)
     return db
 

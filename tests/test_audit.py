@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from gateway.audit import AuditEvent, AuditKeyError, AuditLog
+from gateway.audit_writer import AuditWriter
 
 KEY = Fernet.generate_key().decode()
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
@@ -76,3 +78,35 @@ def test_fl_audit_gives_one_line_errors_and_prunes(tmp_path: Path) -> None:
     assert pruned.returncode == 0 and "pruned 1 records" in pruned.stdout
     assert fl_audit("verify", "--log", str(path)).returncode == 0
     assert Fernet(fl_audit("new-key").stdout.strip().encode())  # a usable key
+
+
+def test_the_writer_commits_waiting_records_together_and_releases_none_while_the_log_is_locked(
+        tmp_path: Path) -> None:
+    """Another process holds the write lock past several attempts: every record waits, none is dropped, none is
+    reported written before the lock is released, and those that queued meanwhile share one commit."""
+    path = tmp_path / "audit.sqlite"
+    audit = AuditLog(path, KEY, lock_timeout=0.2)
+    writer = AuditWriter(audit)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    released = False
+
+    async def one(user: str) -> tuple[int, bool]:
+        seq = await writer.record(event(user))
+        return seq, released  # was the lock released when this record was reported committed?
+
+    async def main() -> list[tuple[int, bool]]:
+        nonlocal released
+        pending = asyncio.gather(*(one(f"u{i}") for i in range(50)))
+        await asyncio.sleep(1.5)  # several lock timeouts
+        released = True
+        holder.execute("COMMIT")
+        return await pending
+
+    results = asyncio.run(main())
+    writer.close()
+    assert sorted(seq for seq, _ in results) == list(range(1, 51))
+    assert all(after_release for _, after_release in results)
+    assert audit.verify() == (50, [])
+    stamps = {r["at"] for r in audit.records()}
+    assert len(stamps) <= 2  # the first record's own commit, then everything that queued behind it

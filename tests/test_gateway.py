@@ -15,6 +15,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -368,11 +369,45 @@ def test_when_redis_is_down_a_gateway_answers_503_and_recovers(stack: Stack) -> 
     wait_until(lambda: classify(stack, "jon", "shared-1").status_code == 200, 30, "the gateway to use redis again")
 
 
+def test_while_another_process_holds_the_audit_log_answers_wait_and_none_goes_unaudited(stack: Stack) -> None:
+    path, key = stack.root / "shared-2-audit.sqlite", stack.env["FL_AUDIT_KEY"]
+    before = len(AuditLog(path, key).records())
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # as a backup tool or a stuck process would
+    released = threading.Event()
+
+    def ask(i: int) -> tuple[int, bool]:
+        return classify(stack, f"locked-{i}", "shared-2").status_code, released.is_set()
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = [pool.submit(ask, i) for i in range(4)]
+            time.sleep(8)  # past the gateway's 5 s wait for the lock: it waits again
+            assert httpx.get(stack.url("shared-2") + "/health", timeout=5).status_code == 200  # the loop is free
+            assert not any(answer.done() for answer in answers)
+            released.set()
+            holder.execute("COMMIT")
+            results = [answer.result() for answer in answers]
+    finally:
+        holder.close()
+    assert results == [(200, True)] * 4  # every answer left after its record was written
+    audit = AuditLog(path, key)
+    assert len(audit.records()) == before + 4 and audit.verify()[1] == []
+
+
 def raw_http(port: int, head: bytes, body: bytes = b"") -> bytes:
+    """One response to bytes sent as they are, read to its end without closing our side first (a server may take
+    a half-closed connection for a client gone)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
         conn.sendall(head + body)
-        conn.shutdown(socket.SHUT_WR)
-        return b"".join(iter(lambda: conn.recv(65536), b""))
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"content-length: (\d+)", answer.lower()).group(1)):  # type: ignore[union-attr]
+            piece = conn.recv(65536)
+            if not piece:
+                break
+            answer += piece
+        return answer
 
 
 def test_credentials_and_bodies_past_their_bounds_are_refused(stack: Stack) -> None:
