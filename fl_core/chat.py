@@ -39,6 +39,14 @@ def _ids(encoded: object) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _with_system(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """Training's empty system turn first, unless the conversation brings its own."""
+    turns = [dict(m) for m in messages]
+    if not turns or turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+    return turns
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """The conversation up to the assistant's turn: what the model answers."""
     return conversation_ids(tokenizer, [{"role": "user", "content": text}])
@@ -49,10 +57,7 @@ def conversation_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapp
     model sees what it learnt from: the template with an empty system turn unless the conversation brings one;
     without a template, each user turn as a diagnosis and each assistant turn as its chapter."""
     if tokenizer.chat_template:
-        turns = [dict(m) for m in messages]
-        if not turns or turns[0]["role"] != "system":
-            turns.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
-        return _ids(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True))
+        return _ids(tokenizer.apply_chat_template(_with_system(messages), add_generation_prompt=True, tokenize=True))
     lines = [PLAIN_LAYOUT[m["role"]].format(m["content"]) for m in messages]
     return [int(i) for i in tokenizer("\n".join([*lines, "Chapter:"]))["input_ids"]]
 
@@ -62,9 +67,8 @@ def answer_ids(tokenizer: PreTrainedTokenizerBase, prompt: list[int], text: str,
     at (the template's newline after it is not a target)."""
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if tokenizer.chat_template:
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text},
-                    {"role": "assistant", "content": answer}]
-        full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
+        turns = _with_system([{"role": "user", "content": text}, {"role": "assistant", "content": answer}])
+        full = _ids(tokenizer.apply_chat_template(turns, tokenize=True))
         if full[: len(prompt)] != prompt:
             raise ValueError("chat template: the answer does not extend the prompt")
         ids = full[len(prompt):]

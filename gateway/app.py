@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import aiohttp
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -69,9 +70,11 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       404: "not_found_error", 429: "rate_limit_error"}
 MAX_FIELD_NAME, MAX_ERRORS = 100, 20  # a refusal stays small whatever the request held
 NO_STORE = (b"cache-control", b"no-store")  # answers carry patient text: no proxy or browser keeps them
+SEND_GRACE = 5.0  # seconds past a request's deadline its answer may take to be read by the client
 AUDIT_LOCK_WAIT = 5.0  # seconds one attempt waits for another process's write lock on the audit log; then again
 
 log = logging.getLogger(__name__)
+Routed = TypeVar("Routed")
 
 
 @dataclass
@@ -205,6 +208,10 @@ def _route_path(scope: Scope) -> str:
     return str(getattr(route, "path", "unmatched"))
 
 
+class SlowReader(Exception):
+    """The client did not take the answer within its request's time."""
+
+
 class CapTimeAndAudit:
     """Outermost layer for /v1 and /admin: refuses past the concurrency cap (503) before any other work, times each
     request into the metrics, and holds each answer until its audit record is committed, whatever the outcome
@@ -238,7 +245,11 @@ class CapTimeAndAudit:
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), NO_STORE]
                 await audit()  # the answer leaves only once its record is on disk
-            await send(message)
+            # a client that stops reading holds a slot no longer than the request's time allows
+            try:
+                await asyncio.wait_for(send(message), max(state["deadline"] + SEND_GRACE - time.monotonic(), 0.01))
+            except TimeoutError:
+                raise SlowReader from None
 
         try:
             if self.in_flight >= services.cfg.limits.max_concurrent:
@@ -249,6 +260,8 @@ class CapTimeAndAudit:
             metrics.in_flight.inc()
             try:
                 await self.app(scope, receive, send_after_audit)
+            except SlowReader:
+                log.warning("%s: the client stopped reading; connection dropped", _route_path(scope))
             finally:
                 self.in_flight -= 1
                 metrics.in_flight.dec()
@@ -329,24 +342,32 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
     Caller = Annotated[Principal, Depends(rate_limited)]
     Admin = Annotated[Principal, Depends(admin)]
 
-    async def forward(request: Request, tasks: tuple[str, ...], path: str, body: dict[str, Any],
-                      model: str | None = None) -> tuple[Backend, dict[str, Any]]:
+    async def routed(call: Awaitable[tuple[Backend, Routed]]) -> tuple[Backend, Routed]:
+        """A routed call's result, or the refusal a client understands: no replica (503), or none in time (504)."""
         try:
-            backend, response = await router().call(tasks, path, body, request.state.deadline, model)
+            return await call
         except NoBackendAvailable as err:
             raise HTTPException(503, str(err), headers={"Retry-After": "5"}) from None
         except TimeoutError:
             raise HTTPException(504, f"no answer within {cfg.limits.request_timeout} s") from None
+
+    async def forward(request: Request, tasks: tuple[str, ...], path: str, body: dict[str, Any],
+                      model: str | None = None) -> tuple[Backend, dict[str, Any]]:
+        backend, response = await routed(router().call(tasks, path, body, request.state.deadline, model))
         request.state.model = str(backend.info.get("model", backend.url))
         if response.status != 200:
             raise replica_refusal(response)
         return backend, response.body
 
     def replica_refusal(reply: Reply) -> HTTPException:
-        """A replica's 4xx: the request's fault (a prompt past the context, a route its model does not serve)."""
-        detail = reply.body.get("detail", "backend refused the request")
-        return RequestError(reply.status, detail if isinstance(detail, str) else "backend refused the request",
-                            param=str(detail).split(":", 1)[0] if ":" in str(detail) else None)
+        """A replica's 4xx: the request's fault (a prompt past the context, a route its model does not serve),
+        with the field it names."""
+        detail = reply.body.get("detail")
+        if isinstance(detail, dict) and isinstance(detail.get("message"), str):
+            param = detail.get("param")
+            return RequestError(reply.status, detail["message"], param=param if isinstance(param, str) else None)
+        return RequestError(reply.status, detail if isinstance(detail, str) else "the model replica refused the "
+                                                                                 "request")
 
     def served(model: str | None, tasks: tuple[str, ...]) -> str | None:
         """The model asked for, if a replica serves it for one of the route's tasks; none asked: any replica of
@@ -355,11 +376,11 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
             return None
         info = router().models().get(model)
         if info is None:
-            raise RequestError(404, f"model {model!r} is not served here: GET /v1/models lists the models",
+            raise RequestError(404, "no such model is served here: GET /v1/models lists the models",
                                param="model", code="model_not_found")
         if info.get("task") not in tasks:
-            raise RequestError(400, f"model {model!r} is a {info.get('task')} model, which this route does not "
-                                    f"serve", param="model")
+            raise RequestError(400, f"this model is a {info.get('task')} model, which this route does not serve",
+                               param="model")
         return model
 
     def standard_privacy(backend: Backend) -> PrivacyInfo:
@@ -464,12 +485,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
                        model: str | None) -> StreamingResponse:
         """The replica's server-sent events passed on as they come; the first carries the request id and the
         privacy provenance. A replica that fails mid-answer ends the stream with an error event."""
-        try:
-            backend, opened = await router().open_stream(tasks, path, payload, request.state.deadline, model)
-        except NoBackendAvailable as err:
-            raise HTTPException(503, str(err), headers={"Retry-After": "5"}) from None
-        except TimeoutError:
-            raise HTTPException(504, f"no answer within {cfg.limits.request_timeout} s") from None
+        backend, opened = await routed(router().open_stream(tasks, path, payload, request.state.deadline, model))
         request.state.model = str(backend.info.get("model", backend.url))
         if isinstance(opened, Reply):
             raise replica_refusal(opened)
@@ -477,10 +493,11 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
 
         async def events() -> AsyncIterator[bytes]:
             try:
-                async for line in opened.content:
+                async for line in opened.response.content:
                     if not line.startswith(b"data: "):
                         continue
                     if line.strip() == DONE.strip():
+                        opened.close(ok=True)
                         yield DONE
                         return
                     chunk = json.loads(line[len(b"data: "):])
@@ -489,13 +506,15 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
                 raise ValueError("the stream ended without [DONE]")
             except (aiohttp.ClientError, TimeoutError, ValueError) as err:
                 log.warning("%s stopped mid-answer: %s", backend.url, type(err).__name__)
+                opened.close(ok=False)
                 yield sse({"error": {"message": "the model replica stopped mid-answer", "type": "server_error",
                                      "param": None, "code": None}})
             finally:
-                opened.release()
+                opened.close(ok=None)  # the client left first: not the replica's doing
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={BACKEND_HEADER: str(backend.index)})
+        # the background task releases the replica's connection even if the client leaves before the first event
+        return StreamingResponse(events(), media_type="text/event-stream", headers={BACKEND_HEADER: str(backend.index)},
+                                 background=BackgroundTask(opened.close, None))
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=OPENAI_ERRORS, tags=["inference"])
     async def completions(request: Request, response: Response, body: CompletionRequest,

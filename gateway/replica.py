@@ -35,6 +35,11 @@ from .served_model import ServedModel
 
 GENERATIVE = ("causal-lm", "chat")
 
+def refusal(status: int, message: str, param: str | None = None) -> HTTPException:
+    """A 4xx the gateway passes on: the message, and the request field at fault (OpenAI's `param`)."""
+    return HTTPException(status, {"message": message, "param": param})
+
+
 def usage(g: Generation) -> Usage:
     return Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
                  total_tokens=g.prompt_tokens + g.completion_tokens)
@@ -43,6 +48,7 @@ def usage(g: Generation) -> Usage:
 def create_replica_app(model: ServedModel, hospital: str | None = None) -> FastAPI:
     """`hospital`: this replica serves that hospital's own model, so it can vote in noisy-vote queries."""
     app = FastAPI(title="federated-dp-llm model replica", version="1")
+    generating: set[asyncio.Future[None]] = set()  # streamed answers' generations, held until they end
 
     @app.get("/health", response_model=ReplicaHealth)
     def health() -> ReplicaHealth:
@@ -58,9 +64,10 @@ def create_replica_app(model: ServedModel, hospital: str | None = None) -> FastA
 
     def fitted(prompt: list[int], body: Sampling, field: str) -> list[int]:
         """The prompt, if it leaves room in the model's context for the answer asked for."""
-        if len(prompt) + body.max_tokens > model.context:
-            raise HTTPException(400, f"{field}: {len(prompt)} prompt tokens and max_tokens {body.max_tokens} exceed "
-                                     f"the model's context of {model.context} tokens")
+        limit = model.answer_limit(body.params())
+        if len(prompt) + limit > model.context:
+            raise refusal(400, f"{field}: {len(prompt)} prompt tokens and an answer of up to {limit} exceed the "
+                               f"model's context of {model.context} tokens", field)
         return prompt
 
     async def streamed(prompt: list[int], body: Sampling, chunk: Callable[[str | None, str | None], dict[str, Any]],
@@ -78,8 +85,10 @@ def create_replica_app(model: ServedModel, hospital: str | None = None) -> FastA
                 put(err)
 
         async def events() -> AsyncIterator[bytes]:
-            worker = threading.Thread(target=run, daemon=True)
-            worker.start()
+            # in the bounded thread pool, as whole answers are: a burst of streams queues, it does not fork threads
+            worker = asyncio.ensure_future(run_in_threadpool(run))
+            generating.add(worker)
+            worker.add_done_callback(generating.discard)
             try:
                 while not isinstance(item := await queue.get(), Generation):
                     if isinstance(item, BaseException):
@@ -95,7 +104,7 @@ def create_replica_app(model: ServedModel, hospital: str | None = None) -> FastA
     def generative(task: str) -> None:
         if model.task != task and not (task == "causal-lm" and model.task in GENERATIVE):
             route = "/v1/classify" if model.task == "classification" else "/v1/completions"
-            raise HTTPException(400, f"this model is a {model.task} model: use {route}")
+            raise refusal(400, f"this model is a {model.task} model: use {route}", "model")
 
     @app.post("/v1/completions", response_model=ReplicaCompletion)
     async def completions(body: CompletionRequest) -> ReplicaCompletion | StreamingResponse:
@@ -114,7 +123,8 @@ def create_replica_app(model: ServedModel, hospital: str | None = None) -> FastA
     @app.post("/v1/chat/completions", response_model=ReplicaChatCompletion)
     async def chat_completions(body: ChatRequest) -> ReplicaChatCompletion | StreamingResponse:
         generative("chat")
-        messages = [m.model_dump() for m in body.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                    for m in body.messages]
         prompt = fitted(await run_in_threadpool(model.chat_prompt, messages), body, "messages")
         answer_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:

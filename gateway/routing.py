@@ -4,11 +4,11 @@ and failover within the request's time budget."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 
@@ -17,7 +17,7 @@ from .config import RoutingConfig
 EWMA_WEIGHT = 0.2  # weight of the newest response time in a backend's running average
 INITIAL_RESPONSE_TIME = 0.05
 HEALTH_TIMEOUT = 3.0  # seconds, at least
-log = logging.getLogger(__name__)
+T = TypeVar("T")
 CircuitState = Literal["closed", "open", "half-open", "forced-open"]
 
 
@@ -55,6 +55,25 @@ class Backend:
 class Reply:
     status: int
     body: dict[str, Any]
+
+
+@dataclass
+class Stream:
+    """A backend's answer arriving as server-sent events. It counts for the backend, with its whole duration, or
+    against it only once it ends (`close`), as a whole answer would."""
+
+    router: Router
+    backend: Backend
+    response: aiohttp.ClientResponse
+    started: float
+    closed: bool = False
+
+    def close(self, ok: bool | None) -> None:
+        """Release the connection; `ok`: the answer completed, failed midway, or (None) the client left."""
+        if not self.closed:
+            self.closed = True
+            self.response.release()
+            self.router.settle(self.backend, self.started, ok)
 
 
 class BackendError(Exception):
@@ -101,31 +120,57 @@ class Router:
         if backend.failures >= self.cfg.failure_threshold or backend.opened_at is not None:
             backend.opened_at = time.monotonic()  # open, or re-open after a failed half-open trial
 
-    async def call_one(self, backend: Backend, path: str, body: dict[str, Any], timeout: float) -> Reply:
-        """One backend, no failover. 4xx answers are the request's fault and are returned as they are."""
-        half_open = backend.circuit(self.cfg.circuit_cooldown, time.monotonic()) == "half-open"
-        backend.trial_in_flight = half_open
+    async def _open(self, backend: Backend, path: str, body: dict[str, Any],
+                    timeout: float) -> tuple[aiohttp.ClientResponse, float]:
+        """POST to one backend: its response, open, and when it was sent. No answer or a 5xx counts against the
+        backend (BackendError, to fail over)."""
+        backend.trial_in_flight = backend.circuit(self.cfg.circuit_cooldown, time.monotonic()) == "half-open"
         start = time.perf_counter()
         try:
-            async with self.client.post(backend.url + path, json=body,
-                                        timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-                status = response.status
-                answer = await response.json() if status < 500 else {}
-        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+            response = await self.client.post(backend.url + path, json=body,
+                                              timeout=aiohttp.ClientTimeout(total=timeout))
+        except (aiohttp.ClientError, TimeoutError) as err:
+            self.settle(backend, start, ok=False)
+            raise BackendError(f"{backend.url}: {type(err).__name__}") from err
+        if response.status >= 500:
+            response.release()
+            self.settle(backend, start, ok=False)
+            raise BackendError(f"{backend.url}: HTTP {response.status}")
+        return response, start
+
+    def settle(self, backend: Backend, start: float, ok: bool | None) -> None:
+        """An answer has ended: it counts for (ok) or against the backend, or not at all (None: the client left)."""
+        backend.trial_in_flight = False
+        if ok:
+            self.record_success(backend, time.perf_counter() - start)
+        elif ok is not None:
             self.record_failure(backend)
+
+    async def _reply(self, backend: Backend, response: aiohttp.ClientResponse, start: float) -> Reply:
+        try:
+            answer = await response.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+            self.settle(backend, start, ok=False)
             raise BackendError(f"{backend.url}: {type(err).__name__}") from err
         finally:
-            backend.trial_in_flight = False
-        if status >= 500:
-            self.record_failure(backend)
-            raise BackendError(f"{backend.url}: HTTP {status}")
-        self.record_success(backend, time.perf_counter() - start)
-        return Reply(status, answer)
+            response.release()
+        self.settle(backend, start, ok=True)
+        return Reply(response.status, answer)
 
-    async def call(self, tasks: tuple[str, ...], path: str, body: dict[str, Any], deadline: float,
-                   model: str | None = None) -> tuple[Backend, Reply]:
-        """POST to one backend serving one of `tasks`, failing over to the others until one answers or the
-        deadline passes."""
+    async def call_one(self, backend: Backend, path: str, body: dict[str, Any], timeout: float) -> Reply:
+        """One backend, no failover. 4xx answers are the request's fault and are returned as they are."""
+        return await self._reply(backend, *await self._open(backend, path, body, timeout))
+
+    async def _stream_one(self, backend: Backend, path: str, body: dict[str, Any], timeout: float) -> Reply | Stream:
+        response, start = await self._open(backend, path, body, timeout)
+        if response.status != 200:
+            return await self._reply(backend, response, start)
+        return Stream(self, backend, response, start)
+
+    async def _failover(self, tasks: tuple[str, ...], deadline: float, model: str | None,
+                        attempt: Callable[[Backend, float], Awaitable[T]]) -> tuple[Backend, T]:
+        """`attempt` on one backend serving one of `tasks` (and `model`), then on the others while it fails, until
+        one answers or the deadline passes."""
         tried: set[int] = set()
         while True:
             remaining = deadline - time.monotonic()
@@ -134,46 +179,21 @@ class Router:
             backend = self._pick(tasks, tried, model)
             tried.add(backend.index)
             try:
-                return backend, await self.call_one(backend, path, body, remaining)
+                return backend, await attempt(backend, remaining)
             except BackendError:
                 continue
 
+    async def call(self, tasks: tuple[str, ...], path: str, body: dict[str, Any], deadline: float,
+                   model: str | None = None) -> tuple[Backend, Reply]:
+        """POST to a backend serving one of `tasks`, with failover."""
+        return await self._failover(tasks, deadline, model, lambda b, timeout: self.call_one(b, path, body, timeout))
+
     async def open_stream(self, tasks: tuple[str, ...], path: str, body: dict[str, Any], deadline: float,
-                          model: str | None = None) -> tuple[Backend, Reply | aiohttp.ClientResponse]:
+                          model: str | None = None) -> tuple[Backend, Reply | Stream]:
         """As `call`, for an answer streamed as server-sent events: fails over until a backend starts answering,
-        never after. A 4xx comes back as a Reply; a 200 as the open response, for the caller to read and release
-        (the deadline bounds all of it)."""
-        tried: set[int] = set()
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            backend = self._pick(tasks, tried, model)
-            tried.add(backend.index)
-            backend.trial_in_flight = backend.circuit(self.cfg.circuit_cooldown, time.monotonic()) == "half-open"
-            start = time.perf_counter()
-            try:
-                response = await self.client.post(backend.url + path, json=body,
-                                                  timeout=aiohttp.ClientTimeout(total=remaining))
-            except (aiohttp.ClientError, TimeoutError) as err:
-                self.record_failure(backend)
-                log.warning("%s: %s", backend.url, type(err).__name__)
-                continue
-            finally:
-                backend.trial_in_flight = False
-            if response.status >= 500:
-                response.release()
-                self.record_failure(backend)
-                continue
-            self.record_success(backend, time.perf_counter() - start)
-            if response.status != 200:
-                try:
-                    return backend, Reply(response.status, await response.json())
-                except (aiohttp.ClientError, ValueError):
-                    return backend, Reply(response.status, {})
-                finally:
-                    response.release()
-            return backend, response
+        never after. A 4xx comes back as a Reply, a 200 as a Stream (the deadline bounds all of it)."""
+        return await self._failover(tasks, deadline, model,
+                                    lambda b, timeout: self._stream_one(b, path, body, timeout))
 
     def voters(self) -> list[Backend]:
         """One available classifier per hospital model, for the noisy vote."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -40,32 +40,50 @@ class ClassifyRequest(BaseModel):
                                 "Gaussian-noised vote of the hospitals' own models, charged to your budget.")
 
 
+MAX_STOPS, MAX_STOP_LENGTH = 4, 64
+MIN_SAMPLING_TEMPERATURE = 0.01  # below it sampling is greedy decoding in all but overflow: decoded greedily
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
 class Sampling(BaseModel):
     """The generation parameters common OpenAI clients send; anything else is refused by name."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, max_length=200, description="A model id from /v1/models; none: any replica.")
     max_tokens: int = Field(64, ge=1, le=1024)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False,
+                               description=f"0 (or under {MIN_SAMPLING_TEMPERATURE}): greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling, when sampling.")
     n: int = Field(1, ge=1, le=1, description="Answers per request: one.")
-    stop: str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
-        None, max_length=4, description="Up to 4 sequences that end the answer; they are not part of it.")
+    stop: str | list[str] | None = Field(
+        None, description=f"Up to {MAX_STOPS} sequences of 1-{MAX_STOP_LENGTH} characters that end the answer; "
+                          "they are not part of it.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Accepted at 0 only (clients send it).")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Accepted at 0 only (clients send it).")
     stream: bool = Field(False, description="Send the answer as server-sent events, as it is generated.")
+    stream_options: StreamOptions | None = Field(None, description="Accepted; the last event always has usage.")
     user: str | None = Field(None, max_length=256, description="Accepted for compatibility and not used: the "
                                                                "caller is the token's subject.")
 
     @field_validator("stop")
     @classmethod
-    def _stop_not_empty(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if stop == "":
-            raise ValueError("a stop sequence cannot be empty")
+    def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if isinstance(stop, list) and not 1 <= len(stop) <= MAX_STOPS:
+            raise ValueError(f"give 1-{MAX_STOPS} stop sequences")
+        if any(not 1 <= len(s) <= MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"a stop sequence has 1-{MAX_STOP_LENGTH} characters")
         return stop
 
     def params(self) -> GenerationParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return GenerationParams(self.max_tokens, self.temperature, self.top_p, stop, self.seed)
+        temperature = self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
+        return GenerationParams(self.max_tokens, temperature, self.top_p, stop, self.seed)
 
 
 class CompletionRequest(Sampling):
@@ -76,7 +94,7 @@ class CompletionRequest(Sampling):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str = Field(min_length=1, max_length=MAX_TEXT)
 
 

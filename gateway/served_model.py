@@ -111,15 +111,21 @@ class ServedModel:
         return conversation_ids(self.tokenizer, messages)
 
     @torch.inference_mode()
+    def answer_limit(self, params: GenerationParams) -> int:
+        """Tokens the answer may have: what the request asks, within the replica's cap."""
+        return min(params.max_tokens, self.max_new_tokens)
+
     def generate(self, prompt: list[int], params: GenerationParams, on_text: Callable[[str], None] | None = None,
                  cancelled: threading.Event | None = None) -> Generation:
         """Greedy at temperature 0, else sampled with `top_p`; ends at the end of turn, a stop sequence, the token
         limit, or when `cancelled` is set. `on_text` receives the answer as it grows (for streaming)."""
-        limit = min(params.max_tokens, self.max_new_tokens)
+        limit = self.answer_limit(params)
         input_ids = torch.tensor([prompt], device=self.device)
         watch = TextWatch(self.tokenizer, len(prompt), params.stop, on_text, cancelled)
         sampled = params.temperature > 0
         with self._lock:
+            if cancelled is not None and cancelled.is_set():  # the client left while this waited for the model
+                return Generation("", len(prompt), 0, "stop")
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             out = self.model.generate(

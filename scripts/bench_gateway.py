@@ -112,7 +112,7 @@ def main() -> None:
            "FL_AUDIT_KEY": Fernet.generate_key().decode()}
     backend_port, gateway_port = free_port(), free_port()
     (work / "backend.py").write_text(FAST_BACKEND)
-    tokens = ", ".join(f'"{mint_token(SECRET, f"user-{i}", "clinician", 60, "federated-dp-llm")}"'
+    tokens = ", ".join(f'"{mint_token(SECRET, f"user-{i}", "clinician", 30, "federated-dp-llm")}"'
                        for i in range(args.users))
     script = work / "load.lua"
     script.write_text(WRK_SCRIPT % tokens)

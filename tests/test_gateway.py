@@ -260,6 +260,21 @@ def test_the_openai_client_lists_chats_streams_and_is_refused(stack: Stack) -> N
     streamed = client.completions.create(model=chat_id, prompt=TEXT, max_tokens=12, stop=[stop], stream=True)
     assert "".join(c.choices[0].text for c in streamed) == cut.text
 
+    # what common clients send: a long stop string, a near-zero temperature (greedy, never an overflow), the
+    # developer role, zero penalties, stream options, a max_tokens past the replica's cap (answers stay within it)
+    long_stop = client.completions.create(model=chat_id, prompt=TEXT, max_tokens=12, stop="\nDiagnosis:")
+    assert long_stop.choices[0].text == free
+    cold = client.chat.completions.create(model=chat_id, messages=question, max_tokens=8, temperature=1e-40)
+    assert cold.choices[0].message.content == answer.content
+    accepted = client.chat.completions.create(
+        model=chat_id, messages=[{"role": "developer", "content": "Code it."}, *question], max_tokens=1000,
+        presence_penalty=0, frequency_penalty=0, stream=True, stream_options={"include_usage": True})
+    assert [c.usage for c in accepted][-1].completion_tokens <= 256  # replica.max_new_tokens
+    for _ in range(4):  # request-borne trouble never counts against a replica: its circuit stays closed
+        client.chat.completions.create(model=chat_id, messages=question, max_tokens=2, temperature=1e-300)
+    backends = httpx.get(stack.url("busy") + "/admin/backends", headers=token("root", "admin"), timeout=30).json()
+    assert all(b["circuit"] == "closed" for b in backends)
+
     refusals: list[tuple[dict[str, Any], type[openai.APIStatusError], str, str]] = [
         ({"messages": [{"role": "doctor", "content": TEXT}]}, openai.BadRequestError, "messages.0.role", "'user'"),
         ({"messages": [{"role": "user", "content": ""}]}, openai.BadRequestError, "messages.0.content", "at least 1"),
@@ -270,6 +285,8 @@ def test_the_openai_client_lists_chats_streams_and_is_refused(stack: Stack) -> N
         ({"messages": question, "model": "gpt-4o"}, openai.NotFoundError, "model", "GET /v1/models"),
         ({"messages": question, "model": model_id(stack, "hospital-0")}, openai.BadRequestError, "model",
          "a classification model"),
+        ({"messages": question, "stop": ["x"] * 5}, openai.BadRequestError, "stop", "1-4 stop sequences"),
+        ({"messages": question, "presence_penalty": 0.5}, openai.BadRequestError, "presence_penalty", "0"),
     ]
     for request, error, param, message in refusals:
         with pytest.raises(error) as refused:

@@ -7,7 +7,8 @@ import threading
 import pytest
 import torch
 
-from fl_core.chat import conversation_ids, prompt_ids
+from fl_core.chat import ChatDataset, conversation_ids
+from fl_core.data import TextDataset
 from fl_core.model import build_model, load_tokenizer
 from gateway.generation import TextWatch, visible
 from tests.conftest import tiny_config
@@ -32,7 +33,9 @@ def test_stop_sequences_cut_the_answer_and_a_possible_start_of_one_is_held_back(
 
 def test_a_conversation_is_laid_out_as_training_laid_out_its_examples() -> None:
     tok = load_tokenizer(tiny_config().model)  # MiniLM's: no chat template, the plain layout
-    assert conversation_ids(tok, [{"role": "user", "content": "femur"}]) == prompt_ids(tok, "femur")
+    trained = ChatDataset(TextDataset(("femur",), (0,), ("Injury (S00-T88)",)), tok, 32)
+    assert conversation_ids(tok, [{"role": "user", "content": "femur"}]) == \
+        trained.input_ids[0][:trained.prompt_lengths[0]].tolist() == tok("Diagnosis: femur\nChapter:")["input_ids"]
     turns = [{"role": "user", "content": "femur"}, {"role": "assistant", "content": "injury"},
              {"role": "user", "content": "lung"}]
     assert tok.decode(conversation_ids(tok, turns), skip_special_tokens=True) == \
