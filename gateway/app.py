@@ -5,6 +5,7 @@ replica (routing), all of it in the audit log and in Prometheus metrics."""
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -20,7 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,7 +35,7 @@ from .auth import AuthError, Principal, TokenVerifier, bearer_token, valid_user
 from .config import GatewayConfig, secret_from_env
 from .limits import LimitStore, LimitStoreDown, RedisLimitStore, SQLiteLimitStore
 from .metrics import GatewayMetrics
-from .routing import Backend, NoBackendAvailable, Reply, Router
+from .routing import Backend, NoBackendAvailable, Reply, Router, Stream
 from .schemas import (
     DONE,
     BackendState,
@@ -68,7 +69,8 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": OpenAIError} for code in (400, 401, 404, 429, 503, 504)}
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                       404: "not_found_error", 429: "rate_limit_error"}
-MAX_FIELD_NAME, MAX_ERRORS = 100, 20  # a refusal stays small whatever the request held
+MAX_ERRORS = 20  # a refusal stays small whatever the request held
+PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\[\]-]{0,63}")  # a field or type tag ("list[str]"), never text
 NO_STORE = (b"cache-control", b"no-store")  # answers carry patient text: no proxy or browser keeps them
 SEND_GRACE = 5.0  # seconds past a request's deadline its answer may take to be read by the client
 AUDIT_LOCK_WAIT = 5.0  # seconds one attempt waits for another process's write lock on the audit log; then again
@@ -133,7 +135,11 @@ def field_name(loc: tuple[int | str, ...]) -> str:
 
 
 def encodable(part: int | str) -> int | str:
-    return part if isinstance(part, int) else str(part)[:MAX_FIELD_NAME].encode("utf-8", "replace").decode()
+    """A location part as a refusal may show it: a parameter's name; a key that is not one (it could be anything
+    the client typed, patient text included) is shown as <key>."""
+    if isinstance(part, int):
+        return part
+    return part if PARAMETER_NAME.fullmatch(part) else "<key>"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -169,8 +175,8 @@ class BoundedBody:
     """Reads at most `limit` bytes of a request body before the app sees any of it: a Content-Length past the
     limit is refused (413) unread, and a chunked body as soon as it passes it. The app reads the body from here."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, timeout: float) -> None:
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -181,21 +187,30 @@ class BoundedBody:
         if length is not None and length.isdigit() and int(length) > self.limit:
             await too_large(scope, receive, send)
             return
-        chunks, size, message = [], 0, await receive()
-        while message["type"] == "http.request":
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                await too_large(scope, receive, send)
-                return
-            if not message.get("more_body"):
-                break
-            message = await receive()
-        first: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}
-                                if message["type"] == "http.request" else message]
+        # a body dripped in slowly holds its slot no longer than the request's time allows
+        deadline = scope.get("state", {}).get("deadline", time.monotonic() + self.timeout)
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+                while message["type"] == "http.request":
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.limit:
+                        await too_large(scope, receive, send)
+                        return
+                    if not message.get("more_body"):
+                        break
+                    message = await receive()
+        except TimeoutError:
+            slow = error_response(scope["path"], 408, "request body not received within limits.request_timeout")
+            await slow(scope, receive, send)
+            return
+        buffered: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                                   if message["type"] == "http.request" else message]
 
         async def replay() -> Message:
-            return first.pop() if first else await receive()  # later: the disconnect, which streaming watches for
+            return buffered.pop() if buffered else await receive()  # later: the disconnect streaming watches for
 
         await self.app(scope, replay, send)
 
@@ -208,6 +223,21 @@ def _route_path(scope: Scope) -> str:
     return str(getattr(route, "path", "unmatched"))
 
 
+class RelayedStream(StreamingResponse):
+    """A replica's stream passed on: its connection is released however the response ends, even when the client
+    leaves, or the answer's start cannot be sent, before the first event."""
+
+    def __init__(self, stream: Stream, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.close(ok=None)
+
+
 class SlowReader(Exception):
     """The client did not take the answer within its request's time."""
 
@@ -215,7 +245,7 @@ class SlowReader(Exception):
 class CapTimeAndAudit:
     """Outermost layer for /v1 and /admin: refuses past the concurrency cap (503) before any other work, times each
     request into the metrics, and holds each answer until its audit record is committed, whatever the outcome
-    (pure ASGI: no extra task)."""
+    (pure ASGI)."""
 
     def __init__(self, app: ASGIApp, services: GatewayServices) -> None:
         self.app, self.services, self.in_flight = app, services, 0
@@ -247,7 +277,8 @@ class CapTimeAndAudit:
                 await audit()  # the answer leaves only once its record is on disk
             # a client that stops reading holds a slot no longer than the request's time allows
             try:
-                await asyncio.wait_for(send(message), max(state["deadline"] + SEND_GRACE - time.monotonic(), 0.01))
+                async with asyncio.timeout_at(state["deadline"] + SEND_GRACE):
+                    await send(message)
             except TimeoutError:
                 raise SlowReader from None
 
@@ -260,11 +291,11 @@ class CapTimeAndAudit:
             metrics.in_flight.inc()
             try:
                 await self.app(scope, receive, send_after_audit)
-            except SlowReader:
-                log.warning("%s: the client stopped reading; connection dropped", _route_path(scope))
             finally:
                 self.in_flight -= 1
                 metrics.in_flight.dec()
+        except SlowReader:
+            log.warning("%s: the client stopped reading; connection dropped", _route_path(scope))
         finally:
             route = _route_path(scope)
             metrics.request_duration.labels(route).observe(time.perf_counter() - start)
@@ -301,7 +332,8 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
                   description="Serves the federated model to clinicians. Every answer carries the model's "
                               "training privacy guarantee; every request is audited.")
     install_error_handlers(app)
-    app.add_middleware(BoundedBody, limit=cfg.limits.max_body_bytes)  # inside the cap and audit: a 413 is audited
+    # inside the cap and audit: a 413 or 408 is audited
+    app.add_middleware(BoundedBody, limit=cfg.limits.max_body_bytes, timeout=cfg.limits.request_timeout)
     app.add_middleware(CapTimeAndAudit, services=services)
     if cfg.cors_origins:  # added last, so outermost: preflight requests are answered before the cap and audit
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
@@ -317,7 +349,8 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         except AuthError as err:
             # refusals are cheap but each is audited: limited per client address, so they cannot flood the log
             address = request.client.host if request.client else "-"
-            take = services.limits.take_window(f"anon:{address}", cfg.limits.unauthenticated_per_hour, HOUR)
+            take = await run_in_threadpool(services.limits.take_window, f"anon:{address}",
+                                           cfg.limits.unauthenticated_per_hour, HOUR)
             if not take.allowed:
                 raise HTTPException(429, f"{cfg.limits.unauthenticated_per_hour} requests per hour without a valid "
                                          f"token from one address", headers=retry_after(take.retry_after)) from None
@@ -328,7 +361,8 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
     Authenticated = Annotated[Principal, Depends(authenticate)]
 
     async def rate_limited(principal: Authenticated) -> Principal:
-        take = services.limits.take_window(f"rate:{principal.user}", cfg.limits.requests_per_hour, HOUR)
+        take = await run_in_threadpool(services.limits.take_window, f"rate:{principal.user}",
+                                       cfg.limits.requests_per_hour, HOUR)
         if not take.allowed:
             raise HTTPException(429, f"rate limit: {cfg.limits.requests_per_hour} requests per hour",
                                 headers=retry_after(take.retry_after))
@@ -387,9 +421,9 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         return PrivacyInfo(provenance=backend.info.get("provenance", {}), query_mode="standard",
                            epsilon_charged=0.0, budget_remaining=None)
 
-    def budget(user: str) -> BudgetResponse:
+    async def budget(user: str) -> BudgetResponse:
         vote = services.vote
-        rho = services.limits.spent(f"{SPEND}{user}")
+        rho = await run_in_threadpool(services.limits.spent, f"{SPEND}{user}")
         spent = vote.epsilon_of(rho)
         return BudgetResponse(user=user, epsilon_spent=spent, epsilon_remaining=cfg.privacy.epsilon_per_user - spent,
                               epsilon_per_user=cfg.privacy.epsilon_per_user, queries_left=vote.queries_left(rho))
@@ -399,7 +433,8 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         voters = router().voters()
         if not voters:
             raise HTTPException(503, "no hospital model backends are available for a noisy vote")
-        take = services.limits.take_spend(f"{SPEND}{principal.user}", vote.rho_per_query, vote.rho_cap)
+        take = await run_in_threadpool(services.limits.take_spend, f"{SPEND}{principal.user}", vote.rho_per_query,
+                                       vote.rho_cap)
         if not take.allowed:
             metrics.budget_exhausted.inc()
             raise HTTPException(403, f"privacy budget exhausted: epsilon {vote.epsilon_of(take.total):.4g} of "
@@ -418,7 +453,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         ballots = [r.body["label"] for r in replies if list(r.body["probabilities"]) == labels]
         winner = labels[vote.release([labels.index(b) for b in ballots], len(labels), services.rng)]
         request.state.model = "noisy-vote:" + ",".join(sorted(b.hospital or "" for b in voters))
-        status = budget(principal.user)
+        status = await budget(principal.user)
         return ClassifyResponse(
             label=winner, probabilities=None, request_id=request.state.request_id, model=request.state.model,
             privacy=PrivacyInfo(provenance={
@@ -512,9 +547,8 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
             finally:
                 opened.close(ok=None)  # the client left first: not the replica's doing
 
-        # the background task releases the replica's connection even if the client leaves before the first event
-        return StreamingResponse(events(), media_type="text/event-stream", headers={BACKEND_HEADER: str(backend.index)},
-                                 background=BackgroundTask(opened.close, None))
+        return RelayedStream(opened, events(), media_type="text/event-stream",
+                             headers={BACKEND_HEADER: str(backend.index)})
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=OPENAI_ERRORS, tags=["inference"])
     async def completions(request: Request, response: Response, body: CompletionRequest,
@@ -544,15 +578,15 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
     @app.get("/v1/privacy/budget", response_model=BudgetResponse, responses=ERRORS, tags=["privacy"])
     async def my_budget(principal: Caller) -> BudgetResponse:
         """Your epsilon budget for noisy-vote queries."""
-        return budget(principal.user)
+        return await budget(principal.user)
 
     @app.get("/admin/privacy/budget/{user}", response_model=BudgetResponse,
              responses={**ERRORS, 404: {"model": ErrorResponse}}, tags=["admin"])
     async def user_budget(user: str, _: Admin) -> BudgetResponse:
         """A user's epsilon budget, for operators (metrics carry no user names)."""
         if not valid_user(user):
-            raise HTTPException(404, "no such user name")
-        return budget(user)
+            raise HTTPException(404, "not a user name")
+        return await budget(user)
 
     def backend_state(b: Backend) -> BackendState:
         return BackendState(index=b.index, url=b.url, healthy=b.healthy,

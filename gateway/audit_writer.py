@@ -22,10 +22,14 @@ Pending = tuple[AuditEvent, "asyncio.Future[int]", asyncio.AbstractEventLoop]
 def _settle(future: asyncio.Future[int], seq: int | None, error: BaseException | None) -> None:
     if future.cancelled():  # the client left; its record is written all the same
         return
-    if error is not None:
-        future.set_exception(error)
+    if seq is None:
+        future.set_exception(error or AuditWriterStopped("no record was written"))
     else:
-        future.set_result(seq if seq is not None else 0)
+        future.set_result(seq)
+
+
+class AuditWriterStopped(RuntimeError):
+    """Records can no longer be written: no answer may leave."""
 
 
 class AuditWriter:
@@ -34,11 +38,14 @@ class AuditWriter:
     def __init__(self, audit: AuditLog) -> None:
         self.audit = audit
         self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
     async def record(self, event: AuditEvent) -> int:
         """The record's sequence number, once it is committed."""
+        if self._closed or not self._thread.is_alive():
+            raise AuditWriterStopped("the audit writer has stopped")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         self._queue.put((event, future, loop))
@@ -46,6 +53,7 @@ class AuditWriter:
 
     def close(self) -> None:
         """Write what is queued, then stop."""
+        self._closed = True
         self._queue.put(None)
         self._thread.join()
 
@@ -82,4 +90,7 @@ class AuditWriter:
                 seqs, error = [None] * len(events), err
                 break
         for (_, future, loop), seq in zip(batch, seqs, strict=True):
-            loop.call_soon_threadsafe(_settle, future, seq, error)
+            try:
+                loop.call_soon_threadsafe(_settle, future, seq, error)
+            except RuntimeError:  # that request's event loop has closed: nobody waits for it, the writer goes on
+                log.warning("audit record %s committed after its event loop closed", seq)

@@ -12,7 +12,7 @@ from .config import ROLES
 
 ALGORITHM = "HS256"
 USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")  # a user name as audit records and limits key it
-CLOCK_SKEW = 60  # seconds a token's lifetime may exceed the cap by (clocks of minting and serving hosts differ)
+CLOCK_SKEW = 60  # seconds the minting and serving hosts' clocks may differ by (exp, iat and nbf checks)
 
 
 class AuthError(Exception):
@@ -47,13 +47,15 @@ def verify_token(secret: str, token: str, issuer: str, max_minutes: float) -> Pr
     """The token's principal, if it is signed with `secret`, current, and lives no longer than `max_minutes`: a
     token minted for years is refused, whoever signed it."""
     try:
-        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], issuer=issuer,
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], issuer=issuer, leeway=CLOCK_SKEW,
                             options={"require": ["sub", "role", "exp", "iat", "iss"]})
     except jwt.ExpiredSignatureError:
         raise AuthError(401, "token expired") from None
     except jwt.InvalidTokenError as err:
         raise AuthError(401, f"invalid token: {err}") from None
-    if claims["exp"] - claims["iat"] > max_minutes * 60 + CLOCK_SKEW:
+    if not all(isinstance(claims[c], int) for c in ("exp", "iat")):
+        raise AuthError(401, "invalid token: exp and iat must be integers")
+    if claims["exp"] - claims["iat"] > max_minutes * 60:
         raise AuthError(401, f"token lives longer than auth.token_minutes ({max_minutes:g})")
     if not isinstance(claims["sub"], str) or not valid_user(claims["sub"]):
         raise AuthError(401, "invalid token: sub is not a user name")

@@ -45,7 +45,7 @@ class LimitsConfig:
     requests_per_hour: int = 30  # per user, sliding window
     max_concurrent: int = 500  # requests in flight; beyond it: 503
     request_timeout: float = 45.0  # seconds, from arrival to answer, failover included
-    max_body_bytes: int = 1_048_576  # a request body past it is refused (413) before it is read further
+    max_body_bytes: int = 4_194_304  # past it a body is refused (413) unread; room for 64 escaped messages
     unauthenticated_per_hour: int = 60  # requests without a valid token, per client address, sliding window
     store: str = "sqlite"  # sqlite: one gateway; redis: several gateway replicas sharing limits and budgets
     sqlite_path: str = "gateway-state.sqlite"

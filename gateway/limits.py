@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import redis
+
 from .database import open_database, write_transaction
 
 SWEEP_INTERVAL = 60.0  # seconds between deletions of expired window events
@@ -34,7 +36,6 @@ class LimitStoreDown(Exception):
 
 @contextmanager
 def _reachable(store: str) -> Iterator[None]:
-    import redis
     try:
         yield
     except (redis.RedisError, sqlite3.OperationalError) as err:
@@ -147,8 +148,6 @@ class RedisLimitStore:
     """Several gateway replicas: each take is one Lua script, which Redis runs atomically."""
 
     def __init__(self, url: str, prefix: str = "fl-gateway:") -> None:
-        import redis
-
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
         self._redis.ping()
         self._prefix = prefix

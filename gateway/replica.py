@@ -51,7 +51,7 @@ def create_replica_app(model: ServedModel, hospital: str | None = None) -> FastA
     generating: set[asyncio.Future[None]] = set()  # streamed answers' generations, held until they end
 
     @app.get("/health", response_model=ReplicaHealth)
-    def health() -> ReplicaHealth:
+    async def health() -> ReplicaHealth:  # on the loop: never queued behind generations in the thread pool
         return ReplicaHealth(status="ok", model=model.name, created=model.created, task=model.task, hospital=hospital,
                              provenance=model.provenance)
 

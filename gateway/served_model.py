@@ -110,11 +110,11 @@ class ServedModel:
     def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         return conversation_ids(self.tokenizer, messages)
 
-    @torch.inference_mode()
     def answer_limit(self, params: GenerationParams) -> int:
         """Tokens the answer may have: what the request asks, within the replica's cap."""
         return min(params.max_tokens, self.max_new_tokens)
 
+    @torch.inference_mode()
     def generate(self, prompt: list[int], params: GenerationParams, on_text: Callable[[str], None] | None = None,
                  cancelled: threading.Event | None = None) -> Generation:
         """Greedy at temperature 0, else sampled with `top_p`; ends at the end of turn, a stop sequence, the token

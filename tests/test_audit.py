@@ -13,7 +13,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from gateway.audit import AuditEvent, AuditKeyError, AuditLog
-from gateway.audit_writer import AuditWriter
+from gateway.audit_writer import AuditWriter, AuditWriterStopped
 
 KEY = Fernet.generate_key().decode()
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
@@ -110,3 +110,11 @@ def test_the_writer_commits_waiting_records_together_and_releases_none_while_the
     assert audit.verify() == (50, [])
     stamps = {r["at"] for r in audit.records()}
     assert len(stamps) <= 2  # the first record's own commit, then everything that queued behind it
+
+
+def test_a_closed_writer_refuses_records_rather_than_leave_them_waiting(tmp_path: Path) -> None:
+    writer = AuditWriter(AuditLog(tmp_path / "audit.sqlite", KEY))
+    assert asyncio.run(writer.record(event("u0"))) == 1
+    writer.close()
+    with pytest.raises(AuditWriterStopped):
+        asyncio.run(writer.record(event("u1")))
