@@ -129,9 +129,9 @@ def error_response(path: str, status: int, message: str, headers: Mapping[str, s
 
 
 def field_name(loc: tuple[int | str, ...]) -> str:
-    """A validation error's location as the request's field ("messages.1.role"), without the "body" root. Keys
-    come from the client: cut to a sane length and made encodable (a lone surrogate would fail the response)."""
-    return str(encodable(".".join(str(part) for part in (loc[1:] if loc[:1] == ("body",) else loc)) or "body"))
+    """A validation error's location as the request's field ("messages.1.role"), without the "body" root; each
+    part as `encodable` shows it."""
+    return ".".join(str(encodable(part)) for part in (loc[1:] if loc[:1] == ("body",) else loc)) or "body"
 
 
 def encodable(part: int | str) -> int | str:

@@ -1,10 +1,11 @@
-"""The gateway's body bound as uvicorn drives it: messages from `receive`, answers through `send`."""
+"""What the gateway reads of a request before its routes do: the body, bounded in size and time, as uvicorn drives
+it (messages from `receive`, answers through `send`), and the field names a refusal may show."""
 
 import asyncio
 
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.app import BoundedBody
+from gateway.app import BoundedBody, field_name
 
 
 def run(middleware: BoundedBody, messages: list[Message], headers: list[tuple[bytes, bytes]]) -> list[Message]:
@@ -43,3 +44,9 @@ def test_a_body_is_passed_on_whole_refused_past_the_limit_and_timed_out_when_dri
     assert streamed[0]["status"] == 413
     dripped = run(bounded, [{"type": "http.request", "body": b"{", "more_body": True}], [])
     assert dripped[0]["status"] == 408 and b"limits.request_timeout" in dripped[1]["body"]
+
+
+def test_a_refusal_names_the_field_and_never_a_key_that_is_client_text() -> None:
+    assert field_name(("body", "messages", 0, "role")) == "messages.0.role"
+    assert field_name(("body", "stream_options", "Jane Roe, MRN 12345")) == "stream_options.<key>"
+    assert field_name(("body", "\ud800")) == "<key>" and field_name(("body", "k" * 65)) == "<key>"
