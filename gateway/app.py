@@ -191,20 +191,20 @@ class BoundedBody:
         deadline = scope.get("state", {}).get("deadline", time.monotonic() + self.timeout)
         chunks, size = [], 0
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(deadline):  # only the reading: a refusal is sent outside it
                 message = await receive()
                 while message["type"] == "http.request":
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
-                    if size > self.limit:
-                        await too_large(scope, receive, send)
-                        return
-                    if not message.get("more_body"):
+                    if size > self.limit or not message.get("more_body"):
                         break
                     message = await receive()
         except TimeoutError:
             slow = error_response(scope["path"], 408, "request body not received within limits.request_timeout")
             await slow(scope, receive, send)
+            return
+        if size > self.limit:
+            await too_large(scope, receive, send)
             return
         buffered: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}
                                    if message["type"] == "http.request" else message]

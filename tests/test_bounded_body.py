@@ -8,7 +8,8 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.app import BoundedBody, field_name
 
 
-def run(middleware: BoundedBody, messages: list[Message], headers: list[tuple[bytes, bytes]]) -> list[Message]:
+def run(middleware: BoundedBody, messages: list[Message], headers: list[tuple[bytes, bytes]],
+        send_delay: float = 0.0) -> list[Message]:
     sent: list[Message] = []
     pending = list(messages)
 
@@ -19,6 +20,7 @@ def run(middleware: BoundedBody, messages: list[Message], headers: list[tuple[by
         raise AssertionError("unreachable")
 
     async def send(message: Message) -> None:
+        await asyncio.sleep(send_delay)  # e.g. the answer waiting for its audit commit
         sent.append(message)
 
     scope: Scope = {"type": "http", "path": "/v1/classify", "headers": headers, "state": {}}
@@ -44,6 +46,9 @@ def test_a_body_is_passed_on_whole_refused_past_the_limit_and_timed_out_when_dri
     assert streamed[0]["status"] == 413
     dripped = run(bounded, [{"type": "http.request", "body": b"{", "more_body": True}], [])
     assert dripped[0]["status"] == 408 and b"limits.request_timeout" in dripped[1]["body"]
+    # a refusal that takes long to send (its audit commit waits) is still the refusal, sent once
+    slow = run(bounded, [{"type": "http.request", "body": b"x" * 11, "more_body": True}], [], send_delay=0.5)
+    assert [m.get("status") for m in slow] == [413, None]
 
 
 def test_a_refusal_names_the_field_and_never_a_key_that_is_client_text() -> None:
