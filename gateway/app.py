@@ -544,8 +544,6 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
                 opened.close(ok=False)
                 yield sse({"error": {"message": "the model replica stopped mid-answer", "type": "server_error",
                                      "param": None, "code": None}})
-            finally:
-                opened.close(ok=None)  # the client left first: not the replica's doing
 
         return RelayedStream(opened, events(), media_type="text/event-stream",
                              headers={BACKEND_HEADER: str(backend.index)})

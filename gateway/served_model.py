@@ -134,9 +134,10 @@ class ServedModel:
                 top_p=params.top_p if sampled else None, top_k=None, stopping_criteria=[watch],
                 pad_token_id=self.tokenizer.pad_token_id)
         new = out[0, len(prompt):]
-        text, stopped = visible(watch.text_of(out[0]), params.stop)
+        decoded = watch.text_of(out[0])
+        text, stopped = visible(decoded, params.stop)
         if not stopped:  # generation is over: a tail that looked like the start of a stop sequence is text
-            text = watch.text_of(out[0])
+            text = decoded
         watch.emit(text)
         ended = stopped or (len(new) > 0 and int(new[-1]) == self.tokenizer.eos_token_id)
         return Generation(text, len(prompt), len(new), "stop" if ended or len(new) < limit else "length")
