@@ -3,6 +3,7 @@ replica (routing), all of it in the audit log and in Prometheus metrics."""
 
 # No `from __future__ import annotations`: FastAPI must see the dependency aliases defined inside the factory.
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -26,10 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fl_core.config import ConfigError
 from privacy.noisy_vote import NoisyVote
 from privacy.secure_random import SecureRandom
 
-from .audit import AuditEvent, AuditLog
+from .audit import AuditEvent, AuditKeyError, AuditKeys, AuditLog
 from .audit_writer import AuditWriter
 from .auth import AuthError, Principal, TokenVerifier, bearer_token, valid_user
 from .config import GatewayConfig, secret_from_env
@@ -95,7 +97,15 @@ class GatewayServices:
 
 def build_services(cfg: GatewayConfig) -> GatewayServices:
     secret = secret_from_env(cfg.auth.secret_env, "auth.secret_env")
-    audit_key = secret_from_env(cfg.audit.key_env, "audit.key_env")
+    chain_key = secret_from_env(cfg.audit.chain_key_env, "audit.chain_key_env")
+    text_key = secret_from_env(cfg.audit.text_key_env, "audit.text_key_env")
+    if hmac.compare_digest(chain_key.encode(), text_key.encode()):  # (fl-audit still reads logs from before)
+        raise ConfigError("audit.text_key_env", f"must hold another key than {cfg.audit.chain_key_env}: whoever "
+                                                "verifies the audit chain must not be able to read request text")
+    try:
+        keys = AuditKeys.from_secrets(chain_key, text_key)
+    except AuditKeyError as err:
+        raise ConfigError("audit.text_key_env", str(err)) from None
     lim = cfg.limits
     limits: LimitStore = (RedisLimitStore(lim.redis_url) if lim.store == "redis" and lim.redis_url
                           else SQLiteLimitStore(Path(lim.sqlite_path)))
@@ -107,8 +117,11 @@ def build_services(cfg: GatewayConfig) -> GatewayServices:
     if migrated:
         log.warning("carried %d users' query counts over at epsilon_per_query %g each (the price they were bought "
                     "at is not recorded)", migrated, cfg.privacy.epsilon_per_query)
-    audit = AuditLog(Path(cfg.audit.path), audit_key, lock_timeout=AUDIT_LOCK_WAIT)
-    return GatewayServices(cfg, secret, audit, AuditWriter(audit), limits, GatewayMetrics(), vote, SecureRandom())
+    audit = AuditLog(Path(cfg.audit.path), keys, Path(cfg.audit.head_path), lock_timeout=AUDIT_LOCK_WAIT)
+    audit.open_for_writing()
+    writer, metrics = AuditWriter(audit), GatewayMetrics()
+    metrics.audit_sealed.set_function(lambda: writer.sealed)
+    return GatewayServices(cfg, secret, audit, writer, limits, metrics, vote, SecureRandom())
 
 
 class RequestError(HTTPException):

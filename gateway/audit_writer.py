@@ -39,6 +39,7 @@ class AuditWriter:
         self.audit = audit
         self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._closed = False
+        self.sealed = audit.tail().seq  # the newest record committed and sealed
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -79,7 +80,9 @@ class AuditWriter:
         events = [event for event, _, _ in batch]
         while True:
             try:
-                seqs: list[int | None] = list(self.audit.append_all(events))
+                committed = self.audit.append_all(events)
+                self.sealed = committed[-1]
+                seqs: list[int | None] = list(committed)
                 error: BaseException | None = None
                 break
             except sqlite3.OperationalError as err:  # locked by another process, disk full: wait, never drop

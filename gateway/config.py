@@ -64,7 +64,9 @@ class QueryPrivacyConfig:
 @dataclass
 class AuditConfig:
     path: str = "audit.sqlite"
-    key_env: str = "FL_AUDIT_KEY"  # Fernet key: encrypts request text and keys the hash chain
+    head_path: str = "audit-head.json"  # the sealed head: keep it on another volume than the log
+    chain_key_env: str = "FL_AUDIT_CHAIN_KEY"  # keys the hash chain: verifying the log needs only this one
+    text_key_env: str = "FL_AUDIT_TEXT_KEY"  # Fernet key that encrypts request text; must differ from the chain key
     retention_days: int = 2555
 
 
@@ -157,6 +159,8 @@ def validate_gateway(cfg: GatewayConfig) -> None:
              f"must be >= privacy.epsilon_per_query={p.epsilon_per_query} (got {p.epsilon_per_user})")
     require(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
     positive(cfg.audit.retention_days, "audit.retention_days")
+    require(Path(cfg.audit.head_path).resolve() != Path(cfg.audit.path).resolve(), "audit.head_path",
+            "must be another file than audit.path (and best on another volume)")
     r = cfg.routing
     for url in r.backends:
         parsed = urlparse(url)

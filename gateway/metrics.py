@@ -26,5 +26,8 @@ class GatewayMetrics:
         self.circuit_open = Gauge("backend_circuit_open", "1 if a backend's circuit is open (by failures or admin).",
                                   ["backend"], registry=self.registry)
         self.in_flight = Gauge("requests_in_flight", "Requests being answered now.", registry=self.registry)
+        # a witness outside the gateway's volumes: a log later found to end before the last scraped value was cut
+        self.audit_sealed = Gauge("audit_sealed_seq", "Sequence number of the newest audit record committed and "
+                                  "sealed (fl-audit verify --at-least).", registry=self.registry)
         self.budget_exhausted = Counter("privacy_budget_refusals", "Noisy-vote queries refused: budget exhausted.",
                                         registry=self.registry)

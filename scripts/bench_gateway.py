@@ -109,7 +109,7 @@ def main() -> None:
         sys.exit("bench_gateway: wrk is not installed (Debian: apt-get install wrk)")
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FL_GATEWAY_JWT_SECRET": SECRET,
-           "FL_AUDIT_KEY": Fernet.generate_key().decode()}
+           "FL_AUDIT_CHAIN_KEY": Fernet.generate_key().decode(), "FL_AUDIT_TEXT_KEY": Fernet.generate_key().decode()}
     backend_port, gateway_port = free_port(), free_port()
     (work / "backend.py").write_text(FAST_BACKEND)
     tokens = ", ".join(f'"{mint_token(SECRET, f"user-{i}", "clinician", 30, "federated-dp-llm")}"'

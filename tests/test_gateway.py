@@ -33,7 +33,7 @@ from cryptography.fernet import Fernet
 from hypothesis import HealthCheck, given, settings
 from servers import free_port, kill_group, wait_until
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditKeys, AuditLog
 from gateway.auth import mint_token
 from privacy.noisy_vote import NoisyVote
 from scripts.federation import create_client_certificate, init
@@ -79,8 +79,18 @@ class Stack:
         urls = ",".join(self.url(b) for b in backends)
         self.start(name, [sys.executable, "-m", "gateway.cli", "serve", f"port={self.ports[name]}",
                           f"routing.backends=[{urls}]", f"audit.path={self.root / name}-audit.sqlite",
+                          f"audit.head_path={self.heads / name}-audit-head.json",
                           f"limits.sqlite_path={self.root / name}-limits.sqlite", "routing.health_interval=0.5",
                           *overrides])
+
+    @property
+    def heads(self) -> Path:
+        """Where the gateways seal their audit heads: apart from their logs, as a deployment's second volume."""
+        return self.root / "heads"
+
+    def audit(self, name: str, text: bool = False) -> AuditLog:
+        keys = AuditKeys.from_secrets(self.env["FL_AUDIT_CHAIN_KEY"], self.env["FL_AUDIT_TEXT_KEY"] if text else None)
+        return AuditLog(self.root / f"{name}-audit.sqlite", keys, self.heads / f"{name}-audit-head.json")
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
@@ -123,7 +133,7 @@ def train_hospitals(root: Path) -> dict[str, Path]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("gateway")
     env = {**os.environ, "PYTHONPATH": str(REPO), "FL_GATEWAY_JWT_SECRET": SECRET,
-           "FL_AUDIT_KEY": Fernet.generate_key().decode()}
+           "FL_AUDIT_CHAIN_KEY": Fernet.generate_key().decode(), "FL_AUDIT_TEXT_KEY": Fernet.generate_key().decode()}
     s = Stack(root, env)
     try:
         s.runs = runs = train_hospitals(root)
@@ -387,8 +397,8 @@ def test_when_redis_is_down_a_gateway_answers_503_and_recovers(stack: Stack) -> 
 
 
 def test_while_another_process_holds_the_audit_log_answers_wait_and_none_goes_unaudited(stack: Stack) -> None:
-    path, key = stack.root / "shared-2-audit.sqlite", stack.env["FL_AUDIT_KEY"]
-    before = len(AuditLog(path, key).records())
+    path = stack.root / "shared-2-audit.sqlite"
+    before = len(stack.audit("shared-2").records())
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # as a backup tool or a stuck process would
     released = threading.Event()
@@ -408,7 +418,7 @@ def test_while_another_process_holds_the_audit_log_answers_wait_and_none_goes_un
     finally:
         holder.close()
     assert results == [(200, True)] * 4  # every answer left after its record was written
-    audit = AuditLog(path, key)
+    audit = stack.audit("shared-2")
     assert len(audit.records()) == before + 4 and audit.verify()[1] == []
 
 
@@ -519,9 +529,8 @@ def test_when_a_replica_dies_requests_fail_over_and_its_health_drops(stack: Stac
 
 
 def test_the_audit_log_holds_every_request_encrypted_and_catches_tampering(stack: Stack) -> None:
-    log_path = stack.root / "main-audit.sqlite"
-    key = stack.env["FL_AUDIT_KEY"]
-    records = AuditLog(log_path, key).records(decrypt=True)
+    log_path, head = stack.root / "main-audit.sqlite", stack.heads / "main-audit-head.json"
+    records = stack.audit("main", text=True).records(decrypt=True)
     assert {r["status"] for r in records} >= {200, 401, 403, 429}
     votes = [r for r in records if r["query_mode"] == "noisy-vote" and r["status"] == 200]
     assert [r["epsilon"] for r in votes][:1] == [pytest.approx(VOTE.epsilon_of(VOTE.rho_per_query))]
@@ -529,10 +538,11 @@ def test_the_audit_log_holds_every_request_encrypted_and_catches_tampering(stack
     for name in ("main-audit.sqlite", "main-audit.sqlite-wal"):
         if (stack.root / name).exists():
             assert TEXT.encode() not in (stack.root / name).read_bytes()
+    verifier_env = {k: v for k, v in stack.env.items() if k != "FL_AUDIT_TEXT_KEY"}  # the chain key alone
 
-    def verify(path: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway.audit_cli", "verify", "--log", str(path)],
-                              env=stack.env, capture_output=True, text=True, timeout=60)
+    def fl_audit(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway.audit_cli", *args, "--head", str(head)],
+                              env=verifier_env, capture_output=True, text=True, timeout=60)
 
     def tampered(name: str, *statements: str) -> Path:
         copy = stack.root / f"{name}.sqlite"
@@ -542,16 +552,52 @@ def test_the_audit_log_holds_every_request_encrypted_and_catches_tampering(stack
                 target.execute(statement)
         return copy
 
-    intact = verify(tampered("intact"))
-    assert intact.returncode == 0 and "chain intact" in intact.stdout
+    newest = stack.audit("main").tail().seq
+    intact = fl_audit("verify", "--log", str(tampered("intact")))
+    assert intact.returncode == 0 and "chain intact" in intact.stdout, intact.stdout
+    (stack.root / "replaced.sqlite").touch()
     for name, statements, problem in (
         ("edited", ["UPDATE audit SET user = 'mallory' WHERE seq = 3"], "record 3: edited"),
         ("deleted", ["DELETE FROM audit WHERE seq = 4"], "record 4: missing"),
         ("reordered", ["UPDATE audit SET seq = -1 WHERE seq = 5", "UPDATE audit SET seq = 5 WHERE seq = 6",
                        "UPDATE audit SET seq = 6 WHERE seq = -1"], "record 5: out of order"),
+        ("truncated", [f"DELETE FROM audit WHERE seq > {newest - 3}"], f"records {newest - 2}-{newest}: missing"),
+        ("emptied", ["DELETE FROM audit"], f"records 1-{newest}: missing from the end"),
+        ("dropped", ["DROP TABLE audit"], f"records 1-{newest}: missing from the end"),
+        ("replaced", None, f"records 1-{newest}: missing from the end"),
     ):
-        result = verify(tampered(name, *statements))
+        path = stack.root / "replaced.sqlite" if statements is None else tampered(name, *statements)
+        result = fl_audit("verify", "--log", str(path))
         assert result.returncode == 1 and f"TAMPERED: {problem}" in result.stdout, (name, result.stdout)
+
+    # rolled back: the copy taken above, once the gateway has answered more (a Prometheus scrape saw the head)
+    assert classify(stack, "after-copy").status_code == 200
+    scraped = int(float(re.search(r"^audit_sealed_seq (\S+)$", httpx.get(stack.url("main") + "/metrics").text,
+                                  re.MULTILINE)[1]))  # type: ignore[index]
+    assert scraped > newest
+    rolled_back = fl_audit("verify", "--log", str(stack.root / "intact.sqlite"))
+    assert rolled_back.returncode == 1 and f"records {newest + 1}-" in rolled_back.stdout
+    behind_witness = fl_audit("verify", "--log", str(log_path), "--at-least", str(scraped + 100))
+    assert behind_witness.returncode == 1 and "(--at-least)" in behind_witness.stdout
+    assert fl_audit("verify", "--log", str(log_path), "--at-least", str(scraped)).returncode == 0
+
+    # backdated records are not pruned by a routine retention run: prune verifies first, and cuts nothing
+    backdated = tampered("backdated", "UPDATE audit SET at = '2001-01-01T00:00:00+00:00' WHERE seq <= 5")
+    pruned = fl_audit("prune", "--log", str(backdated), "--days", "1")
+    assert pruned.returncode == 1 and pruned.stderr.startswith("fl-audit: not pruned: record 1: edited")
+    assert sqlite3.connect(backdated).execute("SELECT COUNT(*) FROM audit").fetchone()[0] == scraped
+
+    # a gateway does not write on over a cut: it refuses to start, in one line
+    tampered("cut-audit", f"DELETE FROM audit WHERE seq > {newest - 3}")
+    shutil.copy(head, stack.heads / "cut-audit-head.json")
+    start = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", f"port={free_port()}",
+                            f"audit.path={stack.root / 'cut-audit.sqlite'}",
+                            f"audit.head_path={stack.heads / 'cut-audit-head.json'}",
+                            f"limits.sqlite_path={stack.root / 'cut-limits.sqlite'}"],
+                           env=stack.env, cwd=stack.root, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 2 and start.stderr.strip().splitlines() == [
+        f"fl-gateway: audit log refused: records {newest - 2}-{scraped}: missing from the end (truncated, rolled "
+        f"back or replaced); the sealed head is record {scraped}; run fl-audit verify"], start.stderr
 
 
 def test_no_generated_request_makes_the_gateway_fail(stack: Stack) -> None:

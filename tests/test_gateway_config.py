@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import jwt
 import pytest
+from cryptography.fernet import Fernet
 
 from fl_core.config import ConfigError
 from gateway.config import compose_gateway_config
@@ -36,6 +38,7 @@ def test_defaults_are_the_issues_and_the_production_preset_is_the_reference_depl
     ("limits.max_concurrent=abc", "limits.max_concurrent"),
     ("limits.max_body_bytes=0", "limits.max_body_bytes"),
     ("limits.unauthenticated_per_hour=0", "limits.unauthenticated_per_hour"),
+    ("audit.head_path=audit.sqlite", "audit.head_path"),
 ])
 def test_a_bad_value_is_an_error_naming_its_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -43,8 +46,8 @@ def test_a_bad_value_is_an_error_naming_its_field(override: str, field: str) -> 
     assert err.value.field_path == field and "\n" not in str(err.value)
 
 
-def run_cli(*args: str, secret: str | None) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", **({"FL_GATEWAY_JWT_SECRET": secret} if secret else {})}
+def run_cli(*args: str, secret: str | None, **keys: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", **({"FL_GATEWAY_JWT_SECRET": secret} if secret else {}), **keys}
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -70,3 +73,19 @@ def test_fl_gateway_token_mints_a_token_with_the_role_and_expiry() -> None:
     assert bad_role.returncode == 2 and "--role" in bad_role.stderr and len(bad_role.stderr.splitlines()) == 1
     serve = run_cli("serve", "limits.store=redis", secret=secret)
     assert serve.returncode == 2 and serve.stderr.startswith("fl-gateway: limits.redis_url:")
+
+
+def test_the_gateway_refuses_to_start_without_two_distinct_audit_keys(tmp_path: Path) -> None:
+    secret, key = "a-deployment-secret-of-some-length", Fernet.generate_key().decode()
+    where = [f"audit.path={tmp_path / 'audit.sqlite'}", f"audit.head_path={tmp_path / 'head.json'}",
+             f"limits.sqlite_path={tmp_path / 'limits.sqlite'}"]
+    no_text_key = run_cli("serve", *where, secret=secret, FL_AUDIT_CHAIN_KEY=key)
+    assert no_text_key.returncode == 2 and no_text_key.stderr.startswith(
+        "fl-gateway: audit.text_key_env: environment variable FL_AUDIT_TEXT_KEY must hold a secret")
+    one_key = run_cli("serve", *where, secret=secret, FL_AUDIT_CHAIN_KEY=key, FL_AUDIT_TEXT_KEY=key)
+    assert one_key.returncode == 2 and one_key.stderr.strip() == (
+        "fl-gateway: audit.text_key_env: must hold another key than FL_AUDIT_CHAIN_KEY: whoever verifies the audit "
+        "chain must not be able to read request text")
+    not_fernet = run_cli("serve", *where, secret=secret, FL_AUDIT_CHAIN_KEY=key, FL_AUDIT_TEXT_KEY="x" * 40)
+    assert not_fernet.returncode == 2 and "audit.text_key_env: the text key must be a Fernet key" in not_fernet.stderr
+    assert not (tmp_path / "audit.sqlite").exists()  # refused before anything was written

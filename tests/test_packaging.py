@@ -241,6 +241,15 @@ def test_serving_renders_a_scaled_probed_scraped_gateway_over_each_replica(tmp_p
     assert (cfg.port, cfg.metrics_port, cfg.limits.store, cfg.cors_origins) == (
         8443, operations, "redis", ["https://ehr.example.org"])
     assert cfg.tls.client_ca is not None and cfg.privacy.epsilon_per_query == 0.05
+    # the audit log and its sealed head on two volumes; the chain and the text under two keys
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    log_volume, head_volume = (claims[mounts[str(Path(p).parent)]] for p in (cfg.audit.path, cfg.audit.head_path))
+    assert log_volume != head_volume and ("PersistentVolumeClaim", head_volume) in by_kind
+    keys = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e
+            and "secretKeyRef" in e["valueFrom"]}
+    assert keys[cfg.audit.chain_key_env] != keys[cfg.audit.text_key_env]
 
 
 def test_serving_without_a_model_source_fails_to_render_naming_the_value() -> None:
