@@ -49,6 +49,7 @@ from .schemas import (
     ClassifyResponse,
     CompletionRequest,
     CompletionResponse,
+    DeploymentBudget,
     ErrorResponse,
     ModelCard,
     ModelList,
@@ -60,6 +61,7 @@ from .schemas import (
 
 HOUR = 3600.0
 SPEND = "spend:"  # a user's noisy-vote spend: the sum of each query's zCDP cost
+DEPLOYMENT_SPEND = "deployment-spend:"  # a hospital model's spend over all users, the same sum
 BACKEND_HEADER = "X-Backend"  # which replica answered (its index in routing.backends), for operators
 AUDITED_PREFIXES = ("/v1/", "/admin/")
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -92,6 +94,7 @@ class GatewayServices:
     limits: LimitStore
     metrics: GatewayMetrics
     vote: NoisyVote
+    rho_total_cap: float  # the largest spend per hospital model within privacy.epsilon_total
     rng: SecureRandom
 
 
@@ -111,6 +114,7 @@ def build_services(cfg: GatewayConfig) -> GatewayServices:
                           else SQLiteLimitStore(Path(lim.sqlite_path)))
     vote = NoisyVote(cfg.privacy.epsilon_per_query, cfg.privacy.epsilon_per_user, cfg.privacy.delta)
     _ = vote.rho_cap  # calibrate before listening, not on the first query
+    rho_total_cap = vote.rho_within(cfg.privacy.epsilon_total)
     # Spend kept as query counts by earlier versions is carried over at today's price per query, once: the price
     # each was bought at was never stored, so the README says to upgrade before changing epsilon_per_query.
     migrated = limits.migrate_counts(SPEND, vote.rho_per_query)
@@ -121,7 +125,8 @@ def build_services(cfg: GatewayConfig) -> GatewayServices:
     audit.open_for_writing()
     writer, metrics = AuditWriter(audit), GatewayMetrics()
     metrics.audit_sealed.set_function(lambda: writer.sealed)
-    return GatewayServices(cfg, secret, audit, writer, limits, metrics, vote, SecureRandom())
+    metrics.deployment_total.set(cfg.privacy.epsilon_total)
+    return GatewayServices(cfg, secret, audit, writer, limits, metrics, vote, rho_total_cap, SecureRandom())
 
 
 class RequestError(HTTPException):
@@ -434,26 +439,58 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         return PrivacyInfo(provenance=backend.info.get("provenance", {}), query_mode="standard",
                            epsilon_charged=0.0, budget_remaining=None)
 
+    def hospitals() -> list[str]:
+        return sorted({b.hospital for b in router().backends if b.hospital})
+
+    async def deployment_budget() -> list[DeploymentBudget]:
+        vote, spent, total = services.vote, services.limits.spent, cfg.privacy.epsilon_total
+        names = hospitals()
+        rhos = [await run_in_threadpool(spent, f"{DEPLOYMENT_SPEND}{h}") for h in names]
+        return [DeploymentBudget(hospital=h, epsilon_spent=vote.epsilon_of(rho), epsilon_total=total,
+                                 epsilon_remaining=total - vote.epsilon_of(rho),
+                                 queries_left=vote.queries_left(rho, services.rho_total_cap))
+                for h, rho in zip(names, rhos, strict=True)]
+
     async def budget(user: str) -> BudgetResponse:
         vote = services.vote
         rho = await run_in_threadpool(services.limits.spent, f"{SPEND}{user}")
         spent = vote.epsilon_of(rho)
+        deployment = [d.epsilon_remaining for d in await deployment_budget()]
         return BudgetResponse(user=user, epsilon_spent=spent, epsilon_remaining=cfg.privacy.epsilon_per_user - spent,
-                              epsilon_per_user=cfg.privacy.epsilon_per_user, queries_left=vote.queries_left(rho))
+                              epsilon_per_user=cfg.privacy.epsilon_per_user, queries_left=vote.queries_left(rho),
+                              deployment_epsilon_remaining=min(deployment) if deployment else None)
+
+    async def charge(principal: Principal, voters: list[Backend]) -> float:
+        """Charge one query to its user and to each voting hospital model, all or none; the epsilon it cost the
+        user. Refused (403) when either budget would be exceeded."""
+        vote, cost = services.vote, services.vote.rho_per_query
+        names = [b.hospital or "" for b in voters]
+        keys = [f"{SPEND}{principal.user}", *(f"{DEPLOYMENT_SPEND}{h}" for h in names)]
+        caps = [vote.rho_cap, *[services.rho_total_cap] * len(names)]
+        take = await run_in_threadpool(services.limits.take_spends, keys, cost, caps)
+        user_total, *hospital_totals = take.totals
+        if not take.allowed:
+            if user_total + cost > vote.rho_cap:
+                metrics.budget_exhausted.inc()
+                raise HTTPException(403, f"privacy budget exhausted: epsilon {vote.epsilon_of(user_total):.4g} of "
+                                         f"{cfg.privacy.epsilon_per_user} spent")
+            metrics.deployment_exhausted.inc()
+            spent = [h for h, total in zip(names, hospital_totals, strict=True)
+                     if total + cost > services.rho_total_cap]
+            raise HTTPException(403, f"deployment privacy budget exhausted for {', '.join(spent)}: the noisy vote "
+                                     f"over their records has spent its epsilon {cfg.privacy.epsilon_total} across "
+                                     "all users")
+        for hospital, total in zip(names, hospital_totals, strict=True):
+            metrics.deployment_spent.labels(hospital).set(vote.epsilon_of(total))
+        metrics.budget_spent.observe(vote.epsilon_of(user_total) / cfg.privacy.epsilon_per_user)
+        return vote.epsilon_of(user_total) - vote.epsilon_of(user_total - cost)
 
     async def noisy_vote(request: Request, principal: Principal, body: ClassifyRequest) -> ClassifyResponse:
         vote = services.vote
         voters = router().voters()
         if not voters:
             raise HTTPException(503, "no hospital model backends are available for a noisy vote")
-        take = await run_in_threadpool(services.limits.take_spend, f"{SPEND}{principal.user}", vote.rho_per_query,
-                                       vote.rho_cap)
-        if not take.allowed:
-            metrics.budget_exhausted.inc()
-            raise HTTPException(403, f"privacy budget exhausted: epsilon {vote.epsilon_of(take.total):.4g} of "
-                                     f"{cfg.privacy.epsilon_per_user} spent")
-        charged = vote.epsilon_of(take.total) - vote.epsilon_of(take.total - vote.rho_per_query)
-        metrics.budget_spent.observe(vote.epsilon_of(take.total) / cfg.privacy.epsilon_per_user)
+        charged = await charge(principal, voters)
         request.state.epsilon = charged  # charged on the attempt: a failed vote is not refunded
         timeout = request.state.deadline - time.monotonic()
         answers = await asyncio.gather(*(router().call_one(b, "/v1/classify", {"text": body.text}, timeout)
@@ -598,6 +635,11 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         if not valid_user(user):
             raise HTTPException(404, "not a user name")
         return await budget(user)
+
+    @app.get("/admin/privacy/deployment", response_model=list[DeploymentBudget], responses=ERRORS, tags=["admin"])
+    async def deployment_budgets(_: Admin) -> list[DeploymentBudget]:
+        """Each hospital model's epsilon spent by the noisy vote over all users, against `privacy.epsilon_total`."""
+        return await deployment_budget()
 
     def backend_state(b: Backend) -> BackendState:
         return BackendState(index=b.index, url=b.url, healthy=b.healthy,

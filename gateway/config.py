@@ -58,6 +58,9 @@ class QueryPrivacyConfig:
 
     epsilon_per_query: float = 0.05
     epsilon_per_user: float = 5.0
+    # every noisy-vote query also spends from each voting hospital model's total, whoever asks: what one of its
+    # records is exposed to through all users together
+    epsilon_total: float = 10.0
     delta: float = 1e-6
 
 
@@ -157,6 +160,8 @@ def validate_gateway(cfg: GatewayConfig) -> None:
     positive(p.epsilon_per_query, "privacy.epsilon_per_query")
     require(p.epsilon_per_user >= p.epsilon_per_query, "privacy.epsilon_per_user",
              f"must be >= privacy.epsilon_per_query={p.epsilon_per_query} (got {p.epsilon_per_user})")
+    require(p.epsilon_total >= p.epsilon_per_user, "privacy.epsilon_total",
+            f"must be >= privacy.epsilon_per_user={p.epsilon_per_user} (got {p.epsilon_total})")
     require(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1) (got {p.delta})")
     positive(cfg.audit.retention_days, "audit.retention_days")
     require(Path(cfg.audit.head_path).resolve() != Path(cfg.audit.path).resolve(), "audit.head_path",

@@ -1,8 +1,8 @@
 """Per-user request limits and privacy spend, taken atomically in SQLite (one gateway) or Redis (several).
 
-Two primitives serve both: a sliding-window counter (requests per hour) and a capped sum (a user's privacy spend,
-each query adding what it cost, so that a change of configuration prices only the queries after it). A refused
-take changes nothing.
+Two primitives serve both: a sliding-window counter (requests per hour) and capped sums taken together (a query's
+privacy cost, added to its user's spend and to each voting hospital model's total, all or none; each adds what the
+query cost, so that a change of configuration prices only the queries after it). A refused take changes nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,12 +52,12 @@ class Take:
 @dataclass(frozen=True)
 class Spend:
     allowed: bool
-    total: float  # the sum after this take (unchanged when refused)
+    totals: tuple[float, ...]  # each sum after this take (unchanged when refused), in the order of its keys
 
 
 class LimitStore(Protocol):
     def take_window(self, key: str, cap: int, window: float) -> Take: ...
-    def take_spend(self, key: str, cost: float, cap: float) -> Spend: ...
+    def take_spends(self, keys: Sequence[str], cost: float, caps: Sequence[float]) -> Spend: ...
     def spent(self, key: str) -> float: ...
     def migrate_counts(self, prefix: str, cost_per_count: float) -> int: ...
 
@@ -83,14 +83,15 @@ class SQLiteLimitStore:
             db.execute("INSERT INTO window_events (key, at) VALUES (?, ?)", (key, now))
         return Take(True, count + 1, 0.0)
 
-    def take_spend(self, key: str, cost: float, cap: float) -> Spend:
+    def take_spends(self, keys: Sequence[str], cost: float, caps: Sequence[float]) -> Spend:
         with _reachable("limit database"), write_transaction(self._db, self._lock) as db:
-            total = self._spent(key)
-            if total + cost > cap:
-                return Spend(False, total)
-            db.execute("INSERT INTO spends (key, total) VALUES (?, ?) "
-                       "ON CONFLICT (key) DO UPDATE SET total = total + excluded.total", (key, cost))
-        return Spend(True, total + cost)
+            totals = tuple(self._spent(key) for key in keys)
+            if any(total + cost > cap for total, cap in zip(totals, caps, strict=True)):
+                return Spend(False, totals)
+            db.executemany("INSERT INTO spends (key, total) VALUES (?, ?) "
+                           "ON CONFLICT (key) DO UPDATE SET total = total + excluded.total",
+                           [(key, cost) for key in keys])
+        return Spend(True, tuple(total + cost for total in totals))
 
     def _spent(self, key: str) -> float:
         row = self._db.execute("SELECT total FROM spends WHERE key = ?", (key,)).fetchone()
@@ -131,10 +132,15 @@ return {1, count + 1, '0'}
 
 # Floats travel as strings: Lua numbers are doubles, and Redis's reply would truncate them to integers.
 SPEND_SCRIPT = """
-local total = tonumber(redis.call('GET', KEYS[1]) or '0')
-local cost, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
-if total + cost > cap then return {0, tostring(total)} end
-return {1, redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])}
+local cost, totals, allowed = tonumber(ARGV[1]), {}, 1
+for i, key in ipairs(KEYS) do
+  totals[i] = redis.call('GET', key) or '0'
+  if tonumber(totals[i]) + cost > tonumber(ARGV[i + 1]) then allowed = 0 end
+end
+if allowed == 1 then
+  for i, key in ipairs(KEYS) do totals[i] = redis.call('INCRBYFLOAT', key, ARGV[1]) end
+end
+return {allowed, unpack(totals)}
 """
 MIGRATE_SCRIPT = """
 local count = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -160,10 +166,11 @@ class RedisLimitStore:
             allowed, count, retry = self._window(keys=[self._prefix + key], args=[cap, window, time.time()])
         return Take(bool(allowed), int(count), max(float(retry), 0.0))
 
-    def take_spend(self, key: str, cost: float, cap: float) -> Spend:
+    def take_spends(self, keys: Sequence[str], cost: float, caps: Sequence[float]) -> Spend:
         with _reachable("redis"):
-            allowed, total = self._spend(keys=[self._prefix + key], args=[repr(cost), repr(cap)])
-        return Spend(bool(allowed), float(total))
+            allowed, *totals = self._spend(keys=[self._prefix + key for key in keys],
+                                           args=[repr(cost), *map(repr, caps)])
+        return Spend(bool(allowed), tuple(float(total) for total in totals))
 
     def spent(self, key: str) -> float:
         with _reachable("redis"):

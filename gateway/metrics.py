@@ -31,3 +31,11 @@ class GatewayMetrics:
                                   "sealed (fl-audit verify --at-least).", registry=self.registry)
         self.budget_exhausted = Counter("privacy_budget_refusals", "Noisy-vote queries refused: budget exhausted.",
                                         registry=self.registry)
+        self.deployment_spent = Gauge(
+            "privacy_deployment_epsilon_spent", "epsilon the noisy vote has spent over a hospital model's records, "
+            "all users together (as of this gateway's last charge).", ["hospital"], registry=self.registry)
+        self.deployment_total = Gauge("privacy_deployment_epsilon_total",
+                                      "epsilon each hospital model may spend over all users.", registry=self.registry)
+        self.deployment_exhausted = Counter(
+            "privacy_deployment_budget_refusals", "Noisy-vote queries refused: a hospital model's total is spent.",
+            registry=self.registry)

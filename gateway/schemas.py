@@ -209,6 +209,19 @@ class BudgetResponse(BaseModel):
     epsilon_remaining: float
     epsilon_per_user: float
     queries_left: int
+    deployment_epsilon_remaining: float | None = Field(
+        description="The least epsilon any hospital model has left over all users (privacy.epsilon_total); null "
+                    "without hospital models. A noisy vote is refused when either budget is spent.")
+
+
+class DeploymentBudget(BaseModel):
+    """One hospital model's spend over all users: what one of its training records is exposed to."""
+
+    hospital: str
+    epsilon_spent: float
+    epsilon_remaining: float
+    epsilon_total: float
+    queries_left: int
 
 
 class BackendState(BaseModel):

@@ -6,10 +6,12 @@ hospital's vote, which moves one count down and another up: L2 sensitivity sqrt(
 mechanism with noise multiplier z (noise std z * sqrt(2) on each count), without subsampling. z is calibrated so
 that one query costs `epsilon_per_query`.
 
-A user's spend is the sum of what each query cost in zero-concentrated DP, rho = 1 / (2 z^2): a Gaussian
+A user's spend, and each hospital model's spend over all users (the deployment's total: what one of its records is
+exposed to, whoever asks), is the sum of what each query cost in zero-concentrated DP, rho = 1 / (2 z^2): a Gaussian
 mechanism's Renyi curve is alpha * rho, so summing rho composes them exactly, and the stored sum is each query's
 own price: a later change of `epsilon_per_query` prices only the queries after it. The composed epsilon, at the
-configured delta, must stay within `epsilon_per_user`. The noise comes from `SecureRandom`.
+configured delta, must stay within `epsilon_per_user` and the deployment's total. The noise comes from
+`SecureRandom`.
 
 Answers to plain queries are post-processing of the DP-trained federated model and spend no epsilon at all.
 """
@@ -77,16 +79,23 @@ class NoisyVote:
     @cached_property
     def rho_cap(self) -> float:
         """The largest spend whose epsilon stays within `epsilon_per_user`."""
+        return self.rho_within(self.epsilon_per_user)
+
+    def rho_within(self, epsilon: float) -> float:
+        """The largest spend whose epsilon at `delta` stays within `epsilon` (a user's budget, or the deployment's
+        total per hospital model)."""
         low, high = 0.0, self.rho_per_query
-        while self.epsilon_of(high) <= self.epsilon_per_user:
+        while self.epsilon_of(high) <= epsilon:
             low, high = high, 2 * high
         for _ in range(60):
             mid = (low + high) / 2
-            low, high = (mid, high) if self.epsilon_of(mid) <= self.epsilon_per_user else (low, mid)
+            low, high = (mid, high) if self.epsilon_of(mid) <= epsilon else (low, mid)
         return low
 
-    def queries_left(self, rho_spent: float) -> int:
-        return max(int((self.rho_cap - rho_spent) / self.rho_per_query + 1e-9), 0)
+    def queries_left(self, rho_spent: float, rho_cap: float | None = None) -> int:
+        """Queries still within `rho_cap` (a user's, by default)."""
+        cap = self.rho_cap if rho_cap is None else rho_cap
+        return max(int((cap - rho_spent) / self.rho_per_query + 1e-9), 0)
 
     def release(self, votes: list[int], num_labels: int, rng: SecureRandom) -> int:
         """The label whose noised count is largest; `votes` holds one label index per hospital."""

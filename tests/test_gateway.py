@@ -47,6 +47,7 @@ TRAIN = ["model=tiny", "data.max_train_examples=200", "data.max_test_examples=32
          "train.device=cpu", "train.num_threads=1", "federation.num_rounds=1"]
 TEXT = "Displaced fracture of shaft of left femur"
 VOTE = NoisyVote(epsilon_per_query=1.0, epsilon_per_user=2.0, delta=1e-5)
+VOTE_TOTAL = 3.0  # each hospital model's epsilon over all users at the main gateway: 7 queries, 3 a user
 RATE = 6
 ANONYMOUS = 3  # requests per hour without a valid token, per address, at the gateways sharing redis
 
@@ -151,6 +152,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.gateway("main", ["replica-a", "replica-b", "node-0", "node-1"], f"limits.requests_per_hour={RATE}",
                   f"privacy.epsilon_per_query={VOTE.epsilon_per_query}",
                   f"privacy.epsilon_per_user={VOTE.epsilon_per_user}", f"privacy.delta={VOTE.delta}",
+                  f"privacy.epsilon_total={VOTE_TOTAL}",
                   "cors_origins=[https://ehr.example.org]", "routing.failure_threshold=2",
                   "routing.circuit_cooldown=300")
         s.gateway("busy", ["replica-a", "lm", "chat"], "limits.max_concurrent=1", "limits.requests_per_hour=1000000")
@@ -335,6 +337,27 @@ def test_noisy_votes_are_charged_until_the_budget_is_exhausted(stack: Stack) -> 
     assert budget["queries_left"] == 0 and budget["epsilon_spent"] == pytest.approx(spent[-1])
     assert classify(stack, "fay").status_code == 200  # plain queries spend nothing and still work
 
+    # every user's noisy votes also spend each hospital model's total, until it refuses whoever asks
+    per_user, in_total = VOTE.queries_left(0.0), VOTE.queries_left(0.0, VOTE.rho_within(VOTE_TOTAL))
+    others = [f"gus-{i // per_user}" for i in range(in_total - per_user)]
+    assert len(set(others)) > 1 and [classify(stack, u, privacy="noisy-vote").status_code for u in others] == [
+        200] * len(others)
+    last = others[-1]
+    shared = classify(stack, last, privacy="noisy-vote")
+    assert shared.status_code == 403 and shared.json()["detail"].startswith(
+        "deployment privacy budget exhausted for hospital-0, hospital-1")
+    total_spent = VOTE.epsilon_of(in_total * VOTE.rho_per_query)
+    own = httpx.get(stack.url("main") + "/v1/privacy/budget", headers=token(last), timeout=30).json()
+    assert own["queries_left"] > 0 and own["deployment_epsilon_remaining"] == pytest.approx(VOTE_TOTAL - total_spent)
+    deployment = httpx.get(stack.url("main") + "/admin/privacy/deployment", headers=token("root", "admin"),
+                           timeout=30).json()
+    assert deployment == [{"hospital": h, "epsilon_spent": pytest.approx(total_spent), "epsilon_total": VOTE_TOTAL,
+                           "epsilon_remaining": pytest.approx(VOTE_TOTAL - total_spent), "queries_left": 0}
+                          for h in ("hospital-0", "hospital-1")]
+    metrics = httpx.get(stack.url("main") + "/metrics", timeout=30).text
+    assert "privacy_deployment_budget_refusals_total 1.0" in metrics
+    assert f'privacy_deployment_epsilon_spent{{hospital="hospital-1"}} {total_spent}' in metrics
+
 
 def test_past_the_concurrency_cap_requests_get_503(stack: Stack) -> None:
     with ThreadPoolExecutor(16) as pool:
@@ -481,8 +504,9 @@ def test_metrics_expose_latency_statuses_budgets_and_node_health(stack: Stack) -
     assert 'requests_total{route="/v1/classify",status="429"} 1.0' in text
     assert 'requests_total{route="/v1/classify",status="401"} 5.0' in text
     assert 'user="' not in text and "fay" not in text  # metrics are read without a token: they name no one
-    assert f"privacy_budget_spent_fraction_count {float(VOTE.queries_left(0.0))}" in text
-    assert 'privacy_budget_spent_fraction_bucket{le="0.25"} 0.0' in text  # fay's first vote already spent more
+    charged = VOTE.queries_left(0.0, VOTE.rho_within(VOTE_TOTAL))  # every charged vote, fay's and gus's
+    assert f"privacy_budget_spent_fraction_count {float(charged)}" in text
+    assert 'privacy_budget_spent_fraction_bucket{le="0.25"} 0.0' in text  # a user's first vote already spent more
     remaining = VOTE.epsilon_per_user - VOTE.epsilon_of(VOTE.queries_left(0.0) * VOTE.rho_per_query)
     fay = stack.url("main") + "/admin/privacy/budget/fay"
     assert httpx.get(fay, headers=token("root", "admin"), timeout=30).json()["epsilon_remaining"] == \

@@ -60,14 +60,14 @@ def test_a_configuration_change_never_reprices_past_queries(tmp_path) -> None:  
     store = SQLiteLimitStore(tmp_path / "limits.sqlite")
     before = NoisyVote(epsilon_per_query=0.05, epsilon_per_user=7.5, delta=1e-6)
     for _ in range(before.queries_left(0.0) * 2 // 3):
-        assert store.take_spend("spend:u", before.rho_per_query, before.rho_cap).allowed
+        assert store.take_spends(["spend:u"], before.rho_per_query, [before.rho_cap]).allowed
     spent = before.epsilon_of(store.spent("spend:u"))
     after = NoisyVote(epsilon_per_query=0.01, epsilon_per_user=7.5, delta=1e-6)
     assert after.epsilon_of(store.spent("spend:u")) == pytest.approx(spent)  # the same spend at any price
     left = after.queries_left(store.spent("spend:u"))
     for _ in range(left):
-        assert store.take_spend("spend:u", after.rho_per_query, after.rho_cap).allowed
-    assert not store.take_spend("spend:u", after.rho_per_query, after.rho_cap).allowed
+        assert store.take_spends(["spend:u"], after.rho_per_query, [after.rho_cap]).allowed
+    assert not store.take_spends(["spend:u"], after.rho_per_query, [after.rho_cap]).allowed
     assert after.epsilon_of(store.spent("spend:u")) <= 7.5
 
 
