@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import aiohttp
+import redis
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -34,7 +36,7 @@ from privacy.secure_random import SecureRandom
 from .audit import AuditEvent, AuditKeyError, AuditKeys, AuditLog
 from .audit_writer import AuditWriter
 from .auth import AuthError, Principal, TokenVerifier, bearer_token, valid_user
-from .config import GatewayConfig, secret_from_env
+from .config import GatewayConfig, LimitsConfig, secret_from_env
 from .limits import LimitStore, LimitStoreDown, RedisLimitStore, SQLiteLimitStore
 from .metrics import GatewayMetrics
 from .routing import Backend, NoBackendAvailable, Reply, Router, Stream
@@ -98,6 +100,21 @@ class GatewayServices:
     rng: SecureRandom
 
 
+def open_limit_store(lim: LimitsConfig) -> LimitStore:
+    """SQLite for one gateway; Redis for several, with the password from the environment (and TLS on rediss://).
+    A Redis that refuses the password or cannot be reached is a one-line error at start."""
+    if lim.store != "redis" or lim.redis_url is None:
+        return SQLiteLimitStore(Path(lim.sqlite_path))
+    password = (secret_from_env(lim.redis_password_env, "limits.redis_password_env")
+                if lim.redis_password_env is not None else None)
+    try:
+        return RedisLimitStore(lim.redis_url, password, lim.redis_ca)
+    except (redis.AuthenticationError, redis.ResponseError) as err:
+        raise ConfigError("limits.redis_password_env", f"redis refused the password ({type(err).__name__})") from None
+    except redis.RedisError as err:
+        raise ConfigError("limits.redis_url", f"redis cannot be reached ({type(err).__name__}: {err})") from None
+
+
 def build_services(cfg: GatewayConfig) -> GatewayServices:
     secret = secret_from_env(cfg.auth.secret_env, "auth.secret_env")
     chain_key = secret_from_env(cfg.audit.chain_key_env, "audit.chain_key_env")
@@ -109,9 +126,7 @@ def build_services(cfg: GatewayConfig) -> GatewayServices:
         keys = AuditKeys.from_secrets(chain_key, text_key)
     except AuditKeyError as err:
         raise ConfigError("audit.text_key_env", str(err)) from None
-    lim = cfg.limits
-    limits: LimitStore = (RedisLimitStore(lim.redis_url) if lim.store == "redis" and lim.redis_url
-                          else SQLiteLimitStore(Path(lim.sqlite_path)))
+    limits = open_limit_store(cfg.limits)
     vote = NoisyVote(cfg.privacy.epsilon_per_query, cfg.privacy.epsilon_per_user, cfg.privacy.delta)
     _ = vote.rho_cap  # calibrate before listening, not on the first query
     rho_total_cap = vote.rho_within(cfg.privacy.epsilon_total)
@@ -346,9 +361,11 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
                 services.audit_writer.close()
                 services.audit.close()
 
-    app = FastAPI(title="federated-dp-llm gateway", version="1", lifespan=lifespan,
-                  description="Serves the federated model to clinicians. Every answer carries the model's "
-                              "training privacy guarantee; every request is audited.")
+    # Swagger UI's files come from the gateway itself: a hospital network often reaches no CDN (and should not be
+    # asked to trust one with a page that holds a token)
+    app = FastAPIOffline(title="federated-dp-llm gateway", version="1", lifespan=lifespan, static_url="/docs-static",
+                         description="Serves the federated model to clinicians. Every answer carries the model's "
+                                     "training privacy guarantee; every request is audited.")
     install_error_handlers(app)
     # inside the cap and audit: a 413 or 408 is audited
     app.add_middleware(BoundedBody, limit=cfg.limits.max_body_bytes, timeout=cfg.limits.request_timeout)

@@ -49,7 +49,9 @@ class LimitsConfig:
     unauthenticated_per_hour: int = 60  # requests without a valid token, per client address, sliding window
     store: str = "sqlite"  # sqlite: one gateway; redis: several gateway replicas sharing limits and budgets
     sqlite_path: str = "gateway-state.sqlite"
-    redis_url: str | None = None
+    redis_url: str | None = None  # redis://HOST:PORT/DB, or rediss:// for TLS; never with the password in it
+    redis_password_env: str | None = "FL_GATEWAY_REDIS_PASSWORD"  # (or NAME_FILE); null: a redis without one
+    redis_ca: str | None = None  # rediss:// only: the CA file that signed redis's certificate (default: system CAs)
 
 
 @dataclass
@@ -156,6 +158,12 @@ def validate_gateway(cfg: GatewayConfig) -> None:
     if lim.store == "redis":
         require(lim.redis_url is not None and urlparse(lim.redis_url).scheme in ("redis", "rediss", "unix"),
                  "limits.redis_url", f"must be redis://HOST:PORT/DB for store redis (got {lim.redis_url!r})")
+        redis_url = urlparse(lim.redis_url or "")
+        require(redis_url.password is None, "limits.redis_url",
+                "holds a password: pass it in the environment variable limits.redis_password_env names")
+        if lim.redis_ca is not None:
+            require(redis_url.scheme == "rediss", "limits.redis_ca", "needs a rediss:// limits.redis_url (TLS)")
+            require(Path(lim.redis_ca).is_file(), "limits.redis_ca", f"no such file: {lim.redis_ca}")
     p = cfg.privacy
     positive(p.epsilon_per_query, "privacy.epsilon_per_query")
     require(p.epsilon_per_user >= p.epsilon_per_query, "privacy.epsilon_per_user",

@@ -153,8 +153,10 @@ return count
 class RedisLimitStore:
     """Several gateway replicas: each take is one Lua script, which Redis runs atomically."""
 
-    def __init__(self, url: str, prefix: str = "fl-gateway:") -> None:
-        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    def __init__(self, url: str, password: str | None = None, ca_file: str | None = None,
+                 prefix: str = "fl-gateway:") -> None:
+        tls = {"ssl_ca_certs": ca_file} if ca_file else {}
+        self._redis = redis.Redis.from_url(url, password=password, socket_timeout=5, socket_connect_timeout=2, **tls)
         self._redis.ping()
         self._prefix = prefix
         self._window = self._redis.register_script(WINDOW_SCRIPT)

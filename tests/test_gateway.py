@@ -42,6 +42,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "gateway-test-secret-0123456789abcdef"
+REDIS_PASSWORD = "redis-test-password-0123456789abcdef"
 ISSUER = "federated-dp-llm"
 TRAIN = ["model=tiny", "data.max_train_examples=200", "data.max_test_examples=32", "train.batch_size=16",
          "train.device=cpu", "train.num_threads=1", "federation.num_rounds=1"]
@@ -134,7 +135,8 @@ def train_hospitals(root: Path) -> dict[str, Path]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("gateway")
     env = {**os.environ, "PYTHONPATH": str(REPO), "FL_GATEWAY_JWT_SECRET": SECRET,
-           "FL_AUDIT_CHAIN_KEY": Fernet.generate_key().decode(), "FL_AUDIT_TEXT_KEY": Fernet.generate_key().decode()}
+           "FL_AUDIT_CHAIN_KEY": Fernet.generate_key().decode(), "FL_AUDIT_TEXT_KEY": Fernet.generate_key().decode(),
+           "FL_GATEWAY_REDIS_PASSWORD": REDIS_PASSWORD}
     s = Stack(root, env)
     try:
         s.runs = runs = train_hospitals(root)
@@ -148,7 +150,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         create_client_certificate(root / "certs", "ehr", days=1)
         s.ports["redis"] = free_port()
         s.start("redis", [shutil.which("redis-server") or "redis-server", "--port", str(s.ports["redis"]),
-                          "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                          "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--requirepass", REDIS_PASSWORD])
         s.gateway("main", ["replica-a", "replica-b", "node-0", "node-1"], f"limits.requests_per_hour={RATE}",
                   f"privacy.epsilon_per_query={VOTE.epsilon_per_query}",
                   f"privacy.epsilon_per_user={VOTE.epsilon_per_user}", f"privacy.delta={VOTE.delta}",
@@ -397,7 +399,17 @@ def test_gateways_sharing_redis_share_one_rate_limit(stack: Stack) -> None:
     statuses = [classify(stack, "hal", gateway).status_code for gateway in ("shared-1", "shared-2") * 2]
     assert statuses == [200] * 4
     assert {classify(stack, "hal", g).status_code for g in ("shared-1", "shared-2")} == {429}
-    assert redis.Redis(port=stack.ports["redis"]).zcard("fl-gateway:rate:hal") == 4
+    assert redis.Redis(port=stack.ports["redis"], password=REDIS_PASSWORD).zcard("fl-gateway:rate:hal") == 4
+    with pytest.raises(redis.AuthenticationError):  # nobody without the password gives a user their queries back
+        redis.Redis(port=stack.ports["redis"]).delete("fl-gateway:spend:hal")
+    wrong = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "limits.store=redis",
+                            f"limits.redis_url=redis://127.0.0.1:{stack.ports['redis']}/0",
+                            f"audit.path={stack.root / 'wrong-audit.sqlite'}",
+                            f"audit.head_path={stack.heads / 'wrong-audit-head.json'}"],
+                           env={**stack.env, "FL_GATEWAY_REDIS_PASSWORD": "not-the-password-but-long-enough-0123"},
+                           cwd=stack.root, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and wrong.stderr.strip() == (
+        "fl-gateway: limits.redis_password_env: redis refused the password (AuthenticationError)")
 
 
 def test_requests_without_a_valid_token_are_limited_per_address_across_gateways(stack: Stack) -> None:
@@ -622,6 +634,18 @@ def test_the_audit_log_holds_every_request_encrypted_and_catches_tampering(stack
     assert start.returncode == 2 and start.stderr.strip().splitlines() == [
         f"fl-gateway: audit log refused: records {newest - 2}-{scraped}: missing from the end (truncated, rolled "
         f"back or replaced); the sealed head is record {scraped}; run fl-audit verify"], start.stderr
+
+
+def test_the_api_docs_load_everything_from_the_gateway(stack: Stack) -> None:
+    """Offline (a hospital network reaches no CDN) /docs and /redoc still work: every script, style and icon they
+    name is served by the gateway itself."""
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(stack.url("main") + page, timeout=30)
+        assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html.text) + re.findall(r"url: '([^']+)'", html.text)
+        assert assets and not [a for a in assets if not a.startswith("/")], (page, assets)
+        for asset in assets:
+            assert httpx.get(stack.url("main") + asset, timeout=30).status_code == 200, asset
 
 
 def test_no_generated_request_makes_the_gateway_fail(stack: Stack) -> None:

@@ -1,5 +1,6 @@
-"""The limit stores' capped sums, on SQLite and on a real redis-server: a query's cost is added to its user's and to
-each voting hospital model's spend together, or to none, with a float's precision (Redis sums in long double)."""
+"""The limit stores' capped sums, on SQLite and on a real redis-server (with a password, and over TLS): a query's
+cost is added to its user's and to each voting hospital model's spend together, or to none, with a float's precision
+(Redis sums in long double)."""
 
 from __future__ import annotations
 
@@ -10,25 +11,42 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import redis
 from servers import accepts_connections, free_port, kill_group, wait_until
 
 from gateway.limits import LimitStore, RedisLimitStore, SQLiteLimitStore
+from scripts.federation import init
+
+PASSWORD = "redis-password-of-32-characters!"
 
 COST = 0.1  # not a binary fraction: a sum kept as anything coarser than a double (an integer, 14 digits) would drift
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-tls"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LimitStore]:
     if request.param == "sqlite":
         yield SQLiteLimitStore(tmp_path / "limits.sqlite")
         return
-    port = free_port()
-    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-                               "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL,
-                              start_new_session=True)
+    port, tls = free_port(), request.param == "redis-tls"
+    if tls:
+        init(tmp_path / "certs", [], [], days=1)  # the federation's CA and a server certificate for 127.0.0.1
+    certs = tmp_path / "certs"
+    listen = (["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certs / "superlink.crt"),
+               "--tls-key-file", str(certs / "superlink.key"), "--tls-ca-cert-file", str(certs / "ca.crt"),
+               "--tls-auth-clients", "no"] if tls else ["--port", str(port)])
+    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", *listen, "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no", "--requirepass", PASSWORD],
+                              stdout=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_until(lambda: accepts_connections(port), 30, "redis-server", poll=0.1)
-        yield RedisLimitStore(f"redis://127.0.0.1:{port}/0")
+        if tls:
+            with pytest.raises(redis.ConnectionError):  # plaintext is not spoken
+                RedisLimitStore(f"redis://127.0.0.1:{port}/0", PASSWORD)
+            yield RedisLimitStore(f"rediss://127.0.0.1:{port}/0", PASSWORD, str(certs / "ca.crt"))
+        else:
+            with pytest.raises(redis.AuthenticationError):
+                RedisLimitStore(f"redis://127.0.0.1:{port}/0")
+            yield RedisLimitStore(f"redis://127.0.0.1:{port}/0", PASSWORD)
     finally:
         kill_group(server)
 

@@ -99,6 +99,29 @@ def test_compose_file_is_a_valid_three_hospital_federation() -> None:
     assert spec["secrets"]["superexec_secret"] == {"environment": "FL_SUPEREXEC_SECRET"}  # never in the file
 
 
+def test_compose_confines_every_container_and_keeps_each_to_its_peers() -> None:
+    spec = compose()
+    services = spec["services"]
+    for name, service in services.items():
+        assert service["read_only"] is True and service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert service["deploy"]["resources"]["limits"]["memory"], name
+        assert service.get("user", "10001") != "0" and "privileged" not in service, name
+
+    def peers(name: str) -> set[str]:
+        return {other for other, s in services.items() if other != name and set(s["networks"]) & set(
+            services[name]["networks"])}
+
+    hospitals = {name for name, s in services.items() if s.get("build", {}).get("target") == "supernode"}
+    for hospital in hospitals:  # a node reaches the SuperLink (and the runner and other nodes there), nothing else
+        assert peers(hospital) == {"superlink", "serverapp"} | (hospitals - {hospital})
+    assert peers("redis") == {"gateway", "replica-1", "replica-2"} and "ports" not in services["redis"]
+    assert spec["networks"]["serving"]["internal"] is True
+    assert [s for s in services if set(services[s]["networks"]) == {"serving"}] == ["redis"]
+    assert "redis_password" in services["redis"]["secrets"] and "redis_password" in services["gateway"]["secrets"]
+    assert services["gateway"]["environment"]["FL_GATEWAY_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password"
+
+
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
     chart = Chart.load(str(CHART))
     rendered = chart.render(values, name="fed", namespace="hospitals")
@@ -250,6 +273,55 @@ def test_serving_renders_a_scaled_probed_scraped_gateway_over_each_replica(tmp_p
     keys = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e
             and "secretKeyRef" in e["valueFrom"]}
     assert keys[cfg.audit.chain_key_env] != keys[cfg.audit.text_key_env]
+
+
+def test_every_component_admits_only_the_traffic_its_role_needs() -> None:
+    manifests = render({**SERVING, "supernodes": HOSPITALS})
+    version = kubernetes_validate.latest_version()
+    policies = {m["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: m["spec"]
+                for m in manifests if m["kind"] == "NetworkPolicy"}
+    for policy in policies.values():
+        kubernetes_validate.validate({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                                      "metadata": {"name": "p"}, "spec": policy}, version, strict=True)
+    components = {m["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+                  for m in manifests if m["kind"] in ("Deployment", "StatefulSet")}
+    assert components == set(policies) and all(p["policyTypes"] == ["Ingress"] for p in policies.values())
+
+    def sources(component: str) -> list[set[str]]:
+        return [{peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in rule.get("from", [])
+                 if "podSelector" in peer} for rule in policies[component]["ingress"]]
+
+    assert policies["serverapp"]["ingress"] == [] and policies["supernode"]["ingress"] == []
+    assert sources("redis") == [{"gateway"}] and sources("replica") == [{"gateway"}]
+    assert sources("mlflow") == [{"serverapp", "replica"}]
+    assert [rule["ports"] for rule in policies["superlink"]["ingress"]] == [[{"port": 9092}]]
+    operations = next(r for r in policies["gateway"]["ingress"] if r["ports"] == [{"port": 8080}])
+    assert operations["from"] == [{"namespaceSelector": {}}]  # in the cluster only: metrics are unauthenticated
+
+
+def test_redis_requires_a_password_from_a_secret_and_speaks_tls_when_asked(tmp_path: Path) -> None:
+    for tls in (False, True):
+        values = {"serving": {**SERVING["serving"], "redis": {"tls": {"enabled": tls}}}}
+        manifests = render(values)
+        version = kubernetes_validate.latest_version()
+        for manifest in manifests:
+            kubernetes_validate.validate(manifest, version, strict=True)
+        pods = {m["metadata"]["name"]: m["spec"]["template"]["spec"] for m in manifests if m["kind"] == "Deployment"}
+        redis_container = pods["fed-federated-dp-llm-redis"]["containers"][0]
+        gateway_container = pods["fed-federated-dp-llm-gateway"]["containers"][0]
+        secret = {"name": "gateway-redis", "key": "password"}
+        assert {"name": "REDISCLI_AUTH", "valueFrom": {"secretKeyRef": secret}} in redis_container["env"]
+        assert {"name": "FL_GATEWAY_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": secret}} in gateway_container["env"]
+        script = redis_container["command"][-1]
+        assert "requirepass" in script and ("--tls-port 6379" in script) == tls and ("--port 0" in script) == tls
+        args = gateway_container["command"][gateway_container["command"].index("serve") + 1:]
+        for name in ("tls.crt", "tls.key", "ca.crt"):
+            (tmp_path / name).write_text("")
+        args = [a.replace("/run/secrets/tls", str(tmp_path)).replace("/run/secrets/redis-tls", str(tmp_path))
+                .replace("$(POD_NAME)", "pod-0") for a in args]
+        cfg = compose_gateway_config(args)
+        assert cfg.limits.redis_url is not None and cfg.limits.redis_url.startswith("rediss://" if tls else "redis://")
+        assert (cfg.limits.redis_ca is not None) == tls and cfg.limits.redis_password_env == "FL_GATEWAY_REDIS_PASSWORD"
 
 
 def test_serving_without_a_model_source_fails_to_render_naming_the_value() -> None:
