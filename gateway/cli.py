@@ -18,6 +18,7 @@ from fl_core.entry import OneLineParser
 
 from .audit import AuditKeyError
 from .config import ROLES, GatewayConfig, compose_gateway_config, secret_from_env
+from .http_protocol import with_header_deadline
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,14 +45,16 @@ def _serve(cfg: GatewayConfig) -> None:
 
     app = create_gateway_app(build_services(cfg))
     tls = cfg.tls
+    # every listener bounds a request's head and a kept-alive connection's idle time
+    protocol = with_header_deadline(cfg.limits.header_timeout)
     servers = [uvicorn.Server(uvicorn.Config(
-        app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False, ssl_certfile=tls.certfile,
-        ssl_keyfile=tls.keyfile, ssl_ca_certs=tls.client_ca,
-        ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE))]
+        app, host=cfg.host, port=cfg.port, http=protocol, timeout_keep_alive=cfg.limits.idle_timeout,
+        log_level="warning", access_log=False, ssl_certfile=tls.certfile, ssl_keyfile=tls.keyfile,
+        ssl_ca_certs=tls.client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE))]
     if cfg.metrics_port is not None:
-        servers.append(uvicorn.Server(uvicorn.Config(create_operations_app(app), host=cfg.host,
-                                                     port=cfg.metrics_port, log_level="warning", access_log=False,
-                                                     lifespan="off")))
+        servers.append(uvicorn.Server(uvicorn.Config(
+            create_operations_app(app), host=cfg.host, port=cfg.metrics_port, http=protocol,
+            timeout_keep_alive=cfg.limits.idle_timeout, log_level="warning", access_log=False, lifespan="off")))
     print(f"fl-gateway: {'https' if tls.certfile else 'http'}://{cfg.host}:{cfg.port} over "
           f"{len(cfg.routing.backends)} backends{', client certificates required' if tls.client_ca else ''}"
           + (f"; /health /ready /metrics also on http://{cfg.host}:{cfg.metrics_port}" if cfg.metrics_port else ""),

@@ -45,6 +45,8 @@ class LimitsConfig:
     requests_per_hour: int = 30  # per user, sliding window
     max_concurrent: int = 500  # requests in flight; beyond it: 503
     request_timeout: float = 45.0  # seconds, from arrival to answer, failover included
+    header_timeout: float = 10.0  # seconds for a request's line and headers to arrive; then 408 and closed
+    idle_timeout: int = 5  # seconds a kept-alive connection may wait for its next request
     max_body_bytes: int = 4_194_304  # past it a body is refused (413) unread; room for 64 escaped messages
     unauthenticated_per_hour: int = 60  # requests without a valid token, per client address, sliding window
     store: str = "sqlite"  # sqlite: one gateway; redis: several gateway replicas sharing limits and budgets
@@ -152,6 +154,8 @@ def validate_gateway(cfg: GatewayConfig) -> None:
     positive(lim.requests_per_hour, "limits.requests_per_hour")
     positive(lim.max_concurrent, "limits.max_concurrent")
     positive(lim.request_timeout, "limits.request_timeout")
+    positive(lim.header_timeout, "limits.header_timeout")
+    positive(lim.idle_timeout, "limits.idle_timeout")
     positive(lim.max_body_bytes, "limits.max_body_bytes")
     positive(lim.unauthenticated_per_hour, "limits.unauthenticated_per_hour")
     require(lim.store in STORES, "limits.store", f"unknown value {lim.store!r}; choose one of {', '.join(STORES)}")

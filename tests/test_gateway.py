@@ -51,6 +51,7 @@ VOTE = NoisyVote(epsilon_per_query=1.0, epsilon_per_user=2.0, delta=1e-5)
 VOTE_TOTAL = 3.0  # each hospital model's epsilon over all users at the main gateway: 7 queries, 3 a user
 RATE = 6
 ANONYMOUS = 3  # requests per hour without a valid token, per address, at the gateways sharing redis
+HEAD_TIMEOUT, IDLE_TIMEOUT = 2.0, 2  # seconds, at the busy gateway
 
 
 def token(user: str, role: str = "clinician", minutes: float = 30, now: float | None = None) -> dict[str, str]:
@@ -157,7 +158,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                   f"privacy.epsilon_total={VOTE_TOTAL}",
                   "cors_origins=[https://ehr.example.org]", "routing.failure_threshold=2",
                   "routing.circuit_cooldown=300")
-        s.gateway("busy", ["replica-a", "lm", "chat"], "limits.max_concurrent=1", "limits.requests_per_hour=1000000")
+        s.gateway("busy", ["replica-a", "lm", "chat"], "limits.max_concurrent=1", "limits.requests_per_hour=1000000",
+                  f"limits.header_timeout={HEAD_TIMEOUT}", f"limits.idle_timeout={IDLE_TIMEOUT}")
         certs = root / "certs"
         s.ports["tls-operations"] = free_port()
         s.gateway("tls", ["replica-a"], f"tls.certfile={certs / 'superlink.crt'}",
@@ -634,6 +636,37 @@ def test_the_audit_log_holds_every_request_encrypted_and_catches_tampering(stack
     assert start.returncode == 2 and start.stderr.strip().splitlines() == [
         f"fl-gateway: audit log refused: records {newest - 2}-{scraped}: missing from the end (truncated, rolled "
         f"back or replaced); the sealed head is record {scraped}; run fl-audit verify"], start.stderr
+
+
+def test_connections_that_send_their_head_slowly_or_sit_idle_are_closed(stack: Stack) -> None:
+    """Slowloris: 30 connections that send half a request head, and 10 that send nothing, each get a 408 and are
+    closed once the head is late; a kept-alive connection is closed once idle; meanwhile the gateway answers."""
+    port = stack.ports["busy"]
+
+    def opened(first_bytes: bytes) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=HEAD_TIMEOUT + 15)
+        conn.sendall(first_bytes)
+        return conn
+
+    def read_all(conn: socket.socket) -> bytes:
+        chunks = []
+        while chunk := conn.recv(4096):
+            chunks.append(chunk)
+        conn.close()
+        return b"".join(chunks)
+
+    start = time.monotonic()
+    slow = [opened(b"GET /health HTTP/1.1\r\nHost: gateway\r\nX-Slow: ") for _ in range(30)]
+    silent = [opened(b"") for _ in range(10)]
+    assert httpx.get(stack.url("busy") + "/health", timeout=5).status_code == 200
+    answers = [read_all(conn) for conn in slow + silent]
+    assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers) and time.monotonic() - start < HEAD_TIMEOUT + 15
+
+    in_time = opened(b"GET /health HTTP/1.1\r\n")  # a head that arrives in pieces but within the deadline
+    time.sleep(HEAD_TIMEOUT / 4)
+    in_time.sendall(b"Host: gateway\r\n\r\n")
+    kept_alive = read_all(in_time)  # answered, then closed once idle for IDLE_TIMEOUT
+    assert kept_alive.startswith(b"HTTP/1.1 200 ") and b"408" not in kept_alive
 
 
 def test_the_api_docs_load_everything_from_the_gateway(stack: Stack) -> None:

@@ -40,6 +40,8 @@ def test_defaults_are_the_issues_and_the_production_preset_is_the_reference_depl
     ("limits.unauthenticated_per_hour=0", "limits.unauthenticated_per_hour"),
     ("audit.head_path=audit.sqlite", "audit.head_path"),
     ("privacy.epsilon_total=1.0", "privacy.epsilon_total"),
+    ("limits.header_timeout=0", "limits.header_timeout"),
+    ("limits.idle_timeout=0", "limits.idle_timeout"),
 ])
 def test_a_bad_value_is_an_error_naming_its_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError) as err:
