@@ -206,4 +206,5 @@ class AuditLog:
         return out
 
     def close(self) -> None:
+        self._head.close()
         self._db.close()

@@ -13,6 +13,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from gateway.audit import AuditEvent, AuditKeyError, AuditKeys, AuditLog, AuditTampered
+from gateway.audit_head import HeadError
 from gateway.audit_writer import AuditWriter, AuditWriterStopped
 
 CHAIN, TEXT = Fernet.generate_key().decode(), Fernet.generate_key().decode()
@@ -97,12 +98,16 @@ def test_a_rolled_back_or_replaced_log_and_an_edited_or_lost_head_are_caught(tmp
     sealed = head.read_text()
     head.write_text(sealed.replace('"seq": 4', '"seq": 3'))
     assert log.verify()[1] == [f"sealed head {head}: edited (its MAC does not match)"]
+    head.write_text(sealed)
     head.unlink()
     assert log.verify()[1][0].startswith(f"sealed head {head}: missing for a log that reaches record 4")
+    with pytest.raises(HeadError, match="removed or replaced while this process sealed it"):
+        log.append(event("u4"))  # a writer does not make a new head over whatever the log now ends with
     with pytest.raises(AuditTampered):
-        log.open_for_writing()
-    assert log.seal() == 4 and log.verify() == (4, [])  # an operator who checked the log seals it again
-    log.open_for_writing()
+        opened(path).open_for_writing()
+    operator = opened(path)  # fl-audit seal, once the log is known to be whole
+    assert operator.seal() == 5 and operator.verify() == (5, [])
+    opened(path).open_for_writing()
 
 
 def test_records_committed_before_a_crash_but_not_yet_sealed_verify_and_are_sealed_at_start(tmp_path: Path) -> None:
