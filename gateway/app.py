@@ -3,6 +3,8 @@ replica (routing), all of it in the audit log and in Prometheus metrics."""
 
 # No `from __future__ import annotations`: FastAPI must see the dependency aliases defined inside the factory.
 import asyncio
+import base64
+import binascii
 import hmac
 import json
 import logging
@@ -100,6 +102,17 @@ class GatewayServices:
     rng: SecureRandom
 
 
+def same_key(a: str, b: str) -> bool:
+    """Whether two secrets are one key: equal once stripped, or decoding to the same bytes the way Fernet reads a
+    key (base64 that skips what is not in its alphabet, so "K" and "K!" are one Fernet key)."""
+    if hmac.compare_digest(a.strip().encode(), b.strip().encode()):
+        return True
+    try:
+        return hmac.compare_digest(base64.urlsafe_b64decode(a.strip()), base64.urlsafe_b64decode(b.strip()))
+    except (ValueError, binascii.Error):
+        return False
+
+
 def open_limit_store(lim: LimitsConfig) -> LimitStore:
     """SQLite for one gateway; Redis for several, with the password from the environment (and TLS on rediss://).
     A Redis that refuses the password or cannot be reached is a one-line error at start."""
@@ -119,7 +132,7 @@ def build_services(cfg: GatewayConfig) -> GatewayServices:
     secret = secret_from_env(cfg.auth.secret_env, "auth.secret_env")
     chain_key = secret_from_env(cfg.audit.chain_key_env, "audit.chain_key_env")
     text_key = secret_from_env(cfg.audit.text_key_env, "audit.text_key_env")
-    if hmac.compare_digest(chain_key.encode(), text_key.encode()):  # (fl-audit still reads logs from before)
+    if same_key(chain_key, text_key):  # (fl-audit still reads logs from before, written under one key)
         raise ConfigError("audit.text_key_env", f"must hold another key than {cfg.audit.chain_key_env}: whoever "
                                                 "verifies the audit chain must not be able to read request text")
     try:
@@ -215,7 +228,10 @@ class BoundedBody:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = error_response(scope["path"], 413, f"request body over limits.max_body_bytes ({self.limit})")
+        # the unread rest of the body would be read as the next request: the connection closes after the refusal
+        close = {"Connection": "close"}
+        too_large = error_response(scope["path"], 413, f"request body over limits.max_body_bytes ({self.limit})",
+                                   close)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             await too_large(scope, receive, send)
@@ -233,7 +249,8 @@ class BoundedBody:
                         break
                     message = await receive()
         except TimeoutError:
-            slow = error_response(scope["path"], 408, "request body not received within limits.request_timeout")
+            slow = error_response(scope["path"], 408, "request body not received within limits.request_timeout",
+                                  close)
             await slow(scope, receive, send)
             return
         if size > self.limit:

@@ -69,20 +69,29 @@ class AuditLog:
             row = self._db.execute("SELECT seq, mac FROM anchor WHERE id = 1").fetchone()
         return ChainPosition(int(row[0]), str(row[1])) if row else GENESIS
 
-    def _mac_at(self, seq: int) -> str | None:
-        row = self._db.execute("SELECT mac FROM audit WHERE seq = ?", (seq,)).fetchone()
-        if row is None:
-            row = self._db.execute("SELECT mac FROM anchor WHERE id = 1 AND seq = ?", (seq,)).fetchone()
-        return None if row is None else str(row[0])
+    def _authentic_mac(self, seq: int) -> str | None:
+        """The MAC of record `seq`, or of the anchor at `seq`, if it checks against its contents under the chain key
+        (a stored MAC alone proves nothing: the head's is in the clear); None otherwise."""
+        row = self._db.execute(f"SELECT {', '.join(FIELDS)}, mac FROM audit WHERE seq = ?", (seq,)).fetchone()
+        if row is not None:
+            return str(row[-1]) if self._keys.mac(list(row[:-1])) == row[-1] else None
+        anchor = self._db.execute("SELECT seq, mac, pruned_before, anchor_mac FROM anchor WHERE id = 1 AND seq = ?",
+                                  (seq,)).fetchone()
+        if anchor is not None and self._keys.mac(["anchor", *anchor[:3]]) == anchor[3]:
+            return str(anchor[1])
+        return None
 
     def head_problems(self) -> list[str]:
         """Whether the log still reaches its sealed head: records cut off its end, a rollback to an older copy, an
-        emptied or replaced file. Cheap (two lookups): the gateway checks it before it writes."""
+        emptied or replaced file. Cheap (the head, the last record and the sealed one, each checked under the chain
+        key): the gateway checks it before it writes; `verify` checks the whole chain besides."""
         try:
             head = self._head.read()
         except HeadError as err:
             return [str(err)]
         tail = self.tail()
+        if tail != GENESIS and self._authentic_mac(tail.seq) != tail.mac:
+            return [f"record {tail.seq}: the log's last record does not verify (edited or forged)"]
         if head is None:
             return [] if tail == GENESIS else [
                 f"sealed head {self._head.path}: missing for a log that reaches record {tail.seq}; it cannot be "
@@ -91,9 +100,9 @@ class AuditLog:
             return [f"records {tail.seq + 1}-{head.seq}: missing from the end (truncated, rolled back or replaced); "
                     f"the sealed head is record {head.seq}"]
         anchor = self._db.execute("SELECT seq FROM anchor WHERE id = 1").fetchone()
-        if anchor is not None and head.seq < int(anchor[0]):
-            return []  # the sealed record was pruned since; the anchor vouches for the chain up to there
-        if self._mac_at(head.seq) != head.mac:
+        if anchor is not None and head.seq < int(anchor[0]) and self._authentic_mac(int(anchor[0])) is not None:
+            return []  # the sealed record was pruned since; the (authentic) anchor vouches for the chain up to there
+        if self._authentic_mac(head.seq) != head.mac:
             return [f"record {head.seq}: not the sealed record (the log was rewritten or replaced)"]
         return []
 

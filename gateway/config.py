@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -159,15 +159,15 @@ def validate_gateway(cfg: GatewayConfig) -> None:
     positive(lim.max_body_bytes, "limits.max_body_bytes")
     positive(lim.unauthenticated_per_hour, "limits.unauthenticated_per_hour")
     require(lim.store in STORES, "limits.store", f"unknown value {lim.store!r}; choose one of {', '.join(STORES)}")
+    redis_url = urlparse(lim.redis_url or "")
+    require(redis_url.password is None and "password" not in parse_qs(redis_url.query), "limits.redis_url",
+            "holds a password: pass it in the environment variable limits.redis_password_env names")
     if lim.store == "redis":
-        require(lim.redis_url is not None and urlparse(lim.redis_url).scheme in ("redis", "rediss", "unix"),
-                 "limits.redis_url", f"must be redis://HOST:PORT/DB for store redis (got {lim.redis_url!r})")
-        redis_url = urlparse(lim.redis_url or "")
-        require(redis_url.password is None, "limits.redis_url",
-                "holds a password: pass it in the environment variable limits.redis_password_env names")
-        if lim.redis_ca is not None:
-            require(redis_url.scheme == "rediss", "limits.redis_ca", "needs a rediss:// limits.redis_url (TLS)")
-            require(Path(lim.redis_ca).is_file(), "limits.redis_ca", f"no such file: {lim.redis_ca}")
+        require(redis_url.scheme in ("redis", "rediss", "unix"), "limits.redis_url",
+                f"must be redis://HOST:PORT/DB for store redis (got {lim.redis_url!r})")
+    if lim.redis_ca is not None:
+        require(redis_url.scheme == "rediss", "limits.redis_ca", "needs a rediss:// limits.redis_url (TLS)")
+        require(Path(lim.redis_ca).is_file(), "limits.redis_ca", f"no such file: {lim.redis_ca}")
     p = cfg.privacy
     positive(p.epsilon_per_query, "privacy.epsilon_per_query")
     require(p.epsilon_per_user >= p.epsilon_per_query, "privacy.epsilon_per_user",

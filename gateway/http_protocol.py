@@ -1,10 +1,11 @@
 """uvicorn's httptools protocol with a deadline on each request's head.
 
 uvicorn closes a connection idle between requests (`timeout_keep_alive`) but not one that opens and sends nothing,
-or sends its request line and headers a byte at a time (slowloris): such connections would stay open for ever, each
-holding a socket. Here each head must be complete within `header_timeout` seconds of the connection opening (first
-request) or of its first byte (later requests on a kept-alive connection); then the connection gets a 408 and is
-closed. The body has its own bound (`BoundedBody`: the request's time).
+or sends its request line and headers a byte at a time (slowloris), and any byte (a blank line, the rest of a body
+the answer did not wait for) restarts its idle timer: such connections would stay open for ever, each holding a
+socket. Here each head must be complete within `header_timeout` seconds of the connection opening or of the previous
+answer's end, whatever bytes arrive meanwhile; then the connection gets a 408 and is closed. While a request is
+being answered its body has its own bound (`BoundedBody`: the request's time).
 """
 
 from __future__ import annotations
@@ -42,9 +43,15 @@ def with_header_deadline(header_timeout: float) -> type[asyncio.Protocol]:
             super().connection_made(transport)
             self._arm()
 
-        def on_message_begin(self) -> None:
+        def on_message_begin(self) -> None:  # a pipelined request after one still being answered
             super().on_message_begin()
             self._arm()
+
+        def on_response_complete(self) -> None:
+            next_head_received = bool(self.pipeline)  # a pipelined request whose head is in: it is answered next
+            super().on_response_complete()
+            if not next_head_received:
+                self._arm()
 
         def on_headers_complete(self) -> None:
             self._disarm()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
 import sys
@@ -70,13 +71,21 @@ def test_an_edited_anchor_or_a_deleted_first_record_after_pruning_is_caught(tmp_
     (["DELETE FROM audit WHERE seq > 3"], "records 4-5: missing from the end"),
     (["DELETE FROM audit"], "records 1-5: missing from the end"),
     (["DROP TABLE audit"], "records 1-5: missing from the end"),
-    (["UPDATE audit SET mac = 'f' || substr(mac, 2) WHERE seq = 5"], "record 5: not the sealed record"),
+    (["UPDATE audit SET mac = 'f' || substr(mac, 2) WHERE seq = 5"], "record 5: the log's last record does not"),
+    # cut, then a forged last record carrying the sealed MAC (which the head file holds in the clear)
+    (["DELETE FROM audit WHERE seq > 3",
+      "INSERT INTO audit SELECT 5, at, user, role, route, model, query_mode, epsilon, status, request, prev, "
+      "(SELECT mac FROM sealed) FROM audit WHERE seq = 3"], "record 5: the log's last record does not verify"),
+    # emptied, with a forged anchor far past the head
+    (["DELETE FROM audit", "INSERT INTO anchor VALUES (1, 999999, 'x', '2000-01-01', 'y')"],
+     "record 999999: the log's last record does not verify"),
 ])
 def test_records_cut_off_the_end_are_caught_and_the_log_is_not_written_on(
         tmp_path: Path, statements: list[str], problem: str) -> None:
     path = tmp_path / "audit.sqlite"
     filled(path, [1] * 5).close()
-    sql(path, *statements)
+    sealed_mac = json.loads((tmp_path / "head.json").read_bytes())["mac"]
+    sql(path, f"CREATE TABLE sealed AS SELECT '{sealed_mac}' AS mac", *statements)
     log = opened(path)
     assert any(p.startswith(problem) for p in log.verify()[1]), log.verify()
     with pytest.raises(AuditTampered, match=f"audit log refused: {problem}"):

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import sqlite3
@@ -667,6 +668,21 @@ def test_connections_that_send_their_head_slowly_or_sit_idle_are_closed(stack: S
     in_time.sendall(b"Host: gateway\r\n\r\n")
     kept_alive = read_all(in_time)  # answered, then closed once idle for IDLE_TIMEOUT
     assert kept_alive.startswith(b"HTTP/1.1 200 ") and b"408" not in kept_alive
+
+    # blank lines dripped after an answer restart no timer: the next head is still due HEAD_TIMEOUT after the answer
+    dripping = opened(b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    dripped_until, answer = time.monotonic() + 3 * HEAD_TIMEOUT, b""
+    while b"HTTP/1.1 408 " not in answer and time.monotonic() < dripped_until:
+        if select.select([dripping], [], [], HEAD_TIMEOUT / 4)[0]:
+            answer += dripping.recv(4096)
+        else:
+            dripping.sendall(b"\r\n")
+    dripping.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in answer
+    # a body refused unread (413) is not read as a next request: the connection closes with the refusal
+    refused = opened(b"POST /v1/classify HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000000\r\n\r\n{")
+    assert read_all(refused).startswith(b"HTTP/1.1 413 ")
 
 
 def test_the_api_docs_load_everything_from_the_gateway(stack: Stack) -> None:

@@ -40,6 +40,7 @@ def test_defaults_are_the_issues_and_the_production_preset_is_the_reference_depl
     ("limits.unauthenticated_per_hour=0", "limits.unauthenticated_per_hour"),
     ("audit.head_path=audit.sqlite", "audit.head_path"),
     ("privacy.epsilon_total=1.0", "privacy.epsilon_total"),
+    ("limits.redis_url='redis://redis:6379/0?password=secret'", "limits.redis_url"),
     ("limits.header_timeout=0", "limits.header_timeout"),
     ("limits.idle_timeout=0", "limits.idle_timeout"),
 ])
@@ -85,10 +86,11 @@ def test_the_gateway_refuses_to_start_without_two_distinct_audit_keys(tmp_path: 
     no_text_key = run_cli("serve", *where, secret=secret, FL_AUDIT_CHAIN_KEY=key)
     assert no_text_key.returncode == 2 and no_text_key.stderr.startswith(
         "fl-gateway: audit.text_key_env: environment variable FL_AUDIT_TEXT_KEY must hold a secret")
-    one_key = run_cli("serve", *where, secret=secret, FL_AUDIT_CHAIN_KEY=key, FL_AUDIT_TEXT_KEY=key)
-    assert one_key.returncode == 2 and one_key.stderr.strip() == (
-        "fl-gateway: audit.text_key_env: must hold another key than FL_AUDIT_CHAIN_KEY: whoever verifies the audit "
-        "chain must not be able to read request text")
+    for chain_key in (key, f"{key}\n", f"{key[:-1]}!{key[-1]}"):  # one Fernet key, however it is dressed
+        one_key = run_cli("serve", *where, secret=secret, FL_AUDIT_CHAIN_KEY=chain_key, FL_AUDIT_TEXT_KEY=key)
+        assert one_key.returncode == 2 and one_key.stderr.strip() == (
+            "fl-gateway: audit.text_key_env: must hold another key than FL_AUDIT_CHAIN_KEY: whoever verifies the "
+            "audit chain must not be able to read request text")
     not_fernet = run_cli("serve", *where, secret=secret, FL_AUDIT_CHAIN_KEY=key, FL_AUDIT_TEXT_KEY="x" * 40)
     assert not_fernet.returncode == 2 and "audit.text_key_env: the text key must be a Fernet key" in not_fernet.stderr
     assert not (tmp_path / "audit.sqlite").exists()  # refused before anything was written

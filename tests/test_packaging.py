@@ -119,6 +119,7 @@ def test_compose_confines_every_container_and_keeps_each_to_its_peers() -> None:
     assert spec["networks"]["serving"]["internal"] is True
     assert [s for s in services if set(services[s]["networks"]) == {"serving"}] == ["redis"]
     assert "redis_password" in services["redis"]["secrets"] and "redis_password" in services["gateway"]["secrets"]
+    assert "--appendfsync always" in services["redis"]["command"][-1]
     assert services["gateway"]["environment"]["FL_GATEWAY_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password"
 
 
@@ -233,9 +234,9 @@ def test_serving_renders_a_scaled_probed_scraped_gateway_over_each_replica(tmp_p
     for manifest in manifests:
         kubernetes_validate.validate(manifest, version, strict=True)
     by_kind = {(m["kind"], m["metadata"]["name"]): m for m in manifests}
-    gateway = by_kind[("Deployment", "fed-federated-dp-llm-gateway")]
+    gateway = by_kind[("StatefulSet", "fed-federated-dp-llm-gateway")]  # each pod keeps its name, log and head
     hpa = by_kind[("HorizontalPodAutoscaler", "fed-federated-dp-llm-gateway")]
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
                                              "name": "fed-federated-dp-llm-gateway"}
     assert "replicas" not in gateway["spec"]  # the autoscaler owns the count
     pod = gateway["spec"]["template"]
@@ -266,10 +267,9 @@ def test_serving_renders_a_scaled_probed_scraped_gateway_over_each_replica(tmp_p
     assert cfg.tls.client_ca is not None and cfg.privacy.epsilon_per_query == 0.05
     # the audit log and its sealed head on two volumes; the chain and the text under two keys
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
-              if "persistentVolumeClaim" in v}
-    log_volume, head_volume = (claims[mounts[str(Path(p).parent)]] for p in (cfg.audit.path, cfg.audit.head_path))
-    assert log_volume != head_volume and ("PersistentVolumeClaim", head_volume) in by_kind
+    claims = {c["metadata"]["name"] for c in gateway["spec"]["volumeClaimTemplates"]}  # per pod, kept across restarts
+    log_volume, head_volume = (mounts[str(Path(p).parent)] for p in (cfg.audit.path, cfg.audit.head_path))
+    assert log_volume != head_volume and {log_volume, head_volume} <= claims
     keys = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e
             and "secretKeyRef" in e["valueFrom"]}
     assert keys[cfg.audit.chain_key_env] != keys[cfg.audit.text_key_env]
@@ -295,6 +295,12 @@ def test_every_component_admits_only_the_traffic_its_role_needs() -> None:
     assert sources("redis") == [{"gateway"}] and sources("replica") == [{"gateway"}]
     assert sources("mlflow") == [{"serverapp", "replica"}]
     assert [rule["ports"] for rule in policies["superlink"]["ingress"]] == [[{"port": 9092}]]
+    hospitals_only = [{"ipBlock": {"cidr": "10.20.0.0/16"}}]  # narrowed to the hospitals: the runner still reaches it
+    narrowed = next(m["spec"] for m in render({"supernodes": HOSPITALS, "superlink": {"allowFrom": hospitals_only}})
+                    if m["kind"] == "NetworkPolicy" and m["metadata"]["name"].endswith("-superlink"))
+    peers = narrowed["ingress"][0]["from"]
+    assert hospitals_only[0] in peers and {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                                           for p in peers if "podSelector" in p} == {"serverapp", "supernode"}
     operations = next(r for r in policies["gateway"]["ingress"] if r["ports"] == [{"port": 8080}])
     assert operations["from"] == [{"namespaceSelector": {}}]  # in the cluster only: metrics are unauthenticated
 
@@ -306,7 +312,8 @@ def test_redis_requires_a_password_from_a_secret_and_speaks_tls_when_asked(tmp_p
         version = kubernetes_validate.latest_version()
         for manifest in manifests:
             kubernetes_validate.validate(manifest, version, strict=True)
-        pods = {m["metadata"]["name"]: m["spec"]["template"]["spec"] for m in manifests if m["kind"] == "Deployment"}
+        pods = {m["metadata"]["name"]: m["spec"]["template"]["spec"] for m in manifests
+                if m["kind"] in ("Deployment", "StatefulSet")}
         redis_container = pods["fed-federated-dp-llm-redis"]["containers"][0]
         gateway_container = pods["fed-federated-dp-llm-gateway"]["containers"][0]
         secret = {"name": "gateway-redis", "key": "password"}
@@ -314,6 +321,7 @@ def test_redis_requires_a_password_from_a_secret_and_speaks_tls_when_asked(tmp_p
         assert {"name": "FL_GATEWAY_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": secret}} in gateway_container["env"]
         script = redis_container["command"][-1]
         assert "requirepass" in script and ("--tls-port 6379" in script) == tls and ("--port 0" in script) == tls
+        assert "--appendfsync always" in script  # a charge acknowledged is a charge kept, crash included
         args = gateway_container["command"][gateway_container["command"].index("serve") + 1:]
         for name in ("tls.crt", "tls.key", "ca.crt"):
             (tmp_path / name).write_text("")
