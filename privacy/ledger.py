@@ -221,10 +221,11 @@ class Ledger:
         with closing(self._connect()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
-            present = {row["name"] for row in db.execute("PRAGMA table_info(entries)")}
-            for column, kind in ADDED_COLUMNS.items():
-                if column not in present:
-                    db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
+            with immediate_transaction(db):  # processes opening one new ledger at once each add a column once
+                present = {row["name"] for row in db.execute("PRAGMA table_info(entries)")}
+                for column, kind in ADDED_COLUMNS.items():
+                    if column not in present:
+                        db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)

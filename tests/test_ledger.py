@@ -212,6 +212,31 @@ def test_two_concurrent_writers_cannot_overspend_one_budget(tmp_path: Path) -> N
         assert len(Ledger(path).entries()) == 1
 
 
+def _open_after_barrier(path: str, barrier: multiprocessing.synchronize.Barrier,
+                        results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    barrier.wait()
+    try:
+        Ledger(Path(path))
+        results.put("opened")
+    except Exception as err:  # the test reports what went wrong
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def test_processes_opening_one_new_ledger_at_once_all_succeed(tmp_path: Path) -> None:
+    """Several runs of one hospital start together on a new node: each creates the ledger and adds its columns;
+    without one transaction around the additions two of them added the same column (seen in the gateway tests)."""
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(4):
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_open_after_barrier, args=(str(tmp_path / f"ledger-{attempt}.sqlite"), barrier,
+                                                                results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        assert sorted(results.get(timeout=5) for _ in procs) == ["opened"] * 6
+
+
 def fl_ledger(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], home: Path,
               *args: str) -> tuple[int, str, str]:
     """Run the CLI in-process (a subprocess would pay Opacus's import each time): exit code, stdout, stderr."""
