@@ -486,23 +486,26 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
                 for h, rho in zip(names, rhos, strict=True)]
 
     async def budget(user: str) -> BudgetResponse:
+        """A user's spend; `queries_left` counts the hospital models' totals too (a vote needs room in both), which
+        says no more about other users' queries than a refusal would."""
         vote = services.vote
         rho = await run_in_threadpool(services.limits.spent, f"{SPEND}{user}")
         spent = vote.epsilon_of(rho)
-        deployment = [d.epsilon_remaining for d in await deployment_budget()]
+        left = min([vote.queries_left(rho), *(d.queries_left for d in await deployment_budget())])
         return BudgetResponse(user=user, epsilon_spent=spent, epsilon_remaining=cfg.privacy.epsilon_per_user - spent,
-                              epsilon_per_user=cfg.privacy.epsilon_per_user, queries_left=vote.queries_left(rho),
-                              deployment_epsilon_remaining=min(deployment) if deployment else None)
+                              epsilon_per_user=cfg.privacy.epsilon_per_user, queries_left=left)
 
-    async def charge(principal: Principal, voters: list[Backend]) -> float:
-        """Charge one query to its user and to each voting hospital model, all or none; the epsilon it cost the
-        user. Refused (403) when either budget would be exceeded."""
+    async def charge(principal: Principal, voters: list[Backend]) -> tuple[float, float]:
+        """Charge one query to its user and to each voting hospital model, all or none: the epsilon it cost the
+        user and what the user has left. Refused (403) when either budget would be exceeded."""
         vote, cost = services.vote, services.vote.rho_per_query
-        names = [b.hospital or "" for b in voters]
+        names = [b.hospital for b in voters if b.hospital]
         keys = [f"{SPEND}{principal.user}", *(f"{DEPLOYMENT_SPEND}{h}" for h in names)]
         caps = [vote.rho_cap, *[services.rho_total_cap] * len(names)]
         take = await run_in_threadpool(services.limits.take_spends, keys, cost, caps)
         user_total, *hospital_totals = take.totals
+        for hospital, total in zip(names, hospital_totals, strict=True):  # refused or not: the gauges stay current
+            metrics.deployment_spent.labels(hospital).set(vote.epsilon_of(total))
         if not take.allowed:
             if user_total + cost > vote.rho_cap:
                 metrics.budget_exhausted.inc()
@@ -514,17 +517,16 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
             raise HTTPException(403, f"deployment privacy budget exhausted for {', '.join(spent)}: the noisy vote "
                                      f"over their records has spent its epsilon {cfg.privacy.epsilon_total} across "
                                      "all users")
-        for hospital, total in zip(names, hospital_totals, strict=True):
-            metrics.deployment_spent.labels(hospital).set(vote.epsilon_of(total))
         metrics.budget_spent.observe(vote.epsilon_of(user_total) / cfg.privacy.epsilon_per_user)
-        return vote.epsilon_of(user_total) - vote.epsilon_of(user_total - cost)
+        return (vote.epsilon_of(user_total) - vote.epsilon_of(user_total - cost),
+                cfg.privacy.epsilon_per_user - vote.epsilon_of(user_total))
 
     async def noisy_vote(request: Request, principal: Principal, body: ClassifyRequest) -> ClassifyResponse:
         vote = services.vote
         voters = router().voters()
         if not voters:
             raise HTTPException(503, "no hospital model backends are available for a noisy vote")
-        charged = await charge(principal, voters)
+        charged, remaining = await charge(principal, voters)
         request.state.epsilon = charged  # charged on the attempt: a failed vote is not refunded
         timeout = request.state.deadline - time.monotonic()
         answers = await asyncio.gather(*(router().call_one(b, "/v1/classify", {"text": body.text}, timeout)
@@ -537,14 +539,13 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         ballots = [r.body["label"] for r in replies if list(r.body["probabilities"]) == labels]
         winner = labels[vote.release([labels.index(b) for b in ballots], len(labels), services.rng)]
         request.state.model = "noisy-vote:" + ",".join(sorted(b.hospital or "" for b in voters))
-        status = await budget(principal.user)
         return ClassifyResponse(
             label=winner, probabilities=None, request_id=request.state.request_id, model=request.state.model,
             privacy=PrivacyInfo(provenance={
                 "mechanism": "Gaussian noisy vote (PATE GNMax) over the hospitals' own models",
                 "unit_of_privacy": "one training record of one hospital", "hospitals": len(ballots),
                 "noise_std": vote.vote_sigma, "delta": cfg.privacy.delta, "accountant": "rdp"},
-                query_mode="noisy-vote", epsilon_charged=charged, budget_remaining=status.epsilon_remaining))
+                query_mode="noisy-vote", epsilon_charged=charged, budget_remaining=remaining))
 
     @app.get("/health", tags=["operations"], response_model=dict[str, str])
     async def health() -> JSONResponse:

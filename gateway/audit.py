@@ -165,10 +165,11 @@ class AuditLog:
         return count, problems + self.head_problems()
 
     def seal(self) -> int:
-        """Seal the log's tail as its head, once the whole chain verifies (a log from before sealed heads, or one
-        whose head volume was lost); returns the sealed record's sequence number."""
+        """Seal the log's tail as its head, once the whole chain verifies (a log from before sealed heads, one whose
+        head volume was lost, or a head torn by a crash); returns the sealed record's sequence number. A head that
+        reads but disagrees with the log is not overwritten: that is the cut it exists to show."""
         _, problems = self.verify()
-        problems = [p for p in problems if not p.startswith(f"sealed head {self._head.path}: missing")]
+        problems = [p for p in problems if not p.startswith(f"sealed head {self._head.path}: ")]
         if problems:
             raise AuditTampered(f"not sealed: {problems[0]}")
         tail = self.tail()

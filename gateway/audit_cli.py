@@ -63,9 +63,12 @@ def _open(args: argparse.Namespace) -> AuditLog:
     try:
         chain = secret_from_env(args.chain_key_env, "--chain-key-env")
         text = secret_from_env(args.text_key_env, "--text-key-env") if getattr(args, "decrypt", False) else None
-        keys = AuditKeys.from_secrets(chain, text)
-    except (ConfigError, AuditKeyError) as err:
+    except ConfigError as err:
         _fail(str(err))
+    try:
+        keys = AuditKeys.from_secrets(chain, text)
+    except AuditKeyError as err:
+        _fail(f"{'--text-key-env' if 'text key' in str(err) else '--chain-key-env'}: {err}")
     return AuditLog(args.log, keys, args.head)
 
 

@@ -69,7 +69,8 @@ class SealedHead:
                     os.fsync(directory)
                 finally:
                     os.close(directory)
-        os.pwrite(self._fd, body.ljust(HEAD_BYTES), 0)
+        os.pwrite(self._fd, body.ljust(HEAD_BYTES), 0)  # (a longer head left by an older version is overwritten)
+        os.ftruncate(self._fd, HEAD_BYTES)
         os.fdatasync(self._fd)
 
     def close(self) -> None:

@@ -164,7 +164,7 @@ def validate_gateway(cfg: GatewayConfig) -> None:
             "holds a password: pass it in the environment variable limits.redis_password_env names")
     if lim.store == "redis":
         require(redis_url.scheme in ("redis", "rediss", "unix"), "limits.redis_url",
-                f"must be redis://HOST:PORT/DB for store redis (got {lim.redis_url!r})")
+                f"must be redis://HOST:PORT/DB for store redis (got {redis_url.scheme or 'no'} scheme)")
     if lim.redis_ca is not None:
         require(redis_url.scheme == "rediss", "limits.redis_ca", "needs a rediss:// limits.redis_url (TLS)")
         require(Path(lim.redis_ca).is_file(), "limits.redis_ca", f"no such file: {lim.redis_ca}")

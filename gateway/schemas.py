@@ -208,10 +208,8 @@ class BudgetResponse(BaseModel):
     epsilon_spent: float
     epsilon_remaining: float
     epsilon_per_user: float
-    queries_left: int
-    deployment_epsilon_remaining: float | None = Field(
-        description="The least epsilon any hospital model has left over all users (privacy.epsilon_total); null "
-                    "without hospital models. A noisy vote is refused when either budget is spent.")
+    queries_left: int = Field(description="Noisy votes you may still make: within your budget and within what "
+                                          "the hospital models have left over all users (privacy.epsilon_total).")
 
 
 class DeploymentBudget(BaseModel):

@@ -353,7 +353,7 @@ def test_noisy_votes_are_charged_until_the_budget_is_exhausted(stack: Stack) -> 
         "deployment privacy budget exhausted for hospital-0, hospital-1")
     total_spent = VOTE.epsilon_of(in_total * VOTE.rho_per_query)
     own = httpx.get(stack.url("main") + "/v1/privacy/budget", headers=token(last), timeout=30).json()
-    assert own["queries_left"] > 0 and own["deployment_epsilon_remaining"] == pytest.approx(VOTE_TOTAL - total_spent)
+    assert own["queries_left"] == 0 and own["epsilon_remaining"] > 0  # the user's own budget is not what binds
     deployment = httpx.get(stack.url("main") + "/admin/privacy/deployment", headers=token("root", "admin"),
                            timeout=30).json()
     assert deployment == [{"hospital": h, "epsilon_spent": pytest.approx(total_spent), "epsilon_total": VOTE_TOTAL,
