@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from privacy.ledger import immediate_transaction
+from privacy.ledger import create_tables, immediate_transaction
 
 
 def open_database(path: Path, schema: str, synchronous: str = "NORMAL", timeout: float = 30.0) -> sqlite3.Connection:
@@ -17,9 +17,8 @@ def open_database(path: Path, schema: str, synchronous: str = "NORMAL", timeout:
     for another connection's write lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=timeout)
-    db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={synchronous}")
-    db.executescript(schema)
+    create_tables(db, schema, timeout)
     return db
 
 

@@ -12,6 +12,7 @@ transaction: two runs admitted at once cannot overspend one budget. Refused runs
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -24,6 +25,7 @@ from .accountant import AccountantState, Step, compose
 RESERVED, COMMITTED, ABORTED = "reserved", "committed", "aborted"
 ANY_DATASET = "*"
 LOCAL_RUN = None  # the Flower run of a local job (fl-train-local): none
+LOCK_TIMEOUT = 60.0  # seconds a connection waits for another process's write lock
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -161,6 +163,27 @@ def immediate_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection
     db.execute("COMMIT")
 
 
+def create_tables(db: sqlite3.Connection, schema: str, timeout: float) -> None:
+    """Put a new or existing SQLite file in WAL mode and create `schema`'s missing tables and indexes, safely when
+    several processes open one new file at once. SQLite answers a switch to WAL that races another connection with
+    "database is locked" at once, without waiting its busy timeout: the switch is retried here for `timeout` seconds.
+    The schema is created in one immediate transaction (a statement that read the schema and then tried to write it
+    could fail on another's commit). `db` must be in autocommit mode."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    with immediate_transaction(db):
+        for statement in schema.split(";"):
+            if statement.strip():
+                db.execute(statement)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -219,8 +242,7 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+            create_tables(db, SCHEMA, LOCK_TIMEOUT)
             with immediate_transaction(db):  # processes opening one new ledger at once each add a column once
                 present = {row["name"] for row in db.execute("PRAGMA table_info(entries)")}
                 for column, kind in ADDED_COLUMNS.items():
@@ -228,7 +250,7 @@ class Ledger:
                         db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT, isolation_level=None)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA synchronous=FULL")
         return db
