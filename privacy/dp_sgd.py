@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
@@ -55,7 +56,7 @@ class ShuffledBatches:
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.epochs):
-            order = torch.argsort(self.rng.uniform(self.num_examples)).tolist()
+            order = np.argsort(self.rng.uniform(self.num_examples)).tolist()
             for start in range(0, self.num_examples, self.batch_size):
                 yield order[start:start + self.batch_size]
 

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+if TYPE_CHECKING:
+    import torch
 
 KEY_BYTES = 32
 REKEY_BYTES = 1 << 34  # well below ChaCha20's 2**32 blocks of 64 bytes per key and nonce
@@ -27,8 +32,21 @@ _UNIT32 = 2.0**-32
 CPU_CHUNK = 1 << 15  # Gaussians per chunk on a CPU
 
 
+def _gaussian_sums(words: Any, size: int, xp: ModuleType) -> Any:
+    """`size` Gaussians of variance DRAWS_PER_GAUSSIAN, each the sum of that many Box-Muller draws, from
+    DRAWS_PER_GAUSSIAN * `size` 32-bit signed words given as float64. `xp` is numpy or torch (which name these
+    operations alike): one algorithm for the CPU's numpy noise and an accelerator's tensors."""
+    half = DRAWS_PER_GAUSSIAN // 2
+    u = (words + (2.0**31 + 0.5)) * _UNIT32  # in the open interval (0, 1)
+    radius = xp.sqrt(-2.0 * xp.log(u[: half * size]))
+    angle = (2.0 * math.pi) * u[half * size:]
+    return ((xp.cos(angle) * radius).reshape(half, size).sum(0)
+            + (xp.sin(angle) * radius).reshape(half, size).sum(0))
+
+
 class SecureRandom:
-    """A cryptographic random stream. `key` is for tests that need a reproducible stream; never pass one in a run."""
+    """A cryptographic random stream. `key` is for tests that need a reproducible stream; never pass one in a run.
+    Only `normal` loads torch: the gateway's and the server's mechanisms draw numpy noise without it."""
 
     def __init__(self, key: bytes | None = None) -> None:
         self._rekey(os.urandom(KEY_BYTES) if key is None else key)
@@ -45,41 +63,42 @@ class SecureRandom:
         self._used += n
         return self._stream.update(bytes(n))
 
-    def _uniform(self, n: int, device: torch.device) -> torch.Tensor:
+    def _words(self, n: int, dtype: type[np.signedinteger[Any]]) -> np.ndarray:
+        return np.frombuffer(bytearray(self.random_bytes(np.dtype(dtype).itemsize * n)), dtype=dtype)
+
+    def uniform(self, n: int) -> np.ndarray:
         """n float64 uniforms in the open interval (0, 1), 53 bits each."""
-        words = torch.frombuffer(bytearray(self.random_bytes(8 * n)), dtype=torch.int64) if n else \
-            torch.zeros(0, dtype=torch.int64)
-        bits = words.to(device).bitwise_right_shift_(11).bitwise_and_((1 << 53) - 1)
-        return bits.double().add_(0.5).mul_(_UNIT)
+        bits = (self._words(n, np.int64) >> 11) & ((1 << 53) - 1)
+        return (bits.astype(np.float64) + 0.5) * _UNIT
 
-    def uniform(self, n: int) -> torch.Tensor:
-        """n float64 uniforms in the open interval (0, 1)."""
-        return self._uniform(n, torch.device("cpu"))
+    def bernoulli_indices(self, n: int, p: float) -> np.ndarray:
+        """Indices of n independent Bernoulli(p) trials that came up 1: one Poisson-sampled batch."""
+        return np.flatnonzero(self.uniform(n) < p)
 
-    def normal(self, shape: tuple[int, ...] | torch.Size, std: float, *, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> torch.Tensor:
-        """Gaussian noise with mean 0 and standard deviation `std`, computed in float64 on `device`."""
-        device = torch.device(device)
-        count = math.prod(shape)
-        out = torch.empty(count, dtype=torch.float64, device=device)
-        chunk = CPU_CHUNK if device.type == "cpu" else max(count, 1)  # chunks that stay in a CPU's cache
-        half = DRAWS_PER_GAUSSIAN // 2
-        for start in range(0, count, chunk):
-            size = min(chunk, count - start)
-            words = torch.frombuffer(bytearray(self.random_bytes(4 * DRAWS_PER_GAUSSIAN * size)), dtype=torch.int32)
-            u = words.to(device).double().add_(2.0**31 + 0.5).mul_(_UNIT32)  # in the open interval (0, 1)
-            radius = u[: half * size].log_().mul_(-2.0).sqrt_()
-            angle = u[half * size:].mul_(2.0 * math.pi)
-            cosines = torch.cos(angle).mul_(radius)
-            sines = angle.sin_().mul_(radius)
-            torch.add(cosines.view(half, size).sum(dim=0), sines.view(half, size).sum(dim=0),
-                      out=out[start:start + size])
-        return out.mul_(std / math.sqrt(DRAWS_PER_GAUSSIAN)).view(tuple(shape)).to(dtype)
+    def _gaussian_chunks(self, count: int, chunk: int, xp: ModuleType,
+                         as_float64: Callable[[np.ndarray], Any]) -> list[Any]:
+        """`count` Gaussians of variance DRAWS_PER_GAUSSIAN as arrays of `xp`, `chunk` at a time."""
+        sizes = [min(chunk, count - start) for start in range(0, count, chunk)]
+        return [_gaussian_sums(as_float64(self._words(DRAWS_PER_GAUSSIAN * size, np.int32)), size, xp)
+                for size in sizes]
 
     def normal_numpy(self, shape: tuple[int, ...], std: float) -> np.ndarray:
-        """The same Gaussian noise as a float64 numpy array (the server's and the gateway's mechanisms)."""
-        return self.normal(shape, std, dtype=torch.float64).numpy()
+        """Gaussian noise with mean 0 and standard deviation `std`, float64, as numpy computes it (the server's and
+        the gateway's mechanisms, which run without torch)."""
+        parts = self._gaussian_chunks(math.prod(shape), CPU_CHUNK, np, lambda words: words.astype(np.float64))
+        noise = np.concatenate(parts) if parts else np.zeros(0)
+        return (noise * (std / math.sqrt(DRAWS_PER_GAUSSIAN))).reshape(shape)
 
-    def bernoulli_indices(self, n: int, p: float) -> torch.Tensor:
-        """Indices of n independent Bernoulli(p) trials that came up 1: one Poisson-sampled batch."""
-        return torch.nonzero(self.uniform(n) < p).flatten()
+    def normal(self, shape: tuple[int, ...] | torch.Size, std: float, *, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+        """The same Gaussian noise as a tensor of `dtype` (float32 by default), computed in float64 on `device`
+        (on a CPU in chunks that stay in its cache; torch's kernels are about twice as fast as numpy's here)."""
+        import torch
+
+        device = torch.device(device)
+        count = math.prod(shape)
+        chunk = CPU_CHUNK if device.type == "cpu" else max(count, 1)
+        parts = self._gaussian_chunks(count, chunk, torch,
+                                      lambda words: torch.from_numpy(words).to(device).double())
+        noise = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+        return (noise * (std / math.sqrt(DRAWS_PER_GAUSSIAN))).view(tuple(shape)).to(dtype or torch.float32)

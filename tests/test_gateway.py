@@ -532,6 +532,16 @@ def test_metrics_expose_latency_statuses_budgets_and_node_health(stack: Stack) -
     assert 'requests_total{route="/v1/classify",status="503"}' in busy
 
 
+def test_the_gateway_process_serves_noisy_votes_without_loading_torch(stack: Stack) -> None:
+    """After the votes charged above: the gateway, a proxy, never maps torch's library; a replica, which runs a
+    model, does (the check can see it)."""
+    def maps(name: str) -> str:
+        return Path(f"/proc/{stack.processes[name].pid}/maps").read_text()
+
+    assert "libtorch" in maps("node-0")
+    assert "libtorch" not in maps("main")
+
+
 def test_every_metric_in_the_alert_rules_and_dashboard_is_exported(stack: Stack) -> None:
     metrics = httpx.get(stack.url("main") + "/metrics").text.splitlines()
     exported = {line.split("{")[0].split(" ")[0] for line in metrics if line and not line.startswith("#")}

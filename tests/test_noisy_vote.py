@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import dp_accounting
 import pytest
@@ -87,3 +89,19 @@ def test_the_release_is_the_argmax_of_noised_counts() -> None:
     rng = SecureRandom()
     winners = {loud.release([2, 2, 2, 0], 4, rng) for _ in range(200)}
     assert winners == {0, 1, 2, 3}  # at sigma ~100 votes, three hospitals' agreement barely shows
+
+
+def test_the_gateway_accounts_and_draws_a_noisy_vote_without_loading_torch() -> None:
+    """The gateway process is a proxy: Opacus and torch (about 400 MB and 5 s to load) stay out of it."""
+    script = (
+        "import sys, gateway.app, gateway.cli, gateway.audit_cli, privacy.ledger_cli\n"
+        "from privacy.noisy_vote import NoisyVote\n"
+        "from privacy.secure_random import SecureRandom\n"
+        "vote = NoisyVote(0.05, 5.0, 1e-6)\n"
+        "assert 0 < vote.epsilon_of(vote.rho_cap) <= 5.0 and vote.queries_left(0.0) > 0\n"
+        "assert vote.release([1, 1, 2], 22, SecureRandom()) in range(22)\n"
+        "print(sorted(m for m in ('torch', 'opacus', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -115,6 +115,31 @@ def test_cli_calibrates_and_reports_epsilon_never_above_target() -> None:
     assert json.loads(proc.stdout)["epsilon"] == pytest.approx(out["epsilon"])
 
 
+def test_cli_calibrates_the_runs_own_plan_as_training_samples_it() -> None:
+    """2,000 records in Poisson batches of 64 over 3 rounds of 1 epoch: 32 batches a round, rate 1/32, 96 steps."""
+    proc = _cli("calibrate", "--epsilon", "8", "--delta", "1e-5", "--examples", "2000", "--batch-size", "64",
+                "--rounds", "3")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["sample_rate"], out["steps"], out["examples"], out["epochs"]) == (1 / 32, 96, 2000, 1)
+    assert out["noise_multiplier"] == calibrate_noise(8.0, 1e-5, 1 / 32, 96)
+    two_epochs = json.loads(_cli("calibrate", "--epsilon", "8", "--delta", "1e-5", "--examples", "2000",
+                                 "--batch-size", "64", "--epochs", "2", "--rounds", "3").stdout)
+    assert two_epochs["steps"] == 192 and two_epochs["noise_multiplier"] > out["noise_multiplier"]
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (("--examples", "2000", "--batch-size", "64"), "--rounds"),
+    (("--examples", "0", "--batch-size", "64", "--rounds", "3"), "--examples"),
+    (("--examples", "2000", "--batch-size", "64", "--rounds", "3", "--steps", "10"), "--examples"),
+    (("--sample-rate", "0.01",), "--steps"),
+])
+def test_cli_refuses_a_plan_that_is_incomplete_or_mixed_naming_the_option(args: tuple[str, ...], named: str) -> None:
+    proc = _cli("calibrate", "--epsilon", "8", "--delta", "1e-5", *args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and named in proc.stderr
+
+
 @pytest.mark.parametrize("args", [
     ("calibrate", "--epsilon", "-1", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "10"),
     ("calibrate", "--epsilon", "1", "--delta", "2", "--sample-rate", "0.01", "--steps", "10"),
@@ -165,3 +190,18 @@ def test_the_evaluation_release_is_the_exact_score_plus_noise_of_the_stated_size
     broken_logits[0, 0] = float("nan")
     assert all(math.isfinite(v) for v in noisy_classification_scores(broken_logits, labels[:3], noise=1.0,
                                                                       loss_bound=5.0, rng=rng).values())
+
+
+def test_renyi_to_epsilon_is_opacus_conversion() -> None:
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from privacy.accountant import ORDERS, rdp_to_epsilon
+
+    for sigma, q, steps, delta in [(0.6, 0.01, 300, 1e-5), (1.5, 0.05, 1000, 1e-6), (40.0, 1.0, 1, 1e-6),
+                                   (0.3, 0.2, 50, 1e-3)]:
+        curve = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=ORDERS)
+        assert rdp_to_epsilon(curve, delta) == pytest.approx(get_privacy_spent(orders=ORDERS, rdp=curve,
+                                                                               delta=delta)[0], rel=1e-12)
+    assert rdp_to_epsilon(ORDERS * math.inf, 1e-5) == math.inf
+    with pytest.raises(ValueError, match="orders"):
+        rdp_to_epsilon(ORDERS[:3], 1e-5)

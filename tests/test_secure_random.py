@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -37,7 +38,7 @@ def test_gaussian_noise_has_the_stated_distribution() -> None:
 def test_uniforms_are_open_and_bernoulli_batches_have_the_rate() -> None:
     rng = SecureRandom(bytes(32))
     u = rng.uniform(100_000)
-    assert float(u.min()) > 0 and float(u.max()) < 1 and stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+    assert u.dtype == np.float64 and u.min() > 0 and u.max() < 1 and stats.kstest(u, "uniform").pvalue > 1e-3
     chosen = rng.bernoulli_indices(100_000, 0.03)
     assert abs(len(chosen) - 3000) < 4 * (100_000 * 0.03 * 0.97) ** 0.5
     assert len(set(chosen.tolist())) == len(chosen) and int(chosen.max()) < 100_000
@@ -51,3 +52,17 @@ def test_the_stream_rekeys_itself_before_the_cipher_would_wrap(monkeypatch: pyte
     assert len(first) == len(second) == 1000 and first != second
     again = SecureRandom(bytes(32))
     assert again.random_bytes(1000) == first and again.random_bytes(1000) == second  # still reproducible
+
+
+def test_numpy_noise_is_the_tensors_noise_from_the_same_stream() -> None:
+    """numpy's noise (the server's and the gateway's, without torch) and torch's (DP-SGD's, on any device) are one
+    algorithm over one stream: equal to float64 rounding for the same key, across chunk edges."""
+    key = bytes(range(32))
+    shape = (2, secure_random.CPU_CHUNK + 3)
+    as_numpy = SecureRandom(key).normal_numpy(shape, 1.5)
+    as_tensor = SecureRandom(key).normal(shape, 1.5, dtype=torch.float64)
+    assert as_numpy.dtype == np.float64 and as_numpy.shape == tuple(as_tensor.shape) == shape
+    assert np.allclose(as_tensor.numpy(), as_numpy, rtol=1e-12, atol=1e-12)
+    assert stats.kstest(as_numpy.ravel() / 1.5, "norm").pvalue > 1e-3
+    assert SecureRandom(key).normal_numpy((0,), 1.0).shape == (0,)
+    assert SecureRandom(key).normal((0, 3), 1.0).shape == (0, 3)
