@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, ParamSpec
 
-from .config import ConfigError
-from .data import DataError
+P = ParamSpec("P")
 
 
 def quiet_libraries() -> None:
@@ -29,6 +29,9 @@ def quiet_libraries() -> None:
 
 def exit_on_bad_input(program: str, run: Callable[[], object]) -> None:
     """Run `run`; a config or data error becomes one line on stderr and exit code 2, no traceback."""
+    from .config import ConfigError  # here, not at the top: listing commands import this module and stay fast
+    from .data import DataError
+
     try:
         run()
     except (ConfigError, DataError) as err:
@@ -41,3 +44,19 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message}\n")
+
+
+def quiet_on_closed_pipe(main: Callable[P, None]) -> Callable[P, None]:
+    """A console command whose reader goes away (`fl-ledger export --csv | head`) ends quietly with exit code 1,
+    as Python's documentation recommends, instead of a BrokenPipeError traceback."""
+
+    @functools.wraps(main)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            main(*args, **kwargs)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
+            raise SystemExit(1) from None
+
+    return run

@@ -16,7 +16,7 @@ from typing import NoReturn
 from cryptography.fernet import Fernet
 
 from fl_core.config import ConfigError
-from fl_core.entry import OneLineParser
+from fl_core.entry import OneLineParser, quiet_on_closed_pipe
 
 from .audit import AuditKeyError, AuditKeys, AuditLog, AuditTampered
 from .config import AuditConfig, secret_from_env
@@ -72,6 +72,7 @@ def _open(args: argparse.Namespace) -> AuditLog:
     return AuditLog(args.log, keys, args.head)
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "new-key":

@@ -14,7 +14,7 @@ import uvicorn
 
 from fl_core.config import ConfigError
 from fl_core.data import DataError
-from fl_core.entry import OneLineParser
+from fl_core.entry import OneLineParser, quiet_on_closed_pipe
 
 from .audit import AuditKeyError
 from .config import ROLES, GatewayConfig, compose_gateway_config, secret_from_env
@@ -84,6 +84,7 @@ def _replica(cfg: GatewayConfig, host: str, port: int, hospital: str | None) -> 
     uvicorn.run(create_replica_app(model, hospital), host=host, port=port, log_level="warning", access_log=False)
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:

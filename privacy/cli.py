@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from fl_core.entry import quiet_on_closed_pipe
+
 ACCOUNTANTS = ("pld", "rdp")  # privacy.accountant.ACCOUNTANTS, without importing them before arguments check
 
 
@@ -28,9 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--epsilon", type=float, help="target epsilon over all planned steps")
     target.add_argument("--noise-multiplier", type=float, help="fixed sigma: report the epsilon it gives")
     cal.add_argument("--delta", type=float, required=True)
-    cal.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate (batch / dataset)")
-    cal.add_argument("--steps", type=int, required=True, help="total DP-SGD steps across all rounds")
     cal.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")
+    plan = cal.add_argument_group("the run's plan, as a training run derives its sampling from it")
+    plan.add_argument("--examples", type=int, help="the hospital's training records (train.max_examples, or all)")
+    plan.add_argument("--batch-size", type=int, help="expected Poisson batch (train.batch_size)")
+    plan.add_argument("--epochs", type=int, default=1, help="local epochs per round (train.local_epochs; default 1)")
+    plan.add_argument("--rounds", type=int, help="federated rounds (federation.num_rounds)")
+    raw = cal.add_argument_group("or the sampling itself")
+    raw.add_argument("--sample-rate", type=float, help="Poisson sampling rate (1 / ceil(examples / batch))")
+    raw.add_argument("--steps", type=int, help="total DP-SGD steps across all rounds")
     aud = commands.add_parser("audit", help="empirical epsilon lower bound of a configuration, from canaries in a "
                                             "real federated run (Steinke, Nasr & Jagielski 2023)")
     aud.add_argument("--canaries", type=int, default=1000, help="canaries given to each audited hospital")
@@ -62,6 +70,7 @@ def _audit(args: argparse.Namespace) -> None:
         _check(False, str(err))
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "audit":
@@ -71,8 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     from .calibration import UnreachableTarget, calibrate_noise, epsilon_for
 
     _check(0 < args.delta < 1, f"--delta must be in (0, 1), got {args.delta}")
-    _check(0 < args.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {args.sample_rate}")
-    _check(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    _sampling(args)
     if args.epsilon is not None:
         _check(math.isfinite(args.epsilon) and args.epsilon > 0, f"--epsilon must be > 0, got {args.epsilon}")
         try:
@@ -83,11 +91,34 @@ def main(argv: list[str] | None = None) -> None:
         _check(args.noise_multiplier > 0, f"--noise-multiplier must be > 0, got {args.noise_multiplier}")
         sigma = args.noise_multiplier
     epsilon = epsilon_for(sigma, args.delta, args.sample_rate, args.steps, args.accountant)
+    planned = {"examples": args.examples, "batch_size": args.batch_size, "epochs": args.epochs,
+               "rounds": args.rounds} if args.examples is not None else {}
     print(json.dumps({
         "noise_multiplier": sigma, "epsilon": epsilon, "target_epsilon": args.epsilon, "delta": args.delta,
-        "sample_rate": args.sample_rate, "steps": args.steps, "accountant": args.accountant,
+        **planned, "sample_rate": args.sample_rate, "steps": args.steps, "accountant": args.accountant,
         "neighbouring_relation": NEIGHBOURING_RELATION,
     }, indent=2))
+
+
+def _sampling(args: argparse.Namespace) -> None:
+    """Fill in `sample_rate` and `steps`: given, or derived from the run's plan by the training's own rule."""
+    from .calibration import sampling_plan
+
+    plan = {"--examples": args.examples, "--batch-size": args.batch_size, "--rounds": args.rounds}
+    if args.sample_rate is None and args.steps is None:
+        for option, value in plan.items():
+            _check(value is not None, f"{option} is required (or give --sample-rate and --steps)")
+            _check(value >= 1, f"{option} must be >= 1, got {value}")
+        _check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
+        sampling = sampling_plan(args.examples, args.batch_size, args.epochs, args.rounds)
+        args.sample_rate, args.steps = sampling.sample_rate, sampling.total_steps
+        return
+    given = [option for option, value in plan.items() if value is not None]
+    _check(not given, f"{given[0] if given else ''}: give the run's plan or --sample-rate and --steps, not both")
+    _check(args.sample_rate is not None, "--sample-rate is required with --steps")
+    _check(args.steps is not None, "--steps is required with --sample-rate")
+    _check(0 < args.sample_rate <= 1, f"--sample-rate must be in (0, 1], got {args.sample_rate}")
+    _check(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
 
 
 if __name__ == "__main__":

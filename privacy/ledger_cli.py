@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from fl_client.node import LEDGER_FILE, node_home
+from fl_core.entry import quiet_on_closed_pipe
 
 from .ledger import ABORTED, ANY_DATASET, RESERVED, Ledger, LedgerError
 
@@ -91,6 +92,7 @@ def _show(ledgers: list[Ledger], as_json: bool) -> None:
               f"{_number(r['remaining_epsilon']):>11}{r['runs']:>6}{r['open_reservations']:>6}")
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "set-budget":  # checked before any ledger file is opened or created

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -300,3 +302,16 @@ def test_compose_concatenates_histories_and_keeps_the_looser_accountant() -> Non
     assert compose([a, b]) == AccountantState(((1.0, 0.1, 10), (2.0, 0.2, 5)), "rdp")
     assert compose([a, a]).kind == "pld"
     assert compose([a, b]).epsilon(1e-5) >= max(a.epsilon(1e-5), b.epsilon(1e-5))
+
+
+def test_a_listing_whose_reader_goes_away_ends_quietly(tmp_path: Path) -> None:
+    """`fl-ledger show | head`: the reader closes the pipe before the listing is written; no traceback."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    for hospital in range(50):
+        ledger.set_budget(f"hospital-{hospital}", 5.0, 1e-6)
+    listing = subprocess.Popen([sys.executable, "-m", "privacy.ledger_cli", "--ledger", str(ledger.path), "show"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert listing.stdout is not None and listing.stderr is not None
+    listing.stdout.close()  # before the command has started: its first write finds no reader
+    assert listing.wait(timeout=60) == 1
+    assert listing.stderr.read() == b""
