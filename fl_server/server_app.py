@@ -176,6 +176,9 @@ class FederatedRun:
 
     def on_round(self, result: RoundResult, context: LegacyContext) -> None:
         participants = len(result.record.client_metrics)
+        if result.server_round == 1:  # the model before training, the baseline of every convergence chart
+            self.tracker.log_metrics({f"eval_{k}": v for k, v in self.workflow.outcome.initial_metrics.items()},
+                                     step=0)
         self.spend.update(hospital_privacy(result, self.cfg))
         metrics: dict[str, float] = {f"eval_{k}": v for k, v in result.central.items()}
         metrics.update({f"fed_eval_{k}": v for k, v in result.distributed.items()})
@@ -244,7 +247,7 @@ class FederatedRun:
         report = self.write_privacy_report(rounds)
         (self.output_dir / CONFIG_FILE).write_text(json.dumps(config_as_dict(self.cfg), indent=2))
         self.tracker.log_artifacts(adapter_dir, config_as_dict(self.cfg))
-        model_version = self.tracker.register_model()
+        model_version = self.tracker.register_model(*self.version_tags(report, rounds))
         summary = {
             "rounds_completed": rounds,
             "stopped_early": outcome.stopped_early,
@@ -263,6 +266,25 @@ class FederatedRun:
         }
         (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         return summary
+
+
+    def version_tags(self, report: dict[str, Any], rounds: int) -> tuple[dict[str, str], str]:
+        """What a registry reader needs to choose a version: the guarantee per hospital as the accountant gave it,
+        the data and the run; and a one-paragraph description."""
+        cfg = self.cfg
+        tags = {"run_id": self.tracker.run_id, "base_model": cfg.model.name, "task": cfg.task.name,
+                "dataset": cfg.data.name, "rounds": str(rounds), "hospitals": str(len(self.spend)),
+                "delta": f"{cfg.privacy.delta:g}", "accountant": cfg.privacy.accountant,
+                "secure_aggregation": report["secure_aggregation"]["protocol"]}
+        tags.update({f"epsilon.{hospital}": f"{spend['epsilon']:.4f}" for hospital, spend in self.spend.items()})
+        weakest = max((s["epsilon"] for s in self.spend.values()), default=None)
+        guarantee = (f"record-level epsilon at most {weakest:.3f} per hospital at delta {cfg.privacy.delta:g} "
+                     f"({cfg.privacy.accountant} accountant)" if cfg.privacy.enabled and weakest is not None
+                     else "no differential privacy")
+        description = (f"LoRA adapters for {cfg.model.name} ({cfg.task.name}) trained federated on {cfg.data.name} "
+                       f"by {len(self.spend)} hospitals over {rounds} rounds; {guarantee}. Load with "
+                       f"mlflow.pyfunc.load_model or serve with fl-gateway replica.")
+        return tags, description
 
 
 def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:

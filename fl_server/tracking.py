@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,9 @@ import mlflow
 
 from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, PRIVACY_REPORT_FILE, PRIVACY_REPORT_MARKDOWN
 from fl_core.config import AppConfig, config_as_dict
+from gateway.mlflow_model import save_mlmodel
+
+NEWEST_ALIAS = "newest"  # the newest finished run's version
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -23,13 +27,21 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def run_name(cfg: AppConfig) -> str:
+    """A name a person can tell runs apart by in the MLflow UI: what was trained, on what, at what target."""
+    p = cfg.privacy
+    target = "no-dp" if not p.enabled else f"sigma{p.noise_multiplier:g}" if p.noise_multiplier is not None \
+        else f"eps{p.target_epsilon:g}"
+    return f"{cfg.model.name}-{cfg.task.name}-{cfg.data.name}-{target}-{cfg.federation.num_clients}h"
+
+
 class RunTracker:
     """One MLflow run per federated training run; a resumed run continues the same MLflow run."""
 
     def __init__(self, cfg: AppConfig, resume_run_id: str | None = None) -> None:
         mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
         mlflow.set_experiment(cfg.tracking.experiment)
-        self.run = mlflow.start_run(run_id=resume_run_id)
+        self.run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name(cfg))
         self.run_id: str = self.run.info.run_id
         self.registered_model = cfg.tracking.registered_model
         if resume_run_id is None:
@@ -42,14 +54,20 @@ class RunTracker:
         mlflow.log_artifacts(str(adapter_dir), artifact_path=ADAPTER_DIR)
         mlflow.log_dict(config, CONFIG_FILE)
 
-    def register_model(self) -> str:
+    def register_model(self, tags: dict[str, str], description: str) -> str:
         """A version of the registered model whose files are this run's (adapter, config, privacy report), so the
-        gateway serves `models:/NAME/VERSION` with the same layout as a run folder. Returns that URI."""
+        gateway serves `models:/NAME/VERSION` with the same layout as a run folder, and an MLflow Model (an
+        `MLmodel` at the run's root) that `mlflow.pyfunc.load_model` loads. The alias `newest` moves to it.
+        Returns that URI."""
+        with tempfile.TemporaryDirectory() as folder:
+            mlflow.log_artifact(str(save_mlmodel(Path(folder), self.run_id)))
         client = mlflow.MlflowClient()
         name = self.registered_model
         if not client.search_registered_models(filter_string=f"name = '{name}'"):
             client.create_registered_model(name)
-        version = client.create_model_version(name, source=self.run.info.artifact_uri, run_id=self.run_id)
+        version = client.create_model_version(name, source=self.run.info.artifact_uri, run_id=self.run_id,
+                                              tags=tags, description=description)
+        client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)
         return f"models:/{name}/{version.version}"
 
     def log_privacy_report(self, report: dict[str, Any], markdown: str) -> None:

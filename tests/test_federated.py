@@ -18,6 +18,7 @@ from fl_core.model import adapter_to_arrays, build_model, load_tokenizer
 from fl_server.checkpoint import load_checkpoint
 from fl_server.privacy_report import hospital_level_epsilon
 from gateway.config import ReplicaConfig
+from gateway.schemas import GenerationParams
 from gateway.served_model import ServedModel
 from privacy.ledger import Ledger
 from tests.conftest import tiny_config
@@ -84,6 +85,10 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["privacy.target_epsilon"] == "8.0"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "epsilon_max")] == [1, 2]
+    losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval_loss"))
+    assert [step for step, _ in losses] == [0, 1, 2]  # the untrained baseline, then each round
+    assert losses[0][1] == pytest.approx(summary["initial_metrics"]["loss"])
+    assert run.info.run_name == "tiny-classification-icd10-eps8-3h"
     for name in ("eval_loss", "eval_accuracy", "eval_macro_f1", "train_loss", "fed_eval_loss", "fed_eval_accuracy",
                  "epsilon/hospital-1", "noise_multiplier/hospital-2", "bytes_sent"):
         assert name in run.data.metrics, name
@@ -110,6 +115,20 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
     assert from_registry.provenance["guarantees"][0]["epsilon"] == max(summary["epsilon_per_client"].values())
     text = "Type 2 diabetes mellitus with hyperglycemia"
     assert from_registry.classify(text).probabilities == pytest.approx(from_folder.classify(text).probabilities)
+
+    # The version is an MLflow Model that MLflow's own loader rebuilds, found by its alias, described by its tags.
+    name, number = summary["mlflow_model"].removeprefix("models:/").split("/")
+    version = client.get_model_version(name, number)
+    assert str(client.get_model_version_by_alias(name, "newest").version) == number
+    assert {k: version.tags[k] for k in ("run_id", "dataset", "accountant", "delta", "hospitals")} == {
+        "run_id": summary["mlflow_run_id"], "dataset": "icd10", "accountant": "pld", "delta": "1e-05", "hospitals": "3"}
+    for hospital, epsilon in summary["epsilon_per_client"].items():
+        assert float(version.tags[f"epsilon.{hospital}"]) == pytest.approx(epsilon, abs=1e-4)
+    assert f"at most {max(summary['epsilon_per_client'].values()):.3f} per hospital" in (version.description or "")
+    answers = mlflow.pyfunc.load_model(f"models:/{name}@newest").predict([text, "Fracture of the left femur"])
+    assert list(answers.columns) == ["label", "probabilities"] and len(answers) == 2
+    assert answers["probabilities"][0] == pytest.approx(from_folder.classify(text).probabilities)
+    assert answers["label"][0] == from_folder.classify(text).label
 
 
 def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Path) -> None:
@@ -165,7 +184,14 @@ def test_a_chat_model_federates_and_reports_its_exact_match_every_round(tmp_path
     assert all(7.5 < epsilon <= 8.0 for epsilon in summary["epsilon_per_client"].values())
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     history = client.get_metric_history(summary["mlflow_run_id"], "eval_exact_match")
-    assert [m.step for m in history] == [1, 2]
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    # MLflow's own loader answers as a replica of the same run does: its greedy chat answer, within max_tokens
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    answers = mlflow.pyfunc.load_model(summary["mlflow_model"]).predict(["Acute bronchitis"], params={"max_tokens": 6})
+    served = ServedModel(ReplicaConfig(source=str(run_dir), device="cpu"))
+    greedy = GenerationParams(max_tokens=6, temperature=0.0, top_p=1.0, stop=(), seed=None)
+    expected = served.generate(served.chat_prompt([{"role": "user", "content": "Acute bronchitis"}]), greedy)
+    assert answers == [expected.text] and expected.completion_tokens > 0
     for hospital in ("hospital-0", "hospital-1", "hospital-2"):  # the node keeps its prefixes until the run closes
         assert not list((tmp_path / "nodes" / hospital).rglob("*.pt"))
 
