@@ -55,6 +55,10 @@ def _serve(cfg: GatewayConfig) -> None:
         servers.append(uvicorn.Server(uvicorn.Config(
             create_operations_app(app), host=cfg.host, port=cfg.metrics_port, http=protocol,
             timeout_keep_alive=cfg.limits.idle_timeout, log_level="warning", access_log=False, lifespan="off")))
+    if not cfg.routing.backends:
+        print("fl-gateway: warning: routing.backends is empty: every model request is refused (503) and /ready "
+              "stays false until replicas are listed (routing.backends=[http://HOST:PORT,...])", file=sys.stderr,
+              flush=True)
     print(f"fl-gateway: {'https' if tls.certfile else 'http'}://{cfg.host}:{cfg.port} over "
           f"{len(cfg.routing.backends)} backends{', client certificates required' if tls.client_ca else ''}"
           + (f"; /health /ready /metrics also on http://{cfg.host}:{cfg.metrics_port}" if cfg.metrics_port else ""),

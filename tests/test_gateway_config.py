@@ -6,12 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import jwt
 import pytest
 from cryptography.fernet import Fernet
 
 from fl_core.config import ConfigError
 from gateway.config import compose_gateway_config
+from tests.servers import accepts_connections, free_port, wait_until
 
 
 def test_defaults_are_the_issues_and_the_production_preset_is_the_reference_deployment(monkeypatch) -> None:
@@ -94,3 +96,20 @@ def test_the_gateway_refuses_to_start_without_two_distinct_audit_keys(tmp_path: 
     not_fernet = run_cli("serve", *where, secret=secret, FL_AUDIT_CHAIN_KEY=key, FL_AUDIT_TEXT_KEY="x" * 40)
     assert not_fernet.returncode == 2 and "audit.text_key_env: the text key must be a Fernet key" in not_fernet.stderr
     assert not (tmp_path / "audit.sqlite").exists()  # refused before anything was written
+
+
+def test_a_gateway_without_backends_says_so_and_is_not_ready(tmp_path: Path) -> None:
+    port = free_port()
+    env = {"PATH": "/usr/bin:/bin", "FL_GATEWAY_JWT_SECRET": "a-deployment-secret-of-some-length",
+           "FL_AUDIT_CHAIN_KEY": Fernet.generate_key().decode(), "FL_AUDIT_TEXT_KEY": Fernet.generate_key().decode()}
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", f"port={port}", f"audit.path={tmp_path / 'audit.sqlite'}",
+         f"audit.head_path={tmp_path / 'head.json'}", f"limits.sqlite_path={tmp_path / 'limits.sqlite'}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: accepts_connections(port), 60, "the gateway")
+        assert httpx.get(f"http://127.0.0.1:{port}/ready", timeout=30).status_code == 503
+    finally:
+        gateway.terminate()
+        _, err = gateway.communicate(timeout=30)
+    assert err.startswith("fl-gateway: warning: routing.backends is empty: every model request is refused (503)")
