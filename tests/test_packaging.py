@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import helm_python
 import kubernetes_validate
 import pytest
 import yaml
@@ -126,7 +127,8 @@ def test_compose_confines_every_container_and_keeps_each_to_its_peers() -> None:
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
     chart = Chart.load(str(CHART))
     rendered = chart.render(values, name="fed", namespace="hospitals")
-    return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+    return [doc for path, text in rendered.items() if not path.endswith("NOTES.txt")  # as `helm template` does
+            for doc in yaml.safe_load_all(text) if doc]
 
 
 def test_chart_renders_manifests_that_kubernetes_accepts() -> None:
@@ -335,3 +337,33 @@ def test_redis_requires_a_password_from_a_secret_and_speaks_tls_when_asked(tmp_p
 def test_serving_without_a_model_source_fails_to_render_naming_the_value() -> None:
     with pytest.raises(Exception, match=r"serving\.replica\.modelSource is required"):
         render({"serving": {"enabled": True}})
+
+
+@pytest.mark.parametrize(("values", "named"), [
+    ({"superlink": {"port": "ninety"}}, "/superlink/port"),
+    ({"servng": {"enabled": True}}, "servng"),  # a typo of serving: refused, not ignored
+    ({"serving": {"gateway": {"operationsPort": 70000}}}, "/serving/gateway/operationsPort"),
+    ({"serving": {"replica": {"device": "gpu"}}}, "/serving/replica/device"),
+    ({"supernodes": [{**HOSPITALS[0], "approvedBundles": ["sha256:abc"]}]}, "/supernodes/0/approvedBundles/0"),
+    ({"supernodes": [{**HOSPITALS[0], "gpus": 1}]}, "gpus"),
+])
+def test_values_of_the_wrong_type_or_unknown_keys_are_refused_naming_them(values: dict[str, Any], named: str) -> None:
+    with pytest.raises(Exception, match="values don't meet the specifications") as refused:
+        render(values)
+    assert named in str(refused.value)
+
+
+def test_helm_lint_finds_no_error_and_checks_values_against_the_schema() -> None:
+    assert helm_python.lint(str(CHART), {"supernodes": HOSPITALS}, strict=True)["errors"] == []
+    linted = helm_python.lint(str(CHART), {"superlink": {"port": "ninety"}})
+    assert any("/superlink/port" in error for error in linted["errors"])
+
+
+def test_the_chart_tells_the_operator_what_was_installed_and_what_to_do_next() -> None:
+    chart = Chart.load(str(CHART))
+    notes = chart.render({"supernodes": HOSPITALS, "serving": {"enabled": True, "replica": {
+        "modelSource": "models:/federated-dp-llm/3"}}}, name="fed", namespace="hospitals")
+    text = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
+    assert "fed-federated-dp-llm-superlink.hospitals" in text and "hospital-a" in text
+    assert "models:/federated-dp-llm/3" in text and "fl-audit verify" in text
+    assert (CHART / "README.md").read_text().count("| `") >= 20  # every value group documented in a table
