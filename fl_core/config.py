@@ -199,6 +199,7 @@ class AppConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "outputs/latest"
     resume_from: str | None = None
+    verbose: bool = False  # fl-simulate: Flower's log and the hospitals' output on the console too
 
 
 def register_schemas() -> None:

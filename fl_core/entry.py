@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn, ParamSpec
 
 P = ParamSpec("P")
@@ -24,6 +24,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
     warnings.filterwarnings("ignore", message=".*full backward hook.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers, inside peft
+    warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")  # Ray's future default
     logging.getLogger("datasets").setLevel(logging.ERROR)
 
 
@@ -60,3 +62,29 @@ def quiet_on_closed_pipe(main: Callable[P, None]) -> Callable[P, None]:
             raise SystemExit(1) from None
 
     return run
+
+
+def hydra_jobs(argv: Sequence[str]) -> tuple[argparse.Namespace, list[list[str]]]:
+    """A command line as Hydra reads it: its flags, and the config overrides of each job it would run (`-m
+    privacy.target_epsilon=4,8` is two jobs), without `hydra.*` settings, so that every job is checked first."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from .config import ConfigError
+
+    args = get_args_parser().parse_args(list(argv))
+    task = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    if not args.multirun:
+        return args, [task]
+    try:
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(task), None)
+    except HydraException as err:
+        raise ConfigError("overrides", str(err).splitlines()[0]) from None
+    return args, [job for batch in batches for job in batch]
+
+
+def runs_a_job(args: argparse.Namespace) -> bool:
+    """False when Hydra only prints something (--help, --hydra-help, --cfg, --info, --shell-completion)."""
+    return not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)

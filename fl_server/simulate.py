@@ -18,9 +18,10 @@ from omegaconf import DictConfig
 
 from fl_core.artifacts import SUMMARY_FILE
 from fl_core.config import CONF_DIR, AppConfig, compose_config, register_schemas, to_app_config
-from fl_core.entry import exit_on_bad_input, quiet_libraries
+from fl_core.entry import exit_on_bad_input, hydra_jobs, quiet_libraries, runs_a_job
 
 from .admission import AdmissionFailed
+from .console import run_console
 
 
 def preflight(cfg: AppConfig) -> dict[str, float | None]:
@@ -40,7 +41,9 @@ def backend_config(cfg: AppConfig) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     gpus = 1.0 / cfg.federation.num_clients if cfg.train.device != "cpu" and torch.cuda.is_available() else 0.0
     actors = max(cores, min(cfg.federation.num_clients, 2 * cores))
-    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": {"num_cpus": actors}}
+    # the hospitals' own output (library warnings, Ray's notes) stays in Ray's logs unless asked for
+    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
+            "init_args": {"num_cpus": actors, "log_to_driver": cfg.verbose}}
 
 
 def simulate(overrides: list[str]) -> dict[str, Any]:
@@ -56,9 +59,11 @@ def simulate(overrides: list[str]) -> dict[str, Any]:
     sigmas = preflight(cfg)
     print(f"fl-simulate: {cfg.federation.num_clients} hospitals, {cfg.model.name} on {cfg.data.name}, "
           f"{cfg.federation.num_rounds} rounds, SecAgg+ {'on' if cfg.strategy.secagg.enabled else 'off'}, "
-          f"sigma per hospital {json.dumps(sigmas)}; output in {cfg.output_dir}", flush=True)
-    run_simulation(server_app=build_server_app(overrides), client_app=build_client_app(overrides),
-                   num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg))
+          f"sigma {', '.join(f'{h} {s:.3f}' if s is not None else f'{h} none' for h, s in sigmas.items())}; "
+          f"output in {cfg.output_dir}", flush=True)
+    with run_console(Path(cfg.output_dir), cfg.verbose, "fl-simulate"):
+        run_simulation(server_app=build_server_app(overrides), client_app=build_client_app(overrides),
+                       num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg))
     summary: dict[str, Any] = json.loads((Path(cfg.output_dir) / SUMMARY_FILE).read_text())
     return summary
 
@@ -101,9 +106,14 @@ def _hydra_main(_: DictConfig) -> None:
 def main() -> None:
     quiet_libraries()
     register_schemas()
-    task_overrides = [a for a in sys.argv[1:] if not a.startswith("-") and not a.startswith("hydra")]
-    # Hydra would report a bad override in several lines; check first, in one.
-    exit_on_bad_input("fl-simulate", lambda: to_app_config(compose_config(task_overrides)))
+
+    def check_every_job() -> None:  # Hydra would report a bad override in several lines, mid-sweep; check first
+        args, jobs = hydra_jobs(sys.argv[1:])
+        if runs_a_job(args):
+            for job in jobs:
+                to_app_config(compose_config(job))
+
+    exit_on_bad_input("fl-simulate", check_every_job)
     _hydra_main()
 
 

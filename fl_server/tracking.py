@@ -27,21 +27,25 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def run_name(cfg: AppConfig) -> str:
-    """A name a person can tell runs apart by in the MLflow UI: what was trained, on what, at what target."""
+def run_name(cfg: AppConfig, who: str | None = None) -> str:
+    """A name a person can tell runs apart by in the MLflow UI: what was trained, on what, at what target, by whom
+    (`who`: a hospital alone; else the federation's size)."""
     p = cfg.privacy
     target = "no-dp" if not p.enabled else f"sigma{p.noise_multiplier:g}" if p.noise_multiplier is not None \
         else f"eps{p.target_epsilon:g}"
-    return f"{cfg.model.name}-{cfg.task.name}-{cfg.data.name}-{target}-{cfg.federation.num_clients}h"
+    return f"{cfg.model.name}-{cfg.task.name}-{cfg.data.name}-{target}-{who or f'{cfg.federation.num_clients}h'}"
 
 
 class RunTracker:
-    """One MLflow run per federated training run; a resumed run continues the same MLflow run."""
+    """One MLflow run per training run, federated or one hospital's alone (`fl-train-local`, tracked in the
+    hospital's own MLflow); a resumed run continues the same MLflow run."""
 
-    def __init__(self, cfg: AppConfig, resume_run_id: str | None = None) -> None:
+    def __init__(self, cfg: AppConfig, resume_run_id: str | None = None, hospital: str | None = None) -> None:
         mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
         mlflow.set_experiment(cfg.tracking.experiment)
-        self.run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name(cfg))
+        self.run = mlflow.start_run(run_id=resume_run_id,
+                                    run_name=None if resume_run_id else run_name(cfg, hospital and f"{hospital}-alone"),
+                                    tags={"trained_by": hospital or "federation"})
         self.run_id: str = self.run.info.run_id
         self.registered_model = cfg.tracking.registered_model
         if resume_run_id is None:

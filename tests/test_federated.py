@@ -29,12 +29,14 @@ BASE = ["model=tiny", "data.max_train_examples=900", "data.max_test_examples=150
         "train.lr=0.01", "train.device=cpu"]
 
 
-def fl_simulate(run_dir: Path, *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess[str]:
-    """fl-simulate as a user runs it; the hospitals keep their ledgers (and policies) in `nodes/` beside the run."""
+def fl_simulate(run_dir: Path, *overrides: str, timeout: int = 420,
+                flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """fl-simulate as a user runs it (Hydra's `flags` first); the hospitals keep their ledgers (and policies) in
+    `nodes/` beside the run."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "FEDERATED_DP_LLM_NODE_HOME": str(run_dir.parent / "nodes")}
     return subprocess.run(
-        [sys.executable, "-m", "fl_server.simulate", *BASE, f"hydra.run.dir={run_dir}",
+        [sys.executable, "-m", "fl_server.simulate", *flags, *BASE, f"hydra.run.dir={run_dir}",
          f"tracking.mlflow_uri=sqlite:///{run_dir.parent / 'mlflow.db'}", *overrides],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=run_dir.parent)
 
@@ -55,7 +57,12 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
     proc = fl_simulate(run_dir, "federation.num_rounds=2", "privacy.target_epsilon=8",
                        "strategy.federated_evaluation=true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Secure aggregation completed" in proc.stdout + proc.stderr
+    # The console has the start line, admission, one line per round and the table; Flower's log is in the run folder
+    assert "Secure aggregation completed" in (run_dir / "fl-simulate.log").read_text()
+    assert [line.split(" ")[0] for line in proc.stdout.splitlines()[:4]] == [
+        "fl-simulate:", "[admission]", "[round", "[round"]
+    assert "INFO" not in proc.stdout + proc.stderr and "DEBUG" not in proc.stdout + proc.stderr
+    assert len(proc.stdout.splitlines()) < 20 and proc.stderr == "", proc.stderr[-2000:]
     summary = summary_of(run_dir)
     assert summary["rounds_completed"] == 2 and not summary["stopped_early"]
     assert summary["final_metrics"]["loss"] < summary["initial_metrics"]["loss"]  # learnable task, loss falls
@@ -174,7 +181,7 @@ def test_a_chat_model_federates_and_reports_its_exact_match_every_round(tmp_path
     run_dir = tmp_path / "run"
     proc = fl_simulate(run_dir, "task=chat", "lora.layers=1", "federation.num_rounds=2", "train.lr=0.05")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Secure aggregation completed" in proc.stdout + proc.stderr
+    assert "Secure aggregation completed" in (run_dir / "fl-simulate.log").read_text()
     rounds = [line for line in proc.stdout.splitlines() if line.startswith("[round ")]
     assert len(rounds) == 2 and all("exact_match" in line and "perplexity" in line for line in rounds)
     summary = summary_of(run_dir)
@@ -201,3 +208,21 @@ def test_bad_config_fails_before_the_simulation_engine_starts(tmp_path: Path) ->
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("fl-simulate: config error: privacy.delta:")
     assert "Traceback" not in proc.stderr and "ray" not in (proc.stdout + proc.stderr).lower()
+    # in a sweep, the second job's bad value stops the sweep before its first job starts
+    sweep = fl_simulate(tmp_path / "run", "privacy.target_epsilon=4,-1", timeout=120, flags=("-m",))
+    assert sweep.returncode == 2 and not (tmp_path / "multirun").exists()
+    assert sweep.stderr.strip() == "fl-simulate: config error: privacy.target_epsilon: must be > 0 (got -1.0)"
+    printed = fl_simulate(tmp_path / "run", "privacy.target_epsilon=3", timeout=120, flags=("--cfg", "job"))
+    assert printed.returncode == 0 and "target_epsilon: 3.0" in printed.stdout
+
+
+def test_a_sweep_runs_each_job_in_its_own_folder_with_its_log(tmp_path: Path) -> None:
+    proc = fl_simulate(tmp_path / "run", f"hydra.sweep.dir={tmp_path / 'sweep'}", "federation.num_rounds=1",
+                       "strategy.secagg.enabled=false", "data.max_train_examples=300", "privacy.target_epsilon=2,6",
+                       flags=("-m",))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for job, target in ((0, 2.0), (1, 6.0)):
+        folder = tmp_path / "sweep" / str(job)
+        assert all(target - 0.1 < e <= target for e in summary_of(folder)["epsilon_per_client"].values())
+        assert "[round 1/1]" in (folder / "fl-simulate.log").read_text()
+        assert "privacy.target_epsilon" in (folder / ".hydra" / "overrides.yaml").read_text()

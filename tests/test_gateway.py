@@ -124,7 +124,8 @@ def train_hospitals(root: Path) -> dict[str, Path]:
     parallel), as servable run folders."""
     runs = {name: root / f"run-{name}" for name in ("hospital-0", "hospital-1", "causal-lm", "chat")}
     jobs = [subprocess.Popen([sys.executable, "-m", "fl_client.local_job", "--hospital", hospital, *TRAIN, *extra,
-                              f"output_dir={runs[name]}"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              f"output_dir={runs[name]}", f"tracking.mlflow_uri=sqlite:///{root}/mlflow-{name}.db"],
+                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for name, hospital, extra in (("hospital-0", "0", []), ("hospital-1", "1", []),
                                           ("causal-lm", "0", ["task=causal-lm"]), ("chat", "0", ["task=chat"]))]
     for job in jobs:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
 from fl_client.hospital import HospitalClient, hospital_plan, hospital_resources
 from fl_client.node import NodeSettings, NodeSettingsError
@@ -236,6 +237,31 @@ def test_a_hospital_training_alone_spends_in_its_ledger_too(tmp_path: Path) -> N
                                                                  "epsilon")
     ledger = Ledger(tmp_path / "nodes" / "hospital-1" / "ledger.sqlite")
     assert len(ledger.entries()) == 1 and "max_epsilon_per_run" in str(ledger.refusals()[-1]["reason"])
+
+
+def test_a_local_sweep_runs_each_job_in_its_own_folder_tracked_in_the_hospitals_mlflow(tmp_path: Path) -> None:
+    env = {**os.environ, "FEDERATED_DP_LLM_NODE_HOME": str(tmp_path / "nodes")}
+    proc = subprocess.run([sys.executable, "-m", "fl_client.local_job", "--hospital", "1", "-m", "model=tiny",
+                           "data.max_train_examples=200", "data.max_test_examples=40", "train.device=cpu",
+                           "federation.num_rounds=1", "privacy.target_epsilon=2,4", f"hydra.sweep.dir={tmp_path}/sw",
+                           f"tracking.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for job, target in ((0, 2.0), (1, 4.0)):
+        summary = json.loads((tmp_path / "sw" / str(job) / "summary.json").read_text())
+        assert target - 0.1 < summary["epsilon"] <= target
+        assert "round 1/1" in (tmp_path / "sw" / str(job) / "fl-train-local.log").read_text()
+        run = client.get_run(summary["mlflow_run_id"])
+        assert run.info.run_name == f"tiny-classification-icd10-eps{target:g}-hospital-1-alone"
+        assert run.info.status == "FINISHED" and run.data.tags["trained_by"] == "hospital-1"
+        epsilons = client.get_metric_history(run.info.run_id, "epsilon/hospital-1")
+        assert [(m.step, m.value) for m in epsilons] == [(1, pytest.approx(summary["epsilon"], rel=1e-9))]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")) == [0, 1]
+        assert {"adapter", "privacy_report.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    helped = subprocess.run([sys.executable, "-m", "fl_client.local_job", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert helped.returncode == 0 and "--hospital" in helped.stdout and "Configuration groups" in helped.stdout
 
 
 def test_a_policy_the_node_would_not_read_stops_it_before_it_connects(tmp_path: Path) -> None:
