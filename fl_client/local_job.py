@@ -75,7 +75,7 @@ def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
           f"epsilon {admission.entry.planned_epsilon:.3f}; run {run_id} in {node.ledger_path}", flush=True)
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg, tokenizer, len(data.train.label_names), device)
-    tracker = RunTracker(cfg, hospital=node.hospital)  # the hospital's own MLflow: nothing here leaves the node
+    tracker = RunTracker(cfg, hospital=node.hospital)  # the hospital's MLflow
     before = evaluate(cfg, model, tokenizer, public_test, device)
     tracker.log_metrics({f"eval_{k}": v for k, v in before.items()}, step=0)
     print(f"before: {before}", flush=True)
@@ -88,7 +88,9 @@ def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
             result = train_local(cfg, model, tokenizer, data.train, device, plan=sampling, noise_multiplier=sigma,
                                  accountant=AccountantState(entry.spent.history[:-1]) if sigma is not None else None,
                                  view=view)
-            tracker.log_metrics({"train_loss": result.train_loss, f"epsilon/{node.hospital}": entry.epsilon,
+            # only what a federated run releases too: the training loss is no DP release, and the tracking URI
+            # may name a server off the node
+            tracker.log_metrics({f"epsilon/{node.hospital}": entry.epsilon,
                                  "round_seconds": time.perf_counter() - start}, step=epoch_round)
             print(f"round {epoch_round}/{cfg.federation.num_rounds}: loss {result.train_loss:.4f}, "
                   f"epsilon {entry.epsilon:.3f}, {time.perf_counter() - start:.1f}s", flush=True)
