@@ -21,7 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, PRIVACY_REPORT_FILE
+from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, LABELS_FILE, PRIVACY_REPORT_FILE
 from fl_core.config import (
     CONF_DIR,
     AppConfig,
@@ -103,7 +103,7 @@ def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
     after = evaluate(cfg, model, tokenizer, public_test, device)
     tracker.log_metrics({f"eval_{k}": v for k, v in after.items()}, step=cfg.federation.num_rounds)
     out = Path(cfg.output_dir)
-    adapter_dir = save_adapter(model, out / ADAPTER_DIR)
+    adapter_dir = save_adapter(model, out / ADAPTER_DIR, cfg.model)
     spend = {node.hospital: {"epsilon": closed.epsilon, "noise_multiplier": sigma or 0.0,
                              "sample_rate": sampling.sample_rate, "steps": closed.spent.steps}}
     report = build_report(cfg, run_id, spend, cfg.federation.num_rounds, None, {})
@@ -111,8 +111,9 @@ def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
                                     "trust": "nothing is aggregated: the model stays on the hospital's node"}
     (out / PRIVACY_REPORT_FILE).write_text(json.dumps(report, indent=2))
     (out / CONFIG_FILE).write_text(json.dumps(config_as_dict(cfg), indent=2))
+    (out / LABELS_FILE).write_text(json.dumps(data.train.label_names))
     tracker.log_privacy_report(report, report_markdown(report))
-    tracker.log_artifacts(adapter_dir, config_as_dict(cfg))
+    tracker.log_artifacts(adapter_dir, config_as_dict(cfg), data.train.label_names)
     summary = {"hospital": node.hospital, "run_id": run_id, "before": before, "after": after,
                "epsilon": closed.epsilon, "delta": cfg.privacy.delta, "noise_multiplier": sigma,
                "steps": closed.spent.steps, "ledger": str(node.ledger_path), "mlflow_run_id": tracker.run_id}

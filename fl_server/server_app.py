@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_core.artifacts import (
     ADAPTER_DIR,
     CONFIG_FILE,
+    LABELS_FILE,
     PRIVACY_REPORT_FILE,
     PRIVACY_REPORT_MARKDOWN,
     SUMMARY_FILE,
@@ -117,7 +118,8 @@ class FederatedRun:
         splits = load_splits(cfg.data)
         self.test = splits.test
         self.tokenizer = load_tokenizer(cfg.model)
-        self.model = build_model(cfg, self.tokenizer, len(splits.train.label_names), self.device)
+        self.label_names = splits.train.label_names
+        self.model = build_model(cfg, self.tokenizer, len(self.label_names), self.device)
         self.test_view: TrainingView | None = None  # a causal LM's test set over its cached frozen layers
         fresh_arrays = adapter_to_arrays(self.model)
         self.adapter_bytes = sum(a.nbytes for a in fresh_arrays)
@@ -241,12 +243,13 @@ class FederatedRun:
 
     def finish(self, outcome: LoopOutcome, arrays: NDArrays, first_round: int) -> dict[str, Any]:
         load_adapter_arrays(self.model, arrays)
-        adapter_dir = save_adapter(self.model, self.output_dir / ADAPTER_DIR)
+        adapter_dir = save_adapter(self.model, self.output_dir / ADAPTER_DIR, self.cfg.model)
         last = outcome.rounds[-1] if outcome.rounds else None
         rounds = last.server_round if last else first_round - 1
         report = self.write_privacy_report(rounds)
         (self.output_dir / CONFIG_FILE).write_text(json.dumps(config_as_dict(self.cfg), indent=2))
-        self.tracker.log_artifacts(adapter_dir, config_as_dict(self.cfg))
+        (self.output_dir / LABELS_FILE).write_text(json.dumps(self.label_names))
+        self.tracker.log_artifacts(adapter_dir, config_as_dict(self.cfg), self.label_names)
         model_version = self.tracker.register_model(*self.version_tags(report, rounds))
         summary = {
             "rounds_completed": rounds,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
-from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, PRIVACY_REPORT_FILE, PRIVACY_REPORT_MARKDOWN
+from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, LABELS_FILE, PRIVACY_REPORT_FILE, PRIVACY_REPORT_MARKDOWN
 from fl_core.config import AppConfig, config_as_dict
 from gateway.mlflow_model import save_mlmodel
 
@@ -54,9 +55,10 @@ class RunTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         mlflow.log_metrics({k.replace(" ", "_"): float(v) for k, v in metrics.items()}, step=step)
 
-    def log_artifacts(self, adapter_dir: Path, config: dict[str, Any]) -> None:
+    def log_artifacts(self, adapter_dir: Path, config: dict[str, Any], label_names: Sequence[str]) -> None:
         mlflow.log_artifacts(str(adapter_dir), artifact_path=ADAPTER_DIR)
         mlflow.log_dict(config, CONFIG_FILE)
+        mlflow.log_text(json.dumps(list(label_names)), LABELS_FILE)
 
     def register_model(self, tags: dict[str, str], description: str) -> str:
         """A version of the registered model whose files are this run's (adapter, config, privacy report), so the

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, PRIVACY_REPORT_FILE
+from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, LABELS_FILE, PRIVACY_REPORT_FILE
 from fl_core.chat import conversation_ids
 from fl_core.config import AppConfig, ConfigError, to_app_config
 from fl_core.data import load_splits
@@ -48,6 +48,14 @@ def fetch_run(source: str, mlflow_uri: str) -> Path:
         if not (folder / name).exists():
             raise ConfigError("replica.source", f"{folder} is not a trained run: {name} is missing")
     return folder
+
+
+def run_labels(folder: Path, cfg: AppConfig) -> tuple[str, ...]:
+    """The classifier's label names as the run saved them; a run from before runs kept them (no `labels.json`)
+    has them from its dataset, which must then be installed beside the replica."""
+    if (folder / LABELS_FILE).exists():
+        return tuple(json.loads((folder / LABELS_FILE).read_text()))
+    return load_splits(cfg.data).train.label_names
 
 
 def provenance(report: dict[str, Any], source: str) -> dict[str, Any]:
@@ -81,7 +89,7 @@ class ServedModel:
             torch.set_num_threads(replica.num_threads)
         self.max_new_tokens = replica.max_new_tokens
         self.task = self.cfg.task.name
-        self.label_names = load_splits(self.cfg.data).train.label_names if self.task == "classification" else ()
+        self.label_names = run_labels(folder, self.cfg) if self.task == "classification" else ()
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.model = load_trained_model(self.cfg, self.tokenizer, len(self.label_names), folder / ADAPTER_DIR,
                                         self.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,9 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
     assert released["evaluate", "accuracy"]["status"].startswith("DP mechanism")
     assert report["admission"] == {"admitted": ["hospital-0", "hospital-1", "hospital-2"], "refused": {}}
     assert "| hospital-1 | committed |" in (run_dir / "privacy_report.md").read_text()
-    assert (Path(summary["adapter_path"]) / "adapter_config.json").exists()
+    adapter_config = json.loads((Path(summary["adapter_path"]) / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "federated-dp-llm:tiny"  # not this machine's path
+    assert len(json.loads((run_dir / "labels.json").read_text())) == 22 and "labels.json" in artifacts
 
     # The run is a version of the registered model, from which a gateway replica loads the very same model.
     assert summary["mlflow_model"].startswith("models:/federated-dp-llm/")
@@ -122,6 +125,10 @@ def test_three_hospitals_two_rounds_secagg_dp(tmp_path: Path) -> None:
     assert from_registry.provenance["guarantees"][0]["epsilon"] == max(summary["epsilon_per_client"].values())
     text = "Type 2 diabetes mellitus with hyperglycemia"
     assert from_registry.classify(text).probabilities == pytest.approx(from_folder.classify(text).probabilities)
+    renamed = tmp_path / "renamed"  # a replica names classes from the run's own labels.json, not the dataset
+    shutil.copytree(run_dir, renamed)
+    (renamed / "labels.json").write_text(json.dumps([f"class-{i}" for i in range(22)]))
+    assert ServedModel(ReplicaConfig(source=str(renamed), device="cpu")).classify(text).label.startswith("class-")
 
     # The version is an MLflow Model that MLflow's own loader rebuilds, found by its alias, described by its tags.
     name, number = summary["mlflow_model"].removeprefix("models:/").split("/")

