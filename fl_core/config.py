@@ -89,7 +89,9 @@ class LoraConfig:
 
 @dataclass
 class ClientLevelDPConfig:
-    """Hospital-level DP on top of DP-SGD: each update clipped on its node, Gaussian noise added by the server."""
+    """Hospital-level DP on top of DP-SGD (unit: a hospital's whole dataset, replaced by any other): each update
+    clipped on its node, Gaussian noise added by the server after secure aggregation, scaled to the updates actually
+    aggregated, hospitals weighted equally. Reported beside the record-level epsilon."""
 
     enabled: bool = False
     clipping_norm: float = 1.0
@@ -99,6 +101,10 @@ class ClientLevelDPConfig:
 
 @dataclass
 class PrivacyConfig:
+    """Record-level DP-SGD per hospital. sigma is calibrated once for everything the run releases: every round's
+    DP-SGD steps and, with strategy.federated_evaluation, every noised evaluation. The guarantee is replace-one (one
+    record replaced by another; dataset sizes are public by the plan)."""
+
     enabled: bool = True
     target_epsilon: float = 8.0  # replace-one epsilon of everything a hospital releases in the run
     delta: float = 1e-5
@@ -119,14 +125,14 @@ class PrivacyConfig:
 @dataclass
 class TrainConfig:
     local_epochs: int = 1
-    batch_size: int = 32
+    batch_size: int = 64  # the expected Poisson batch
     lr: float = 5e-3
     head_lr: float | None = None  # the classifier head's learning rate (None: lr); the adapters take lr
     optimizer: str = "adam"
     max_seq_len: int = 32
-    device: str = "auto"
+    device: str = "auto"  # auto picks CUDA when present
     seed: int = 0
-    num_threads: int | None = None
+    num_threads: int | None = None  # None: torch's default; simulations set one thread per simulated hospital
 
 
 @dataclass
@@ -169,13 +175,13 @@ class ServerOptimizerConfig:
 @dataclass
 class StrategyConfig:
     name: str = "fedprox"
-    proximal_mu: float = 0.001
+    proximal_mu: float = 0.001  # chosen on a validation split: 0.01 held the main job back (README)
     server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
     # Hospitals also score each round's model on their own held-out records, a noised release charged to their
     # ledgers (privacy.evaluation_noise); off by default.
     federated_evaluation: bool = False
-    convergence_threshold: float = 0.001
-    patience: int = 2
+    convergence_threshold: float = 0.001  # stop when the relative change of the evaluation loss stays below this...
+    patience: int = 2  # ...for this many rounds
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 

@@ -84,3 +84,36 @@ def test_llm_experiment_overrides_the_main_jobs_model_and_its_training_defaults(
     assert cfg.privacy.target_epsilon == 8.0 and cfg.strategy.secagg.enabled and cfg.federation.num_clients == 3
     assert cfg.privacy.head_clip_share is None  # MiniLM's head split does not follow it: a chat model has no head
     assert to_app_config(compose_config(["+experiment=llm", "train.batch_size=8"])).train.batch_size == 8
+
+
+def _leaves(tree: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() if key != "defaults"
+            for k, v in _leaves(value, f"{prefix}{key}.").items()}
+
+
+def test_the_schemas_are_the_one_source_of_defaults_and_conf_files_only_choose_or_differ() -> None:
+    """A conf file that restated a default drifted from it (batch 64 in conf, 32 in the schema); presets and
+    experiments state a deployment's or a job's values on purpose and are left out."""
+    import dataclasses
+
+    import yaml
+
+    from fl_core.config import CONF_DIR, AppConfig, config_as_dict
+    from gateway.config import GatewayConfig
+
+    schemas = {"": _leaves(config_as_dict(AppConfig())), "gateway": _leaves(dataclasses.asdict(GatewayConfig()))}
+    restated = []
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        parts = path.relative_to(CONF_DIR).parts
+        if {"preset", "experiment"} & set(parts):
+            continue
+        tree = "gateway" if parts[0] == "gateway" else ""
+        text = path.read_text()
+        group = "" if "@package _global_" in text or path.name == "config.yaml" else parts[-2]
+        for key, value in _leaves(yaml.safe_load(text) or {}, f"{group}." if group else "").items():
+            assert key in schemas[tree], f"{path}: {key} is not in the schema"
+            if value == schemas[tree][key] and not key.endswith("name"):
+                restated.append(f"{path.relative_to(CONF_DIR)}: {key}")
+    assert restated == []
