@@ -8,7 +8,6 @@ copy inside the app bundle the SuperLink sends (see `runtime.py`).
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
@@ -18,6 +17,7 @@ from flwr.common import Context
 
 from fl_core.config import AppConfig, compose_config, to_app_config
 from fl_core.entry import quiet_libraries
+from fl_core.run_config import run_overrides
 from privacy.governance import Refused
 
 from .mods import make_hospital_level_clipping, make_release_guard, make_secure_aggregation_as_admitted
@@ -30,9 +30,9 @@ def _config(overrides: tuple[str, ...]) -> AppConfig:
 
 
 def run_config(context: Context, overrides: Sequence[str] | None) -> AppConfig:
-    """Simulation passes overrides directly; deployment carries them in the run-config key `overrides`."""
+    """Simulation passes overrides directly; deployment carries them in the run config (fl_core.run_config)."""
     if overrides is None:
-        overrides = shlex.split(str(context.run_config.get("overrides", "")))
+        overrides = run_overrides(context.run_config)
         # `${oc.env:...}` (or Hydra's escaped `$\{...\}`) would resolve on the node, and its value could leave in a
         # reply: a run's overrides are plain values
         interpolated = [o for o in overrides if "$" in o or "\\" in o]

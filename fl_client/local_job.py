@@ -21,7 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, LABELS_FILE, PRIVACY_REPORT_FILE
+from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, LABELS_FILE, PRIVACY_REPORT_FILE, run_folder
 from fl_core.config import (
     CONF_DIR,
     AppConfig,
@@ -102,7 +102,7 @@ def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
             tracker.end("FAILED")
     after = evaluate(cfg, model, tokenizer, public_test, device)
     tracker.log_metrics({f"eval_{k}": v for k, v in after.items()}, step=cfg.federation.num_rounds)
-    out = Path(cfg.output_dir)
+    out = run_folder(cfg.output_dir, None)
     adapter_dir = save_adapter(model, out / ADAPTER_DIR, cfg.model)
     spend = {node.hospital: {"epsilon": closed.epsilon, "noise_multiplier": sigma or 0.0,
                              "sample_rate": sampling.sample_rate, "steps": closed.spent.steps}}
@@ -173,7 +173,7 @@ def main() -> None:
 
         def run() -> None:
             cfg = check(to_app_config(compose_config(overrides)))
-            with run_console(Path(cfg.output_dir), cfg.verbose, "fl-train-local"):
+            with run_console(run_folder(cfg.output_dir, None), cfg.verbose, "fl-train-local"):
                 run_local(cfg, node_settings(args.hospital, args.node_config))
 
         try:  # inside the job: Hydra reports exceptions raised here as tracebacks

@@ -203,8 +203,8 @@ class AppConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    output_dir: str = "outputs/latest"
-    resume_from: str | None = None
+    output_dir: str | None = None  # None: a new folder per run, outputs/<date>/<time> (fl_core.artifacts.run_folder)
+    resume_from: str | None = None  # a run's folder: continue from its last checkpoint, writing there
     verbose: bool = False  # fl-simulate: Flower's log and the hospitals' output on the console too
 
 

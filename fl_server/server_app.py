@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from flwr.common import Context, NDArrays, Scalar
@@ -31,12 +29,14 @@ from fl_core.artifacts import (
     PRIVACY_REPORT_FILE,
     PRIVACY_REPORT_MARKDOWN,
     SUMMARY_FILE,
+    run_folder,
 )
 from fl_core.config import AppConfig, compose_config, config_as_dict, secagg_count_or_fraction, to_app_config
 from fl_core.data import load_splits
 from fl_core.device import resolve_device
 from fl_core.entry import quiet_libraries
 from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer, save_adapter
+from fl_core.run_config import run_overrides
 from fl_core.training import TrainingView, evaluate, training_view
 from privacy.accountant import AccountantState
 from privacy.ledger import ABORTED, COMMITTED
@@ -113,7 +113,7 @@ class FederatedRun:
 
     def __init__(self, cfg: AppConfig) -> None:
         self.cfg = cfg
-        self.output_dir = Path(cfg.output_dir)
+        self.output_dir = run_folder(cfg.output_dir, cfg.resume_from)
         self.device = resolve_device(cfg.train.device)
         splits = load_splits(cfg.data)
         self.test = splits.test
@@ -300,12 +300,12 @@ def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
 
 
 def build_server_app(overrides: Sequence[str] | None = None) -> ServerApp:
-    """A ServerApp for these overrides; None reads them from the run-config key `overrides` (deployment)."""
+    """A ServerApp for these overrides; None reads them from the run config (deployment: fl_core.run_config)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        chosen = overrides if overrides is not None else shlex.split(str(context.run_config.get("overrides", "")))
+        chosen = overrides if overrides is not None else run_overrides(context.run_config)
         run_server(grid, context, to_app_config(compose_config(chosen)))
 
     return app

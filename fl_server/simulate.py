@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fl_core.artifacts import SUMMARY_FILE
+from fl_core.artifacts import SUMMARY_FILE, run_folder
 from fl_core.config import CONF_DIR, AppConfig, compose_config, register_schemas, to_app_config
 from fl_core.entry import exit_on_bad_input, hydra_jobs, quiet_libraries, runs_a_job
 
@@ -57,14 +56,15 @@ def simulate(overrides: list[str]) -> dict[str, Any]:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray listens on loopback only
     cfg = to_app_config(compose_config(overrides))
     sigmas = preflight(cfg)
+    folder = run_folder(cfg.output_dir, cfg.resume_from)  # the Hydra job's folder (simulation_overrides)
     print(f"fl-simulate: {cfg.federation.num_clients} hospitals, {cfg.model.name} on {cfg.data.name}, "
           f"{cfg.federation.num_rounds} rounds, SecAgg+ {'on' if cfg.strategy.secagg.enabled else 'off'}, "
           f"sigma {', '.join(f'{h} {s:.3f}' if s is not None else f'{h} none' for h, s in sigmas.items())}; "
-          f"output in {cfg.output_dir}", flush=True)
-    with run_console(Path(cfg.output_dir), cfg.verbose, "fl-simulate"):
+          f"output in {folder}", flush=True)
+    with run_console(folder, cfg.verbose, "fl-simulate"):
         run_simulation(server_app=build_server_app(overrides), client_app=build_client_app(overrides),
                        num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg))
-    summary: dict[str, Any] = json.loads((Path(cfg.output_dir) / SUMMARY_FILE).read_text())
+    summary: dict[str, Any] = json.loads((folder / SUMMARY_FILE).read_text())
     return summary
 
 

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,39 @@ def test_the_schemas_are_the_one_source_of_defaults_and_conf_files_only_choose_o
             if value == schemas[tree][key] and not key.endswith("name"):
                 restated.append(f"{path.relative_to(CONF_DIR)}: {key}")
     assert restated == []
+
+
+def test_typed_run_config_keys_map_onto_the_config_and_pyproject_leaves_it_alone() -> None:
+    import tomllib
+
+    from fl_core.run_config import OVERRIDES_KEY, TYPED_KEYS, run_overrides
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    declared = pyproject["tool"]["flwr"]["app"]["config"]
+    assert set(declared) == {*TYPED_KEYS, OVERRIDES_KEY}
+    assert run_overrides(declared) == []  # every key at its neutral value: conf/ and the schema decide
+    overrides = run_overrides({**declared, "num-rounds": 5, "target-epsilon": 4, "model": "tiny",
+                               "secure-aggregation": "off", "overrides": "federation.num_rounds=2 train.lr=0.01"})
+    assert overrides == ["train.lr=0.01", "federation.num_rounds=5", "privacy.target_epsilon=4.0", "model=tiny",
+                         "strategy.secagg.enabled=false"]  # a typed key wins over the same path in `overrides`
+    cfg = to_app_config(compose_config(overrides))
+    assert (cfg.federation.num_rounds, cfg.privacy.target_epsilon, cfg.model.name) == (5, 4.0, "tiny")
+    assert not cfg.strategy.secagg.enabled
+    for key, value, problem in (("num-rounds", "five", "must be a int"), ("delta", True, "must be a float"),
+                                ("secure-aggregation", "yes", "must be one of on, off")):
+        with pytest.raises(ConfigError, match=f"run-config {key}: {problem}"):
+            run_overrides({key: value})
+
+
+def test_a_run_without_a_folder_gets_a_new_one_and_latest_follows_it(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from fl_core.artifacts import run_folder
+
+    monkeypatch.chdir(tmp_path)
+    first, second = run_folder(None, None), run_folder(None, None)
+    assert first != second and first.is_dir() and second.is_dir()  # two runs in one second: -2
+    assert (tmp_path / "outputs" / "latest").resolve() == second.resolve()
+    assert run_folder("mine", None) == Path("mine") and run_folder("mine", str(first)) == first  # resume writes there
+    (tmp_path / "outputs" / "latest").unlink()
+    (tmp_path / "outputs" / "latest").mkdir()  # an older layout's folder is never replaced
+    assert run_folder(None, None).is_dir() and (tmp_path / "outputs" / "latest").is_dir()

@@ -59,9 +59,11 @@ class Federation:
                                      "--data-dir", str(self.root / "data" / (data_of or hospital)),
                                      "--state", str(self.state(hospital)), "--clientapp-port", str(free_port())])
 
-    def submit(self, app: Path, overrides: list[str], name: str) -> subprocess.Popen[bytes]:
-        """A researcher's `flwr run` of `app` with these overrides; its output in NAME.log."""
-        (self.root / f"{name}.toml").write_text(f'overrides = "{" ".join(overrides)}"\n')
+    def submit(self, app: Path, overrides: list[str], name: str,
+               typed: dict[str, object] | None = None) -> subprocess.Popen[bytes]:
+        """A researcher's `flwr run` of `app` with these overrides and typed run-config keys; output in NAME.log."""
+        keys = "".join(f"{key} = {json.dumps(value)}\n" for key, value in (typed or {}).items())
+        (self.root / f"{name}.toml").write_text(f'{keys}overrides = "{" ".join(overrides)}"\n')
         log = (self.root / f"{name}.log").open("wb")
         command = [flower_command("flwr"), "run", str(app), FEDERATION, "--stream", "--run-config",
                    str(self.root / f"{name}.toml")]
@@ -185,10 +187,11 @@ def test_a_node_killed_mid_round_is_survived_and_resumes_its_ledger_after_restar
     """
     root = federation.root
     overrides = [*DATA, "train.device=cpu", "train.batch_size=16", "train.num_threads=1", "train.local_epochs=2",
-                 "federation.num_rounds=2", "federation.min_participants=2", "federation.rejoin_timeout=120",
+                 "federation.min_participants=2", "federation.rejoin_timeout=120",
                  "strategy.secagg.reconstruction_threshold=2",
                  f"output_dir={root / 'run'}", f"tracking.mlflow_uri=sqlite:///{root / 'mlflow.db'}"]
-    run = federation.submit(REPO, overrides, "flwr-run")
+    # the rounds and SecAgg+ as typed run-config keys, as a Flower user sets them (fl_core.run_config)
+    run = federation.submit(REPO, overrides, "flwr-run", typed={"num-rounds": 2, "secure-aggregation": "on"})
 
     def charged_rounds() -> int:
         entry = h2_entry(federation)

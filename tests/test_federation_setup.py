@@ -115,6 +115,9 @@ def test_the_app_bundle_sent_to_every_node_carries_the_whole_config_tree(tmp_pat
     conf = sorted(p.relative_to(repo).as_posix() for p in (repo / "conf").rglob("*.yaml"))
     assert sorted(n for n in names if n.startswith("conf/")) == conf
     assert not [n for n in names if n.startswith(("federation/", ".venv/", "outputs/"))]
+    # only what the apps run: no tests, docs, chart, images or scripts in what every hospital reviews
+    assert {n.split("/")[0] for n in names} == {"fl_core", "fl_server", "fl_client", "strategies", "privacy",
+                                                "gateway", "conf", "pyproject.toml", ".info"}
     # What a hospital approves from the app's folder is the digest of the bundle `flwr build` and `flwr run` make.
     listed = tmp_path / "approved-bundles.txt"
     digest = approve(repo, listed, note="release under review")
