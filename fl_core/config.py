@@ -21,9 +21,17 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-# Installed images (gateway, model replica) point this at their copy of conf/; a checkout and a Flower app bundle
-# find it beside the code.
-CONF_DIR = Path(os.environ.get("FEDERATED_DP_LLM_CONF", Path(__file__).resolve().parents[1] / "conf"))
+
+def _conf_dir() -> Path:
+    """The Hydra tree: FEDERATED_DP_LLM_CONF if set, else the source tree's conf/ (a checkout, an editable install,
+    the app bundle), else the copy an installed wheel carries (fl_core/conf)."""
+    if "FEDERATED_DP_LLM_CONF" in os.environ:
+        return Path(os.environ["FEDERATED_DP_LLM_CONF"])
+    source = Path(__file__).resolve().parents[1] / "conf"
+    return source if (source / "config.yaml").is_file() else Path(__file__).resolve().parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 MODELS = ("tiny", "smollm2-135m", "minilm")
 PRETRAINED_LAYERS = {"smollm2-135m": 30, "minilm": 6}  # transformer layers of the packaged models

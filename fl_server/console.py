@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,3 +85,36 @@ def run_console(output_dir: Path, verbose: bool, command: str) -> Iterator[None]
             for handler, level in saved[1]:
                 handler.removeFilter(_not_a_launch_notice)
                 handler.setLevel(level)
+
+
+@contextmanager
+def round_progress(server_round: int, rounds: int, expected_seconds: float | None, stream: TextIO | None = None,
+                   interval: float = 1.0) -> Iterator[None]:
+    """On a terminal, while a round runs: one line rewritten in place with its seconds so far, and a bar against
+    the previous round's length once there is one; cleared when the round ends, for the round's own line. Elsewhere
+    (a log, a pipe, a deployed ServerApp) nothing."""
+    out = stream or sys.stdout
+    if not out.isatty():
+        yield
+        return
+    stopped, started = threading.Event(), time.monotonic()
+
+    def show() -> None:
+        while not stopped.wait(interval):
+            elapsed = time.monotonic() - started
+            line = f"[round {server_round}/{rounds}] training on the hospitals' nodes, {elapsed:.0f}s"
+            if expected_seconds:
+                done = min(elapsed / expected_seconds, 1.0)
+                line += f" [{'#' * round(20 * done):<20}] of about {expected_seconds:.0f}s"
+            out.write(f"\r{line}\033[K")
+            out.flush()
+
+    ticker = threading.Thread(target=show, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        ticker.join()
+        out.write("\r\033[K")
+        out.flush()

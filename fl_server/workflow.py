@@ -28,6 +28,8 @@ from flwr.serverapp import Grid
 
 from strategies.fedprox import RecordingFedProx, RoundRecord
 
+from .console import round_progress
+
 FitWorkflow = Callable[[Grid, LegacyContext], None]
 
 
@@ -117,16 +119,18 @@ class FederatedWorkflow:
             for server_round in range(self.first_round, context.config.num_rounds + 1):
                 started = time.perf_counter()
                 round_config[Key.CURRENT_ROUND] = server_round
-                self.fit_workflow(grid, context)
-                record = strategy.rounds.get(server_round)
-                if record is None:
-                    raise RoundNotAggregatedError(
-                        f"round {server_round}: no aggregate (secure aggregation halted or fewer than "
-                        f"{strategy.min_participants} hospitals returned an update); the run stops rather "
-                        "than keep the previous global adapter")
-                default_centralized_evaluation_workflow(grid, context)
-                default_evaluate_workflow(grid, context)
-                central = _centralized(context, server_round)
+                expected = self.outcome.rounds[-1].seconds if self.outcome.rounds else None
+                with round_progress(server_round, context.config.num_rounds, expected):
+                    self.fit_workflow(grid, context)
+                    record = strategy.rounds.get(server_round)
+                    if record is None:
+                        raise RoundNotAggregatedError(
+                            f"round {server_round}: no aggregate (secure aggregation halted or fewer than "
+                            f"{strategy.min_participants} hospitals returned an update); the run stops rather "
+                            "than keep the previous global adapter")
+                    default_centralized_evaluation_workflow(grid, context)
+                    default_evaluate_workflow(grid, context)
+                    central = _centralized(context, server_round)
                 result = RoundResult(server_round, record, central, _distributed(context, server_round),
                                      time.perf_counter() - started)
                 self.outcome.rounds.append(result)

@@ -6,10 +6,12 @@ chart rendered by Helm's own library and validated against the Kubernetes schema
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -367,3 +369,23 @@ def test_the_chart_tells_the_operator_what_was_installed_and_what_to_do_next() -
     assert "fed-federated-dp-llm-superlink.hospitals" in text and "hospital-a" in text
     assert "models:/federated-dp-llm/3" in text and "fl-audit verify" in text
     assert (CHART / "README.md").read_text().count("| `") >= 20  # every value group documented in a table
+
+
+def test_the_wheel_carries_conf_and_an_installed_package_composes_its_config(tmp_path: Path) -> None:
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    assert sorted(p.relative_to(site / "fl_core" / "conf") for p in (site / "fl_core" / "conf").rglob("*.yaml")) == \
+        sorted(p.relative_to(REPO / "conf") for p in (REPO / "conf").rglob("*.yaml"))
+    script = ("from fl_core.config import CONF_DIR, compose_config, to_app_config\n"
+              "from gateway.config import compose_gateway_config\n"
+              "print(CONF_DIR, to_app_config(compose_config(['model=tiny'])).model.name, "
+              "compose_gateway_config([]).limits.requests_per_hour)\n")
+    env = {k: v for k, v in os.environ.items() if k != "FEDERATED_DP_LLM_CONF"}
+    composed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env={**env, "PYTHONPATH": str(site)})  # the installed copy, not this checkout
+    assert composed.returncode == 0, composed.stderr[-2000:]
+    assert composed.stdout.split() == [str(site / "fl_core" / "conf"), "tiny", "30"]

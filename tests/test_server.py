@@ -1,6 +1,7 @@
 """Server-side pieces without a simulation: privacy cross-check, convergence stop, checkpoints."""
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,23 @@ def test_a_round_goes_on_without_a_hospital_that_stays_away_past_the_rejoin_time
 
 def test_evaluation_asks_the_connected_hospitals_without_waiting() -> None:
     assert sampled("evaluate", rejoin_timeout=10.0, rejoin_after=3.0) == ["a", "b"]
+
+
+def test_a_long_round_shows_its_progress_on_a_terminal_only() -> None:
+    import io
+
+    from fl_server.console import round_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal, log = Terminal(), io.StringIO()
+    with round_progress(2, 3, expected_seconds=0.1, stream=terminal, interval=0.02):
+        time.sleep(0.15)
+    shown = terminal.getvalue()
+    assert shown.startswith("\r[round 2/3] training on the hospitals' nodes, 0s [")
+    assert "[" + "#" * 20 + "]" in shown and shown.endswith("\r\033[K")  # full after the expected length, then cleared
+    with round_progress(2, 3, expected_seconds=0.1, stream=log, interval=0.02):
+        time.sleep(0.05)
+    assert log.getvalue() == ""  # a log or a pipe gets the round's own line only

@@ -1,0 +1,1 @@
+"""Shared core: configuration, data loading, model building and the local train/evaluate task."""

@@ -1,0 +1,109 @@
+"""all-MiniLM-L6-v2 as a classifier the way it was trained: mean pooling, L2-normalised, a linear head on top.
+
+The encoder can run in two halves. Its lower layers (and embeddings) carry no adapter and stay frozen: they are a
+fixed public function of each text, so `frozen_prefix` computes their output once per example, and training runs
+only the top layers and the head over it (`forward(prefix=...)`), for the same loss and gradients as the whole
+model. When the lowest adapted layer has adapters in its feed-forward block only, its self-attention is frozen
+too and joins the prefix: a step then runs one feed-forward block, and backpropagates through nothing else.
+The accounting does not change: each step still touches each sampled record once, through a public map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.bert.modeling_bert import BertLayer
+
+
+def require_frozen_prefix(owner: str, modules: list[nn.Module]) -> None:
+    """What a model that runs in two halves checks once its adapters are attached: nothing in what `frozen_prefix`
+    runs may train, or the cached prefix would be stale and the model a wrong one."""
+    trainable = [name for module in modules for name, p in module.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ValueError(f"{owner}: {len(trainable)} parameters below the top layers are trainable "
+                         f"(first: {trainable[0]}); the frozen prefix would be stale")
+
+
+class MeanPooledClassifier(nn.Module):
+    """BERT-style encoder (no pooler: the mean over tokens is the sentence embedding) and a zero-initialised head,
+    so that at the start every class scores the same and the first DP steps move the head, not noise."""
+
+    def __init__(self, encoder: BertModel, num_labels: int, trainable_layers: int) -> None:
+        super().__init__()
+        layers = encoder.config.num_hidden_layers
+        if not 1 <= trainable_layers <= layers:
+            raise ValueError(f"trainable_layers must be between 1 and {layers} (got {trainable_layers})")
+        self.encoder = encoder
+        self.config: BertConfig = encoder.config
+        self.frozen_layers = layers - trainable_layers
+        self.attention_in_prefix = False  # set by `settle_prefix` once the adapters are in place
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    def settle_prefix(self) -> None:
+        """Once adapters are attached: take the lowest adapted layer's self-attention into the prefix if it has no
+        trainable parameter, and check that nothing in the prefix trains (a stale cache would be a wrong model)."""
+        self.attention_in_prefix = not any(p.requires_grad for p in self._first_adapted().attention.parameters())
+        require_frozen_prefix(type(self).__name__, self.prefix_modules())
+
+    @property
+    def prefix_dtype(self) -> torch.dtype:
+        return self.classifier.weight.dtype
+
+    def prefix_modules(self) -> list[nn.Module]:
+        """What `frozen_prefix` runs, in order."""
+        layers = self.encoder.encoder.layer
+        extra = [layers[self.frozen_layers].attention] if self.attention_in_prefix else []
+        return [self.encoder.embeddings, *layers[: self.frozen_layers], *extra]
+
+    def _extended_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask BERT's attention takes: 0 for tokens, the dtype's minimum for padding."""
+        mask = attention_mask[:, None, None, :].to(dtype)
+        return (1.0 - mask) * torch.finfo(dtype).min
+
+    def _layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        mask = self._extended_mask(attention_mask, hidden.dtype)
+        for layer in self.encoder.encoder.layer[start:stop]:
+            hidden = layer(hidden, attention_mask=mask)
+        return hidden
+
+    def _first_adapted(self) -> BertLayer:
+        layer = self.encoder.encoder.layer[self.frozen_layers]
+        assert isinstance(layer, BertLayer)
+        return layer
+
+    def _attention(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The lowest adapted layer's self-attention block (its output is the feed-forward block's input)."""
+        output: tuple[torch.Tensor, ...] = self._first_adapted().attention(
+            hidden, self._extended_mask(attention_mask, hidden.dtype))
+        return output[0]
+
+    @torch.no_grad()
+    def frozen_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states after the frozen layers: [batch, tokens, hidden]."""
+        hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        hidden = self._layers(hidden, attention_mask, 0, self.frozen_layers)
+        return self._attention(hidden, attention_mask) if self.attention_in_prefix else hidden
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                prefix: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        """Logits from token ids, or from `frozen_prefix`'s output of the same batch (the training path)."""
+        if attention_mask is None:
+            raise ValueError("MeanPooledClassifier needs the attention mask (padding must not be pooled)")
+        if prefix is None:
+            if input_ids is None:
+                raise ValueError("MeanPooledClassifier needs input_ids or a prefix")
+            prefix = self.frozen_prefix(input_ids, attention_mask, token_type_ids)
+        if self.attention_in_prefix:
+            hidden = self._first_adapted().feed_forward_chunk(prefix)
+            hidden = self._layers(hidden, attention_mask, self.frozen_layers + 1, self.config.num_hidden_layers)
+        else:
+            hidden = self._layers(prefix, attention_mask, self.frozen_layers, self.config.num_hidden_layers)
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        return SequenceClassifierOutput(logits=self.classifier(nn.functional.normalize(pooled, dim=-1)))

@@ -1,0 +1,1 @@
+"""Flower ServerApp, the simulation entry point and the server-side round loop."""
