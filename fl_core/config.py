@@ -198,6 +198,8 @@ class TrackingConfig:
     mlflow_uri: str = "sqlite:///mlflow.db"
     experiment: str = "federated-dp-llm"
     registered_model: str = "federated-dp-llm"  # each finished run becomes a version the gateway can serve
+    metrics_port: int | None = None  # the ServerApp serves Prometheus metrics (training_epsilon...) here; None: off
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -295,6 +297,8 @@ def validate(cfg: AppConfig) -> None:
     for name in ("max_train_examples", "max_test_examples"):
         value = getattr(cfg.data, name)
         require(value is None or value >= 1, f"data.{name}", f"must be >= 1 or null (got {value})")
+    port = cfg.tracking.metrics_port
+    require(port is None or 1 <= port <= 65535, "tracking.metrics_port", f"must be a port 1-65535 or null (got {port})")
 
     positive(cfg.lora.r, "lora.r")
     positive(cfg.lora.alpha, "lora.alpha")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import mlflow
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from gateway.schemas import GenerationParams
 from gateway.served_model import ServedModel
 from privacy.ledger import Ledger
 from tests.conftest import tiny_config
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -233,3 +236,30 @@ def test_a_sweep_runs_each_job_in_its_own_folder_with_its_log(tmp_path: Path) ->
         assert all(target - 0.1 < e <= target for e in summary_of(folder)["epsilon_per_client"].values())
         assert "[round 1/1]" in (folder / "fl-simulate.log").read_text()
         assert "privacy.target_epsilon" in (folder / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_a_running_federation_exports_each_hospitals_epsilon_for_grafana(tmp_path: Path) -> None:
+    """The chart sets FL_TRAINING_METRICS_PORT in the ServerApp runner; Prometheus scrapes the run while it trains."""
+    run_dir, port = tmp_path / "run", free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "FL_TRAINING_METRICS_PORT": str(port),
+           "FEDERATED_DP_LLM_NODE_HOME": str(tmp_path / "nodes")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fl_server.simulate", *BASE, f"hydra.run.dir={run_dir}", "federation.num_rounds=2",
+         "strategy.secagg.enabled=false", f"tracking.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    assert proc.stdout is not None
+    scraped = ""
+    for line in proc.stdout:
+        if line.startswith("[round 1/2]"):  # printed after the round's metrics are set
+            scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            break
+    assert proc.wait(timeout=420) == 0, proc.stdout.read()[-3000:]
+    run_id = summary_of(run_dir)["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for hospital in ("hospital-0", "hospital-1", "hospital-2"):
+        (logged,) = [m.value for m in client.get_metric_history(run_id, f"epsilon/{hospital}") if m.step == 1]
+        exported = re.search(rf'training_epsilon{{hospital="{hospital}",run="{run_id}"}} (\S+)', scraped)
+        assert exported is not None and float(exported.group(1)) == pytest.approx(logged, rel=1e-9)
+    assert f'training_round{{run="{run_id}"}} 1.0' in scraped
+    with pytest.raises(httpx.ConnectError):  # the run is over: its metrics went with it
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)

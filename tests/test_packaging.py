@@ -295,7 +295,7 @@ def test_every_component_admits_only_the_traffic_its_role_needs() -> None:
         return [{peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in rule.get("from", [])
                  if "podSelector" in peer} for rule in policies[component]["ingress"]]
 
-    assert policies["serverapp"]["ingress"] == [] and policies["supernode"]["ingress"] == []
+    assert policies["supernode"]["ingress"] == []  # the runner: only its metrics port (test below)
     assert sources("redis") == [{"gateway"}] and sources("replica") == [{"gateway"}]
     assert sources("mlflow") == [{"serverapp", "replica"}]
     assert [rule["ports"] for rule in policies["superlink"]["ingress"]] == [[{"port": 9092}]]
@@ -389,3 +389,19 @@ def test_the_wheel_carries_conf_and_an_installed_package_composes_its_config(tmp
                               env={**env, "PYTHONPATH": str(site)})  # the installed copy, not this checkout
     assert composed.returncode == 0, composed.stderr[-2000:]
     assert composed.stdout.split() == [str(site / "fl_core" / "conf"), "tiny", "30"]
+
+
+def test_the_serverapp_runner_exports_training_epsilon_to_prometheus_only() -> None:
+    manifests = render({"supernodes": HOSPITALS})
+    (runner,) = [m for m in manifests if m["kind"] == "Deployment" and m["metadata"]["name"].endswith("serverapp")]
+    template = runner["spec"]["template"]
+    env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+    assert env["FL_TRAINING_METRICS_PORT"] == "9100" and env["FL_TRAINING_METRICS_HOST"] == "0.0.0.0"
+    assert template["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": "9100"}
+    (policy,) = [m for m in manifests if m["kind"] == "NetworkPolicy" and m["metadata"]["name"].endswith("serverapp")]
+    assert [port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]] == [9100]
+    off = render({"supernodes": HOSPITALS, "serverapp": {"metricsPort": None}})
+    (quiet,) = [m for m in off if m["kind"] == "NetworkPolicy" and m["metadata"]["name"].endswith("serverapp")]
+    assert quiet["spec"]["ingress"] == []  # no metrics: the runner answers nothing
+    dashboard = (REPO / "docker" / "monitoring" / "grafana-dashboard.json").read_text()
+    assert "training_epsilon" in dashboard

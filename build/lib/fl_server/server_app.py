@@ -49,6 +49,7 @@ from .admission import Admission, AdmissionFailed, Answers, admit_run, close_run
 from .checkpoint import Checkpoint, Resumed, load_checkpoint, save_checkpoint
 from .privacy_report import build_report, hospital_level_epsilon, report_markdown
 from .tracking import RunTracker
+from .training_metrics import TrainingMetrics
 from .workflow import ConvergenceMonitor, FederatedWorkflow, FitWorkflow, LoopOutcome, RoundResult, current_arrays
 
 
@@ -128,6 +129,8 @@ class FederatedRun:
         self.initial_arrays: NDArrays = resumed[1] if resumed else fresh_arrays
         self.server_optimizer = server_optimizer_for(cfg, resumed)
         self.tracker = RunTracker(cfg, self.checkpoint.mlflow_run_id if self.checkpoint else None)
+        t = cfg.tracking
+        self.metrics = TrainingMetrics(self.tracker.run_id, t.metrics_port, t.metrics_host) if t.metrics_port else None
         self.spend: dict[str, dict[str, float]] = {}
         self.admission: Admission | None = None
         self.closing: Answers = {}
@@ -198,6 +201,9 @@ class FederatedRun:
         metrics["bytes_sent"] = 2.0 * self.adapter_bytes * participants  # adapter down and up, per hospital
         metrics["round_seconds"] = result.seconds
         self.tracker.log_metrics(metrics, step=result.server_round)
+        if self.metrics is not None:
+            self.metrics.on_round(result.server_round, {h: s["epsilon"] for h, s in self.spend.items()},
+                                  result.central, participants)
         save_checkpoint(self.output_dir, current_arrays(context), Checkpoint(
             server_round=result.server_round, arrays_file=f"round-{result.server_round:04d}.npz",
             mlflow_run_id=self.tracker.run_id, convergence_streak=self.monitor.streak,
@@ -228,6 +234,9 @@ class FederatedRun:
             self.write_privacy_report(done[-1].server_round if done else first_round - 1)
             self.tracker.end("FAILED")
             raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
         summary = self.finish(outcome, current_arrays(legacy), first_round)
         self.tracker.end("FINISHED")
         return summary
