@@ -6,8 +6,12 @@ plan releases (every round's DP-SGD steps and, with federated evaluation, every 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 
+from fl_core.cache import cache_root
 from fl_core.config import AppConfig, secagg_count_or_fraction, validate_delta
 from privacy.accountant import AccountantState
 from privacy.calibration import SamplingPlan, calibrate_noise, sampling_plan
@@ -33,8 +37,31 @@ def privacy_plan(cfg: AppConfig, num_examples: int) -> tuple[SamplingPlan, float
     validate_delta(cfg.privacy.delta, num_examples)
     if cfg.privacy.noise_multiplier is not None:
         return plan, cfg.privacy.noise_multiplier
-    return plan, calibrate_noise(cfg.privacy.target_epsilon, cfg.privacy.delta, plan.sample_rate,
-                                 plan.total_steps, also=evaluation_releases(cfg), kind=cfg.privacy.accountant)
+    return plan, calibrated_sigma(cfg.privacy.target_epsilon, cfg.privacy.delta, plan, evaluation_releases(cfg))
+
+
+def calibrated_sigma(target_epsilon: float, delta: float, plan: SamplingPlan, also: AccountantState) -> float:
+    """sigma for the plan, calibrated once per machine: a deployed node plans in every message's fresh process
+    (admission, each round) and a simulation plans before Ray starts too, so the result is kept in the cache, keyed
+    by every input. A kept sigma is used only after the accountant confirms it stays within the target (one
+    evaluation against a calibration's several): a damaged or altered file is calibrated again, never trusted."""
+    inputs = {"target_epsilon": target_epsilon, "delta": delta, "sample_rate": plan.sample_rate,
+              "steps": plan.total_steps, "also": [list(step) for step in also.history], "accountant": also.kind}
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    kept = cache_root() / "calibrations" / f"{key}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        record = json.loads(kept.read_text())
+        sigma = float(record["noise_multiplier"])
+        if record["inputs"] == inputs and sigma > 0 and \
+                also.then(sigma, plan.sample_rate, plan.total_steps).epsilon(delta) <= target_epsilon:
+            return sigma
+    sigma = calibrate_noise(target_epsilon, delta, plan.sample_rate, plan.total_steps, also=also, kind=also.kind)
+    with contextlib.suppress(OSError):  # best effort: a failure costs a calibration next time, never the plan
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        staged = kept.with_name(f".{key}.{os.getpid()}")
+        staged.write_text(json.dumps({"inputs": inputs, "noise_multiplier": sigma}))
+        staged.replace(kept)
+    return sigma
 
 
 def secure_aggregation_parameters(cfg: AppConfig) -> dict[str, float]:

@@ -2,6 +2,8 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -205,3 +207,32 @@ def test_renyi_to_epsilon_is_opacus_conversion() -> None:
     assert rdp_to_epsilon(ORDERS * math.inf, 1e-5) == math.inf
     with pytest.raises(ValueError, match="orders"):
         rdp_to_epsilon(ORDERS[:3], 1e-5)
+
+
+def test_sigma_is_calibrated_once_per_machine_and_a_kept_one_is_checked_before_use(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployed node plans in every message's process; the simulation's preflight plans too."""
+    from fl_client import plan as planning
+
+    monkeypatch.setenv("FEDERATED_DP_LLM_CACHE", str(tmp_path))
+    calls: list[float] = []
+    real = planning.calibrate_noise
+
+    def counted(*args: Any, **kwargs: Any) -> float:
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(planning, "calibrate_noise", counted)
+    cfg = tiny_config()
+    first = planning.privacy_plan(cfg, 200)[1]
+    assert planning.privacy_plan(cfg, 200)[1] == first and len(calls) == 1
+    (kept,) = (tmp_path / "calibrations").glob("*.json")
+    record = json.loads(kept.read_text())
+    assert first is not None and record["noise_multiplier"] == first
+    record["noise_multiplier"] = first / 2  # too little noise for the target: never used
+    kept.write_text(json.dumps(record))
+    assert planning.privacy_plan(cfg, 200)[1] == first and len(calls) == 2
+    kept.write_text("damaged")
+    assert planning.privacy_plan(cfg, 200)[1] == first and len(calls) == 3
+    assert planning.privacy_plan(tiny_config("privacy.target_epsilon=4"), 200)[1] != first  # other inputs, own entry
+    assert len(calls) == 4 and len(list((tmp_path / "calibrations").glob("*.json"))) == 2
