@@ -224,6 +224,10 @@ def test_bad_config_fails_before_the_simulation_engine_starts(tmp_path: Path) ->
     assert sweep.stderr.strip() == "fl-simulate: config error: privacy.target_epsilon: must be > 0 (got -1.0)"
     printed = fl_simulate(tmp_path / "run", "privacy.target_epsilon=3", timeout=120, flags=("--cfg", "job"))
     assert printed.returncode == 0 and "target_epsilon: 3.0" in printed.stdout
+    helped = fl_simulate(tmp_path / "run", timeout=120, flags=("--help",))
+    assert helped.returncode == 0 and "model: minilm, smollm2-135m, tiny" in helped.stdout
+    info = fl_simulate(tmp_path / "run", timeout=120, flags=("--info", "defaults"))
+    assert info.returncode == 0 and "model/tiny" in info.stdout
 
 
 def test_a_sweep_runs_each_job_in_its_own_folder_with_its_log(tmp_path: Path) -> None:

@@ -1,1 +1,0 @@
-"""Flower ClientApp: one hospital's DP-SGD training of the shared LoRA adapter."""

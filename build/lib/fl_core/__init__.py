@@ -1,1 +1,0 @@
-"""Shared core: configuration, data loading, model building and the local train/evaluate task."""

@@ -1,1 +1,0 @@
-"""Flower ServerApp, the simulation entry point and the server-side round loop."""

@@ -1,1 +1,0 @@
-"""Inference gateway: serves the federated model to clinicians with auth, limits, privacy budgets and audit."""
