@@ -21,23 +21,23 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, LABELS_FILE, PRIVACY_REPORT_FILE, run_folder
+from fl_core.artifacts import SUMMARY_FILE, run_folder
 from fl_core.config import (
     CONF_DIR,
     AppConfig,
     ConfigError,
     compose_config,
-    config_as_dict,
     register_schemas,
     to_app_config,
 )
+from fl_core.console import run_console
 from fl_core.data import load_splits
 from fl_core.device import resolve_device
-from fl_core.entry import OneLineParser, exit_on_bad_input, hydra_jobs, quiet_libraries, runs_a_job
-from fl_core.model import build_model, load_tokenizer, save_adapter
+from fl_core.entry import OneLineParser, check_every_job, exit_on_bad_input, job_overrides, quiet_libraries
+from fl_core.model import build_model, load_tokenizer
 from fl_core.training import evaluate, remove_prefix_cache, train_local, training_view
-from fl_server.console import run_console
-from fl_server.privacy_report import build_report, report_markdown
+from fl_server.privacy_report import build_report
+from fl_server.run_files import save_model, save_report
 from fl_server.tracking import RunTracker
 from privacy.accountant import AccountantState
 from privacy.governance import Governance, Refused
@@ -76,48 +76,46 @@ def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg, tokenizer, len(data.train.label_names), device)
     tracker = RunTracker(cfg, hospital=node.hospital)  # the hospital's MLflow
-    before = evaluate(cfg, model, tokenizer, public_test, device)
-    tracker.log_metrics({f"eval_{k}": v for k, v in before.items()}, step=0)
-    print(f"before: {before}", flush=True)
-    view = training_view(cfg, model, tokenizer, data.train, device, cache_dir=node.state_dir / PREFIX_CACHE)
-    status = ABORTED
     try:
-        for epoch_round in range(1, cfg.federation.num_rounds + 1):
-            start = time.perf_counter()
-            entry = governance.begin_round(run_id, LOCAL_RUN, plan)
-            result = train_local(cfg, model, tokenizer, data.train, device, plan=sampling, noise_multiplier=sigma,
-                                 accountant=AccountantState(entry.spent.history[:-1]) if sigma is not None else None,
-                                 view=view)
-            # only what a federated run releases too: the training loss is no DP release, and the tracking URI
-            # may name a server off the node
-            tracker.log_metrics({f"epsilon/{node.hospital}": entry.epsilon,
-                                 "round_seconds": time.perf_counter() - start}, step=epoch_round)
-            print(f"round {epoch_round}/{cfg.federation.num_rounds}: loss {result.train_loss:.4f}, "
-                  f"epsilon {entry.epsilon:.3f}, {time.perf_counter() - start:.1f}s", flush=True)
-        status = COMMITTED
-    finally:
-        closed, _ = governance.close(run_id, LOCAL_RUN, status)
-        remove_prefix_cache(node.state_dir / PREFIX_CACHE)
-        if status == ABORTED:
-            tracker.end("FAILED")
-    after = evaluate(cfg, model, tokenizer, public_test, device)
-    tracker.log_metrics({f"eval_{k}": v for k, v in after.items()}, step=cfg.federation.num_rounds)
-    out = run_folder(cfg.output_dir, None)
-    adapter_dir = save_adapter(model, out / ADAPTER_DIR, cfg.model)
-    spend = {node.hospital: {"epsilon": closed.epsilon, "noise_multiplier": sigma or 0.0,
-                             "sample_rate": sampling.sample_rate, "steps": closed.spent.steps}}
-    report = build_report(cfg, run_id, spend, cfg.federation.num_rounds, None, {})
-    report["secure_aggregation"] = {"protocol": "none: trained by one hospital alone",
-                                    "trust": "nothing is aggregated: the model stays on the hospital's node"}
-    (out / PRIVACY_REPORT_FILE).write_text(json.dumps(report, indent=2))
-    (out / CONFIG_FILE).write_text(json.dumps(config_as_dict(cfg), indent=2))
-    (out / LABELS_FILE).write_text(json.dumps(data.train.label_names))
-    tracker.log_privacy_report(report, report_markdown(report))
-    tracker.log_artifacts(adapter_dir, config_as_dict(cfg), data.train.label_names)
-    summary = {"hospital": node.hospital, "run_id": run_id, "before": before, "after": after,
-               "epsilon": closed.epsilon, "delta": cfg.privacy.delta, "noise_multiplier": sigma,
-               "steps": closed.spent.steps, "ledger": str(node.ledger_path), "mlflow_run_id": tracker.run_id}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        before = evaluate(cfg, model, tokenizer, public_test, device)
+        tracker.log_metrics({f"eval_{k}": v for k, v in before.items()}, step=0)
+        print(f"before: {before}", flush=True)
+        view = training_view(cfg, model, tokenizer, data.train, device, cache_dir=node.state_dir / PREFIX_CACHE)
+        status = ABORTED
+        try:
+            for epoch_round in range(1, cfg.federation.num_rounds + 1):
+                start = time.perf_counter()
+                entry = governance.begin_round(run_id, LOCAL_RUN, plan)
+                history = AccountantState(entry.spent.history[:-1]) if sigma is not None else None
+                result = train_local(cfg, model, tokenizer, data.train, device, plan=sampling,
+                                     noise_multiplier=sigma, accountant=history, view=view)
+                # only what a federated run releases too: the training loss is no DP release, and the tracking
+                # URI may name a server off the node
+                tracker.log_metrics({f"epsilon/{node.hospital}": entry.epsilon,
+                                     "round_seconds": time.perf_counter() - start}, step=epoch_round)
+                print(f"round {epoch_round}/{cfg.federation.num_rounds}: loss {result.train_loss:.4f}, "
+                      f"epsilon {entry.epsilon:.3f}, {time.perf_counter() - start:.1f}s", flush=True)
+            status = COMMITTED
+        finally:
+            closed, _ = governance.close(run_id, LOCAL_RUN, status)
+            remove_prefix_cache(node.state_dir / PREFIX_CACHE)
+        after = evaluate(cfg, model, tokenizer, public_test, device)
+        tracker.log_metrics({f"eval_{k}": v for k, v in after.items()}, step=cfg.federation.num_rounds)
+        out = run_folder(cfg.output_dir, None)
+        spend = {node.hospital: {"epsilon": closed.epsilon, "noise_multiplier": sigma or 0.0,
+                                 "sample_rate": sampling.sample_rate, "steps": closed.spent.steps}}
+        report = build_report(cfg, run_id, spend, cfg.federation.num_rounds, None, {})
+        report["secure_aggregation"] = {"protocol": "none: trained by one hospital alone",
+                                        "trust": "nothing is aggregated: the model stays on the hospital's node"}
+        save_report(out, tracker, report)
+        save_model(out, tracker, cfg, model, data.train.label_names)
+        summary = {"hospital": node.hospital, "run_id": run_id, "before": before, "after": after,
+                   "epsilon": closed.epsilon, "delta": cfg.privacy.delta, "noise_multiplier": sigma,
+                   "steps": closed.spent.steps, "ledger": str(node.ledger_path), "mlflow_run_id": tracker.run_id}
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    except BaseException:
+        tracker.end("FAILED")
+        raise
     tracker.end("FINISHED")
     print(json.dumps(summary, indent=2))
     return summary
@@ -158,22 +156,16 @@ def main() -> None:
             raise ConfigError("--hospital", f"must be below federation.num_clients={cfg.federation.num_clients}")
         return cfg
 
-    def check_every_job() -> None:  # before the first job of a sweep starts
-        hydra_args, jobs = hydra_jobs(hydra_argv)
-        if runs_a_job(hydra_args):
-            for job_overrides in jobs:
-                check(to_app_config(compose_config(job_overrides)))
-
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def job(_: DictConfig) -> None:
         hydra_cfg = HydraConfig.get()
-        overrides = list(hydra_cfg.overrides.task)
-        if not any(o.split("=", 1)[0] == "output_dir" for o in overrides):
-            overrides.append(f"output_dir={hydra_cfg.runtime.output_dir}")  # each job of a sweep its own folder
+        overrides = job_overrides(list(hydra_cfg.overrides.task), hydra_cfg.runtime.output_dir)
 
         def run() -> None:
             cfg = check(to_app_config(compose_config(overrides)))
-            with run_console(run_folder(cfg.output_dir, None), cfg.verbose, "fl-train-local"):
+            folder = run_folder(cfg.output_dir, None)  # resolved once: run_local writes there too
+            cfg = dataclasses.replace(cfg, output_dir=str(folder))
+            with run_console(folder, cfg.verbose, "fl-train-local"):
                 run_local(cfg, node_settings(args.hospital, args.node_config))
 
         try:  # inside the job: Hydra reports exceptions raised here as tracebacks
@@ -182,7 +174,7 @@ def main() -> None:
             print(f"fl-train-local: {err}", file=sys.stderr)
             raise SystemExit(3 if isinstance(err, Refused) else 2) from None
 
-    exit_on_bad_input("fl-train-local", check_every_job)
+    exit_on_bad_input("fl-train-local", lambda: check_every_job(hydra_argv, check))
     sys.argv = [sys.argv[0], *hydra_argv]
     job()
 

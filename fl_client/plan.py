@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 
 from fl_core.cache import cache_root
 from fl_core.config import AppConfig, secagg_count_or_fraction, validate_delta
 from privacy.accountant import AccountantState
-from privacy.calibration import SamplingPlan, calibrate_noise, sampling_plan
+from privacy.calibration import CALIBRATION_REL_TOLERANCE, SamplingPlan, calibrate_noise, sampling_plan
 from privacy.evaluation_release import evaluation_noise_multiplier
 from privacy.run_plan import RunPlan
 
@@ -43,8 +44,9 @@ def privacy_plan(cfg: AppConfig, num_examples: int) -> tuple[SamplingPlan, float
 def calibrated_sigma(target_epsilon: float, delta: float, plan: SamplingPlan, also: AccountantState) -> float:
     """sigma for the plan, calibrated once per machine: a deployed node plans in every message's fresh process
     (admission, each round) and a simulation plans before Ray starts too, so the result is kept in the cache, keyed
-    by every input. A kept sigma is used only after the accountant confirms it stays within the target (one
-    evaluation against a calibration's several): a damaged or altered file is calibrated again, never trusted."""
+    by every input. A kept sigma is used only after the accountant confirms that it is what a calibration would
+    accept, within the target and no more than the tolerance below it (one evaluation against a calibration's
+    several): a damaged, altered or stale file is calibrated again, never trusted."""
     inputs = {"target_epsilon": target_epsilon, "delta": delta, "sample_rate": plan.sample_rate,
               "steps": plan.total_steps, "also": [list(step) for step in also.history], "accountant": also.kind}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
@@ -52,8 +54,8 @@ def calibrated_sigma(target_epsilon: float, delta: float, plan: SamplingPlan, al
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         record = json.loads(kept.read_text())
         sigma = float(record["noise_multiplier"])
-        if record["inputs"] == inputs and sigma > 0 and \
-                also.then(sigma, plan.sample_rate, plan.total_steps).epsilon(delta) <= target_epsilon:
+        spent = also.then(sigma, plan.sample_rate, plan.total_steps).epsilon(delta) if sigma > 0 else math.inf
+        if record["inputs"] == inputs and target_epsilon * (1 - CALIBRATION_REL_TOLERANCE) <= spent <= target_epsilon:
             return sigma
     sigma = calibrate_noise(target_epsilon, delta, plan.sample_rate, plan.total_steps, also=also, kind=also.kind)
     with contextlib.suppress(OSError):  # best effort: a failure costs a calibration next time, never the plan

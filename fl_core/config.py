@@ -215,7 +215,7 @@ class AppConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str | None = None  # None: a new folder per run, outputs/<date>/<time> (fl_core.artifacts.run_folder)
     resume_from: str | None = None  # a run's folder: continue from its last checkpoint, writing there
-    verbose: bool = False  # fl-simulate: Flower's log and the hospitals' output on the console too
+    verbose: bool = False  # fl-simulate, fl-train-local: Flower's, MLflow's and the hospitals' logs on the console
 
 
 def register_schemas() -> None:
@@ -233,6 +233,11 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
             return compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise composition_error(err) from err
+
+
+def override_key(override: str) -> str:
+    """The config path a Hydra override sets: `+train.lr=0.1` and `~train.lr` set `train.lr`."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def composition_error(err: BaseException) -> ConfigError:

@@ -9,7 +9,10 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import NoReturn, ParamSpec
+from typing import TYPE_CHECKING, NoReturn, ParamSpec
+
+if TYPE_CHECKING:
+    from .config import AppConfig
 
 P = ParamSpec("P")
 
@@ -85,6 +88,23 @@ def hydra_jobs(argv: Sequence[str]) -> tuple[argparse.Namespace, list[list[str]]
     return args, [job for batch in batches for job in batch]
 
 
-def runs_a_job(args: argparse.Namespace) -> bool:
-    """False when Hydra only prints something (--help, --hydra-help, --cfg, --info, --shell-completion)."""
-    return not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
+def check_every_job(argv: Sequence[str], check: Callable[[AppConfig], object] = lambda cfg: cfg) -> None:
+    """Compose and validate the config of every job the command line asks for, and `check` it, before the first
+    starts: Hydra would report a bad override in several lines, and in a sweep only when its job comes. Nothing to
+    check when Hydra only prints something (--help, --hydra-help, --cfg, --info, --shell-completion)."""
+    from .config import compose_config, to_app_config
+
+    args, jobs = hydra_jobs(argv)
+    if not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion):
+        for job in jobs:
+            check(to_app_config(compose_config(job)))
+
+
+def job_overrides(task_overrides: Sequence[str], job_folder: str) -> list[str]:
+    """A Hydra job's overrides, writing in the job's own folder unless they name `output_dir` (a resume writes
+    where it resumes: fl_core.artifacts.run_folder)."""
+    from .config import override_key
+
+    if any(override_key(o) == "output_dir" for o in task_overrides):
+        return list(task_overrides)
+    return [*task_overrides, f"output_dir={job_folder}"]

@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import ConfigError
+from .config import ConfigError, override_key
 
 OVERRIDES_KEY = "overrides"
 
@@ -50,6 +50,6 @@ def run_overrides(run_config: Mapping[str, object]) -> list[str]:
         if key.allowed and value not in key.allowed:
             raise ConfigError(f"run-config {name}", f"must be one of {', '.join(key.allowed)}, got {value!r}")
         text = {"on": "true", "off": "false"}.get(str(value), str(value)) if key.allowed else str(value)
-        overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key.path]
+        overrides = [o for o in overrides if override_key(o) != key.path]
         overrides.append(f"{key.path}={text}")
     return overrides

@@ -23,19 +23,14 @@ from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
 from fl_core.artifacts import (
-    ADAPTER_DIR,
-    CONFIG_FILE,
-    LABELS_FILE,
-    PRIVACY_REPORT_FILE,
-    PRIVACY_REPORT_MARKDOWN,
     SUMMARY_FILE,
     run_folder,
 )
-from fl_core.config import AppConfig, compose_config, config_as_dict, secagg_count_or_fraction, to_app_config
+from fl_core.config import AppConfig, compose_config, secagg_count_or_fraction, to_app_config
 from fl_core.data import load_splits
 from fl_core.device import resolve_device
 from fl_core.entry import quiet_libraries
-from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer, save_adapter
+from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer
 from fl_core.run_config import run_overrides
 from fl_core.training import TrainingView, evaluate, training_view
 from privacy.accountant import AccountantState
@@ -47,7 +42,8 @@ from strategies.server_optimizer import ServerOptimizer
 
 from .admission import Admission, AdmissionFailed, Answers, admit_run, close_run
 from .checkpoint import Checkpoint, Resumed, load_checkpoint, save_checkpoint
-from .privacy_report import build_report, hospital_level_epsilon, report_markdown
+from .privacy_report import build_report, hospital_level_epsilon
+from .run_files import save_model, save_report
 from .tracking import RunTracker
 from .training_metrics import TrainingMetrics
 from .workflow import ConvergenceMonitor, FederatedWorkflow, FitWorkflow, LoopOutcome, RoundResult, current_arrays
@@ -244,21 +240,15 @@ class FederatedRun:
     def write_privacy_report(self, rounds: int) -> dict[str, Any]:
         """JSON and Markdown, in the output folder and in MLflow; also for a run that failed or was refused."""
         report = build_report(self.cfg, self.tracker.run_id, self.spend, rounds, self.admission, self.closing)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / PRIVACY_REPORT_FILE).write_text(json.dumps(report, indent=2))
-        (self.output_dir / PRIVACY_REPORT_MARKDOWN).write_text(report_markdown(report))
-        self.tracker.log_privacy_report(report, report_markdown(report))
+        save_report(self.output_dir, self.tracker, report)
         return report
 
     def finish(self, outcome: LoopOutcome, arrays: NDArrays, first_round: int) -> dict[str, Any]:
         load_adapter_arrays(self.model, arrays)
-        adapter_dir = save_adapter(self.model, self.output_dir / ADAPTER_DIR, self.cfg.model)
         last = outcome.rounds[-1] if outcome.rounds else None
         rounds = last.server_round if last else first_round - 1
         report = self.write_privacy_report(rounds)
-        (self.output_dir / CONFIG_FILE).write_text(json.dumps(config_as_dict(self.cfg), indent=2))
-        (self.output_dir / LABELS_FILE).write_text(json.dumps(self.label_names))
-        self.tracker.log_artifacts(adapter_dir, config_as_dict(self.cfg), self.label_names)
+        adapter_dir = save_model(self.output_dir, self.tracker, self.cfg, self.model, self.label_names)
         model_version = self.tracker.register_model(*self.version_tags(report, rounds))
         summary = {
             "rounds_completed": rounds,

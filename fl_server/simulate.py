@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 
 from fl_core.artifacts import SUMMARY_FILE, run_folder
 from fl_core.config import CONF_DIR, AppConfig, compose_config, register_schemas, to_app_config
-from fl_core.entry import exit_on_bad_input, hydra_jobs, quiet_libraries, runs_a_job
+from fl_core.console import run_console
+from fl_core.entry import check_every_job, exit_on_bad_input, job_overrides, quiet_libraries
 
 from .admission import AdmissionFailed
-from .console import run_console
 
 
 def preflight(cfg: AppConfig) -> dict[str, float | None]:
@@ -81,13 +81,12 @@ def print_table(summary: dict[str, Any]) -> None:
           f"adapter {summary['adapter_path']}, MLflow run {summary['mlflow_run_id']}")
 
 
-def simulation_overrides(task_overrides: list[str], output_dir: str) -> list[str]:
-    """The command line's overrides plus where this run writes; a resumed run keeps writing where it was."""
-    cfg = to_app_config(compose_config(task_overrides))
-    extra = [f"output_dir={cfg.resume_from or output_dir}"]
-    if cfg.train.num_threads is None:
-        extra.append("train.num_threads=1")  # one thread per simulated hospital: oversubscription is 4-8x slower
-    return [*task_overrides, *extra]
+def simulation_overrides(task_overrides: list[str], job_folder: str) -> list[str]:
+    """The command line's overrides, writing in the Hydra job's folder, one thread per simulated hospital."""
+    overrides = job_overrides(task_overrides, job_folder)
+    if to_app_config(compose_config(task_overrides)).train.num_threads is None:
+        overrides.append("train.num_threads=1")  # oversubscription is 4-8x slower
+    return overrides
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -107,13 +106,7 @@ def main() -> None:
     quiet_libraries()
     register_schemas()
 
-    def check_every_job() -> None:  # Hydra would report a bad override in several lines, mid-sweep; check first
-        args, jobs = hydra_jobs(sys.argv[1:])
-        if runs_a_job(args):
-            for job in jobs:
-                to_app_config(compose_config(job))
-
-    exit_on_bad_input("fl-simulate", check_every_job)
+    exit_on_bad_input("fl-simulate", lambda: check_every_job(sys.argv[1:]))
     _hydra_main()
 
 

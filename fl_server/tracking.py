@@ -12,7 +12,6 @@ import mlflow
 
 from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, LABELS_FILE, PRIVACY_REPORT_FILE, PRIVACY_REPORT_MARKDOWN
 from fl_core.config import AppConfig, config_as_dict
-from gateway.mlflow_model import save_mlmodel
 
 NEWEST_ALIAS = "newest"  # the newest finished run's version
 
@@ -65,6 +64,8 @@ class RunTracker:
         gateway serves `models:/NAME/VERSION` with the same layout as a run folder, and an MLflow Model (an
         `MLmodel` at the run's root) that `mlflow.pyfunc.load_model` loads. The alias `newest` moves to it.
         Returns that URI."""
+        from gateway.mlflow_model import save_mlmodel  # here: a hospital's local run never loads the gateway
+
         with tempfile.TemporaryDirectory() as folder:
             mlflow.log_artifact(str(save_mlmodel(Path(folder), self.run_id)))
         client = mlflow.MlflowClient()

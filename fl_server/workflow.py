@@ -26,9 +26,8 @@ from flwr.server.workflow.default_workflows import (
 )
 from flwr.serverapp import Grid
 
+from fl_core.console import round_progress
 from strategies.fedprox import RecordingFedProx, RoundRecord
-
-from .console import round_progress
 
 FitWorkflow = Callable[[Grid, LegacyContext], None]
 

@@ -232,7 +232,10 @@ def test_sigma_is_calibrated_once_per_machine_and_a_kept_one_is_checked_before_u
     record["noise_multiplier"] = first / 2  # too little noise for the target: never used
     kept.write_text(json.dumps(record))
     assert planning.privacy_plan(cfg, 200)[1] == first and len(calls) == 2
-    kept.write_text("damaged")
+    record["noise_multiplier"] = first * 2  # within the target but far below it: not what a calibration gives
+    kept.write_text(json.dumps(record))
     assert planning.privacy_plan(cfg, 200)[1] == first and len(calls) == 3
+    kept.write_text("damaged")
+    assert planning.privacy_plan(cfg, 200)[1] == first and len(calls) == 4
     assert planning.privacy_plan(tiny_config("privacy.target_epsilon=4"), 200)[1] != first  # other inputs, own entry
-    assert len(calls) == 4 and len(list((tmp_path / "calibrations").glob("*.json"))) == 2
+    assert len(calls) == 5 and len(list((tmp_path / "calibrations").glob("*.json"))) == 2
