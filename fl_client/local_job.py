@@ -47,6 +47,8 @@ from .hospital import PREFIX_CACHE, hospital_data
 from .node import NodeSettings, NodeSettingsError
 from .plan import privacy_plan, run_plan
 
+LOCAL_STORES = ("sqlite", "file")  # MLflow stores on this machine
+
 
 def local_config(cfg: AppConfig) -> AppConfig:
     """The run as one hospital makes it alone: nothing is aggregated, so no SecAgg+, no hospital-level DP and no
@@ -56,6 +58,15 @@ def local_config(cfg: AppConfig) -> AppConfig:
     privacy = dataclasses.replace(cfg.privacy,
                                   client_level=dataclasses.replace(cfg.privacy.client_level, enabled=False))
     return dataclasses.replace(cfg, strategy=strategy, privacy=privacy)
+
+
+def require_store_on_the_node(mlflow_uri: str) -> None:
+    """A hospital's run alone is tracked on its node only: its round timings and config, and MLflow's own tags
+    (the user, the source path), are no release of the hospital's, so no tracking server elsewhere receives them."""
+    scheme = mlflow_uri.split("://", 1)[0] if "://" in mlflow_uri else "file"
+    if scheme not in LOCAL_STORES:
+        raise ConfigError("tracking.mlflow_uri", f"fl-train-local tracks on the hospital's node only: a sqlite:/// "
+                                                 f"or file store, not a {scheme}:// server (MLFLOW_TRACKING_URI?)")
 
 
 def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
@@ -70,13 +81,13 @@ def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
     plan = run_plan(cfg, sampling, sigma, len(data.test))
     governance = Governance(node.rules, cfg.data.name)
     run_id = f"local-{node.hospital}-{uuid.uuid4().hex[:8]}"
-    admission = governance.admit(run_id, LOCAL_RUN, plan)
-    print(f"{node.hospital}: {len(data.train)} examples, sigma={sigma}, {sampling.total_steps} steps, planned "
-          f"epsilon {admission.entry.planned_epsilon:.3f}; run {run_id} in {node.ledger_path}", flush=True)
-    tokenizer = load_tokenizer(cfg.model)
-    model = build_model(cfg, tokenizer, len(data.train.label_names), device)
-    tracker = RunTracker(cfg, hospital=node.hospital)  # the hospital's MLflow
+    tracker = RunTracker(cfg, hospital=node.hospital)  # before admission: a store that fails reserves nothing
     try:
+        admission = governance.admit(run_id, LOCAL_RUN, plan)
+        print(f"{node.hospital}: {len(data.train)} examples, sigma={sigma}, {sampling.total_steps} steps, planned "
+              f"epsilon {admission.entry.planned_epsilon:.3f}; run {run_id} in {node.ledger_path}", flush=True)
+        tokenizer = load_tokenizer(cfg.model)
+        model = build_model(cfg, tokenizer, len(data.train.label_names), device)
         before = evaluate(cfg, model, tokenizer, public_test, device)
         tracker.log_metrics({f"eval_{k}": v for k, v in before.items()}, step=0)
         print(f"before: {before}", flush=True)
@@ -154,6 +165,7 @@ def main() -> None:
     def check(cfg: AppConfig) -> AppConfig:
         if args.hospital is not None and args.hospital >= cfg.federation.num_clients:
             raise ConfigError("--hospital", f"must be below federation.num_clients={cfg.federation.num_clients}")
+        require_store_on_the_node(cfg.tracking.mlflow_uri)
         return cfg
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

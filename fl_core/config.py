@@ -23,12 +23,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 
 def _conf_dir() -> Path:
-    """The Hydra tree: FEDERATED_DP_LLM_CONF if set, else the source tree's conf/ (a checkout, an editable install,
-    the app bundle), else the copy an installed wheel carries (fl_core/conf)."""
+    """The Hydra tree: FEDERATED_DP_LLM_CONF if set, else the copy an installed wheel carries (fl_core/conf), else
+    the source tree's conf/ beside the packages (a checkout, an editable install, the app bundle). The package's
+    own copy comes first: in site-packages, a `conf/` beside it could be another distribution's."""
     if "FEDERATED_DP_LLM_CONF" in os.environ:
         return Path(os.environ["FEDERATED_DP_LLM_CONF"])
-    source = Path(__file__).resolve().parents[1] / "conf"
-    return source if (source / "config.yaml").is_file() else Path(__file__).resolve().parent / "conf"
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if (packaged / "config.yaml").is_file() else Path(__file__).resolve().parents[1] / "conf"
 
 
 CONF_DIR = _conf_dir()

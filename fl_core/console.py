@@ -8,10 +8,11 @@ import logging
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 # Notices about how we launch, not about the run: Flower's deprecation of run_simulation (README: why we keep it).
 _LAUNCH_NOTICES = ("The `run_simulation` function is deprecated",)
@@ -75,6 +76,9 @@ def run_console(output_dir: Path, verbose: bool, command: str) -> Iterator[None]
         sys.stdout, sys.stderr = tees
         try:
             yield
+        except BaseException:
+            log.write(traceback.format_exc())  # why the run failed, in its log too (the console shows it later)
+            raise
         finally:
             sys.stdout, sys.stderr = stdout, stderr
             for tee in tees:
@@ -93,7 +97,7 @@ def round_progress(server_round: int, rounds: int, expected_seconds: float | Non
     """On a terminal, while a round runs: one line rewritten in place with its seconds so far, and a bar against
     the previous round's length once there is one; cleared when the round ends, for the round's own line. Elsewhere
     (a log, a pipe, a deployed ServerApp) nothing."""
-    out = stream or sys.stdout
+    out = stream or cast(TextIO, getattr(sys.stdout, "console", sys.stdout))  # the terminal, not the run's log
     if not out.isatty():
         yield
         return

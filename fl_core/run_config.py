@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import ConfigError, override_key
+from .config import DATASETS, MODELS, ConfigError, override_key
 
 OVERRIDES_KEY = "overrides"
 
@@ -29,8 +29,8 @@ TYPED_KEYS = {
     "num-rounds": TypedKey("federation.num_rounds", int, 0),
     "target-epsilon": TypedKey("privacy.target_epsilon", float, 0.0),
     "delta": TypedKey("privacy.delta", float, 0.0),
-    "model": TypedKey("model", str, ""),
-    "data": TypedKey("data", str, ""),
+    "model": TypedKey("model", str, "", MODELS),
+    "data": TypedKey("data", str, "", DATASETS),
     "proximal-mu": TypedKey("strategy.proximal_mu", float, -1.0),
     "secure-aggregation": TypedKey("strategy.secagg.enabled", str, "", ("on", "off")),
 }
@@ -49,7 +49,8 @@ def run_overrides(run_config: Mapping[str, object]) -> list[str]:
             raise ConfigError(f"run-config {name}", f"must be a {key.kind.__name__}, got {value!r}")
         if key.allowed and value not in key.allowed:
             raise ConfigError(f"run-config {name}", f"must be one of {', '.join(key.allowed)}, got {value!r}")
-        text = {"on": "true", "off": "false"}.get(str(value), str(value)) if key.allowed else str(value)
+        text = {"on": "true", "off": "false"}.get(str(value), str(value)) if key.path.endswith("enabled") \
+            else str(value)
         overrides = [o for o in overrides if override_key(o) != key.path]
         overrides.append(f"{key.path}={text}")
     return overrides

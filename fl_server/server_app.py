@@ -249,7 +249,7 @@ class FederatedRun:
         rounds = last.server_round if last else first_round - 1
         report = self.write_privacy_report(rounds)
         adapter_dir = save_model(self.output_dir, self.tracker, self.cfg, self.model, self.label_names)
-        model_version = self.tracker.register_model(*self.version_tags(report, rounds))
+        model_version = self.tracker.register_model(*self.version_tags(report, rounds), newest=self.cfg.privacy.enabled)
         summary = {
             "rounds_completed": rounds,
             "stopped_early": outcome.stopped_early,

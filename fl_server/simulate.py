@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fl_core.artifacts import SUMMARY_FILE, run_folder
+from fl_core.artifacts import SUMMARY_FILE, mark_latest, run_folder
 from fl_core.config import CONF_DIR, AppConfig, compose_config, register_schemas, to_app_config
 from fl_core.console import run_console
 from fl_core.entry import check_every_job, exit_on_bad_input, job_overrides, quiet_libraries
@@ -57,6 +57,7 @@ def simulate(overrides: list[str]) -> dict[str, Any]:
     cfg = to_app_config(compose_config(overrides))
     sigmas = preflight(cfg)
     folder = run_folder(cfg.output_dir, cfg.resume_from)  # the Hydra job's folder (simulation_overrides)
+    mark_latest(folder)  # `make demo`, then `fl-gateway replica` serves it by default
     print(f"fl-simulate: {cfg.federation.num_clients} hospitals, {cfg.model.name} on {cfg.data.name}, "
           f"{cfg.federation.num_rounds} rounds, SecAgg+ {'on' if cfg.strategy.secagg.enabled else 'off'}, "
           f"sigma {', '.join(f'{h} {s:.3f}' if s is not None else f'{h} none' for h, s in sigmas.items())}; "

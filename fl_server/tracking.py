@@ -13,7 +13,7 @@ import mlflow
 from fl_core.artifacts import ADAPTER_DIR, CONFIG_FILE, LABELS_FILE, PRIVACY_REPORT_FILE, PRIVACY_REPORT_MARKDOWN
 from fl_core.config import AppConfig, config_as_dict
 
-NEWEST_ALIAS = "newest"  # the newest finished run's version
+NEWEST_ALIAS = "newest"  # the newest finished DP run's version
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -59,11 +59,12 @@ class RunTracker:
         mlflow.log_dict(config, CONFIG_FILE)
         mlflow.log_text(json.dumps(list(label_names)), LABELS_FILE)
 
-    def register_model(self, tags: dict[str, str], description: str) -> str:
+    def register_model(self, tags: dict[str, str], description: str, newest: bool) -> str:
         """A version of the registered model whose files are this run's (adapter, config, privacy report), so the
         gateway serves `models:/NAME/VERSION` with the same layout as a run folder, and an MLflow Model (an
-        `MLmodel` at the run's root) that `mlflow.pyfunc.load_model` loads. The alias `newest` moves to it.
-        Returns that URI."""
+        `MLmodel` at the run's root) that `mlflow.pyfunc.load_model` loads. The alias `newest` moves to it when
+        `newest` (a run under DP: a deployment that serves @newest never picks up a run without it). Returns that
+        URI."""
         from gateway.mlflow_model import save_mlmodel  # here: a hospital's local run never loads the gateway
 
         with tempfile.TemporaryDirectory() as folder:
@@ -74,7 +75,8 @@ class RunTracker:
             client.create_registered_model(name)
         version = client.create_model_version(name, source=self.run.info.artifact_uri, run_id=self.run_id,
                                               tags=tags, description=description)
-        client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)
+        if newest:
+            client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)
         return f"models:/{name}/{version.version}"
 
     def log_privacy_report(self, report: dict[str, Any], markdown: str) -> None:

@@ -41,3 +41,4 @@ class TrainingMetrics:
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()  # the port is free for the next run in this process (a sweep)

@@ -1,3 +1,5 @@
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +67,13 @@ def test_cli_bad_config_fails_in_one_line_before_loading_anything() -> None:
     assert lines == ["fl-train-local: config error: privacy.target_epsilon: must be > 0 (got -2.0)"]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert time.perf_counter() - start < 60
+    # a hospital's run alone is tracked on its node: a tracking server elsewhere is refused, naming the setting
+    remote = subprocess.run([sys.executable, "-m", "fl_client.local_job", "model=tiny"], capture_output=True,
+                            text=True, timeout=120,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": "https://user:token@mlflow.example.org"})
+    assert remote.returncode == 2 and remote.stderr.strip() == (
+        "fl-train-local: config error: tracking.mlflow_uri: fl-train-local tracks on the hospital's node only: a "
+        "sqlite:/// or file store, not a https:// server (MLFLOW_TRACKING_URI?)")  # the address is not echoed
 
 
 def test_the_tracking_server_comes_from_the_environment_unless_the_run_names_one(
@@ -137,7 +146,8 @@ def test_typed_run_config_keys_map_onto_the_config_and_pyproject_leaves_it_alone
     assert (cfg.federation.num_rounds, cfg.privacy.target_epsilon, cfg.model.name) == (5, 4.0, "tiny")
     assert not cfg.strategy.secagg.enabled
     for key, value, problem in (("num-rounds", "five", "must be a int"), ("delta", True, "must be a float"),
-                                ("secure-aggregation", "yes", "must be one of on, off")):
+                                ("secure-aggregation", "yes", "must be one of on, off"),
+                                ("model", "null", "must be one of tiny, smollm2-135m, minilm")):
         with pytest.raises(ConfigError, match=f"run-config {key}: {problem}"):
             run_overrides({key: value})
 
@@ -154,3 +164,7 @@ def test_a_run_without_a_folder_gets_a_new_one_and_latest_follows_it(tmp_path: P
     (tmp_path / "outputs" / "latest").unlink()
     (tmp_path / "outputs" / "latest").mkdir()  # an older layout's folder is never replaced
     assert run_folder(None, None).is_dir() and (tmp_path / "outputs" / "latest").is_dir()
+    shutil.rmtree(tmp_path / "outputs")
+    (tmp_path / "outputs").symlink_to(tmp_path / "unmounted")  # a dangling volume: one error, not a loop
+    with pytest.raises(FileExistsError):
+        run_folder(None, None)

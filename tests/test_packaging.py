@@ -358,6 +358,8 @@ def test_values_of_the_wrong_type_or_unknown_keys_are_refused_naming_them(values
 
 def test_helm_lint_finds_no_error_and_checks_values_against_the_schema() -> None:
     assert helm_python.lint(str(CHART), {"supernodes": HOSPITALS}, strict=True)["errors"] == []
+    noted = [{**HOSPITALS[0], "approvedBundles": [f"{APPROVED}  # release 0.1.0, reviewed by the DPO"]}]
+    assert helm_python.lint(str(CHART), {"supernodes": noted}, strict=True)["errors"] == []  # as fl-node reads
     linted = helm_python.lint(str(CHART), {"superlink": {"port": "ninety"}})
     assert any("/superlink/port" in error for error in linted["errors"])
 

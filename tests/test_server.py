@@ -16,6 +16,7 @@ from fl_server.workflow import ConvergenceMonitor, RoundResult
 from privacy.accountant import AccountantState
 from strategies.fedprox import RecordingFedProx, RoundRecord, weighted_average
 from tests.conftest import tiny_config
+from tests.servers import free_port
 
 
 def _round_with(history: AccountantState, reported_epsilon: float) -> RoundResult:
@@ -136,3 +137,19 @@ def test_a_long_round_shows_its_progress_on_a_terminal_only() -> None:
     with round_progress(2, 3, expected_seconds=0.1, stream=log, interval=0.02):
         time.sleep(0.05)
     assert log.getvalue() == ""  # a log or a pipe gets the round's own line only
+
+
+def test_the_run_log_keeps_why_a_run_failed_and_a_metrics_port_is_free_after_its_run(tmp_path: Path) -> None:
+    from fl_core.console import run_console
+    from fl_server.training_metrics import TrainingMetrics
+
+    with pytest.raises(ValueError, match="boom"), run_console(tmp_path, False, "fl-simulate"):
+        print("[round 1/2] ...")
+        raise ValueError("boom")
+    log = (tmp_path / "fl-simulate.log").read_text()
+    assert "[round 1/2]" in log and "ValueError: boom" in log
+    port = free_port()
+    for _ in range(2):  # two runs of a sweep in one process, one port
+        metrics = TrainingMetrics("run", port, "127.0.0.1")
+        assert metrics.server is not None
+        metrics.close()
