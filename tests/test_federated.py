@@ -175,7 +175,8 @@ def test_resume_continues_the_round_count_and_stops_on_convergence(tmp_path: Pat
     assert [e.run_id for e in entries] == [run_id]  # the resumed run continued its own entry
     assert entries[0].spent.steps == 2 * steps_after_one  # the hospital's spend kept composing across the restart
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "eval_loss")] == [0, 1, 2]  # the baseline once
+    history = client.get_metric_history(summary["mlflow_run_id"], "eval_loss")
+    assert [m.step for m in history] == [0, 1, 2]  # the untrained model's baseline once
     # Hospital-level epsilon composes over both rounds, across the restart, reported beside the record-level one.
     hospital_level = hospital_level_epsilon(tiny_config(*fixed_sigma), 2)
     assert summary["epsilon_hospital_level"] == pytest.approx(hospital_level, rel=1e-12)
