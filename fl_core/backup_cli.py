@@ -1,0 +1,82 @@
+"""`fl-backup`: consistent copies of a deployment's state while it runs, checked, and restored.
+
+    fl-backup create --to /backups --file audit-head=/heads/audit.head --sqlite audit=/data/audit.db \\
+        --sqlite limits=/data/limits.db --keep 14
+    fl-backup verify /backups/20261207T020000000000Z
+    fl-backup restore /backups/20261207T020000000000Z --to audit=/restore/audit.db --to audit-head=/restore/head
+
+Items are copied in the order given: a sealed head before its audit log, MLflow's database before its artifacts.
+After a restore, check the domain's own invariants too: `fl-audit verify` on the restored log and head, and
+`fl-ledger show` balances against the last report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+from .backup import BackupError, BackupItem, create_backup, parse_item, restore_backup, verify_backup
+from .entry import OneLineParser, quiet_on_closed_pipe
+
+
+def _item(kind: str, spec: str) -> BackupItem:
+    try:
+        return parse_item(kind, spec)  # type: ignore[arg-type]
+    except BackupError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _target(spec: str) -> tuple[str, Path]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--to {spec!r}: expected NAME=PATH")
+    return name, Path(path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="fl-backup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    create = sub.add_parser("create", help="copy the items, in order, into a new folder under --to")
+    create.add_argument("--to", type=Path, required=True, help="the folder that holds the backups")
+    for kind, text in (("sqlite", "a SQLite database, copied by SQLite's online backup"),
+                       ("file", "a plain file (the audit log's sealed head)"),
+                       ("folder", "a folder (MLflow's artifacts)")):
+        create.add_argument(f"--{kind}", dest="items", action="append", type=partial(_item, kind), default=[],
+                            metavar="NAME=PATH", help=text)
+    create.add_argument("--keep", type=int, default=None, help="keep only the newest KEEP backups under --to")
+    verify = sub.add_parser("verify", help="check every file of a backup against its manifest and SQLite's "
+                                           "integrity check; exit 1 on any problem")
+    verify.add_argument("backup", type=Path)
+    restore = sub.add_parser("restore", help="verify a backup, then put its items back (stop their services first)")
+    restore.add_argument("backup", type=Path)
+    restore.add_argument("--to", dest="targets", action="append", type=_target, default=[], metavar="NAME=PATH",
+                         help="where item NAME goes (default: where it was backed up from)")
+    restore.add_argument("--replace", action="store_true",
+                         help="move what is at a target aside (NAME.replaced-TIME) instead of refusing")
+    return parser
+
+
+@quiet_on_closed_pipe
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "create":
+            print(create_backup(args.items, args.to, keep=args.keep))
+        elif args.command == "verify":
+            problems = verify_backup(args.backup)
+            for problem in problems:
+                print(f"BAD: {problem}")
+            print(f"{args.backup}: {'intact' if not problems else f'{len(problems)} problems'}")
+            raise SystemExit(1 if problems else 0)
+        else:
+            for name, path in restore_backup(args.backup, dict(args.targets), replace=args.replace):
+                print(f"{name}: restored to {path}")
+    except BackupError as err:
+        print(f"fl-backup: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
