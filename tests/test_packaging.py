@@ -411,3 +411,103 @@ def test_the_serverapp_runner_exports_training_epsilon_to_prometheus_only() -> N
     assert quiet["spec"]["ingress"] == []  # no metrics: the runner answers nothing
     dashboard = (REPO / "docker" / "monitoring" / "grafana-dashboard.json").read_text()
     assert "training_epsilon" in dashboard
+
+
+BACKUP = {"backup": {"enabled": True, "claim": "backups"}, "supernodes": HOSPITALS, **SERVING}
+
+
+def test_every_store_is_backed_up_beside_its_pod_with_commands_fl_backup_takes() -> None:
+    from fl_client.node import LEDGER_FILE
+    from fl_core.backup_cli import _parser
+
+    manifests = render(BACKUP)
+    version = kubernetes_validate.latest_version()
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, version, strict=True)
+    owners = {m["metadata"]["name"]: m for m in manifests if m["kind"] in ("StatefulSet", "Deployment")}
+    jobs = {m["metadata"]["name"]: m["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+            for m in manifests if m["kind"] == "CronJob"}
+    prefix = "fed-federated-dp-llm-"
+    stores = ("superlink", "mlflow", *(f"hospital-{h}" for h in "abc"))
+    assert sorted(jobs) == sorted(f"{prefix}backup-{store}" for store in stores)
+
+    def args_of(container: dict[str, Any]) -> list[str]:
+        return [*container.get("command", []), *container.get("args", [])]
+
+    # Each job mounts the volume its store's pod writes, runs on that pod's node, and names the files it writes
+    # (a node's ledger is LEDGER_FILE in the state-dir of its config).
+    state_dirs = {m["metadata"]["name"]: tomllib.loads(m["data"]["node.toml"])["state-dir"]
+                  for m in manifests if m["kind"] == "ConfigMap" and "node.toml" in m.get("data", {})}
+    expected = {
+        "superlink": (owners[f"{prefix}superlink"], "state", ["--sqlite", "superlink=/var/lib/superlink/superlink.db"]),
+        "mlflow": (owners[f"{prefix}mlflow"], "data", ["--sqlite", "mlflow=/var/lib/mlflow/mlflow.db",
+                                                       "--folder", "artifacts=/var/lib/mlflow/artifacts"]),
+        **{f"hospital-{h}": (owners[f"{prefix}hospital-{h}"], "state",
+                             ["--sqlite", f"ledger=/var/lib/node/{LEDGER_FILE}"]) for h in "abc"},
+    }
+    for short, (owner, volume, items) in expected.items():
+        job = jobs[f"{prefix}backup-{short}"]
+        (container,) = job["containers"]
+        command = args_of(container)
+        assert command[:2] == ["fl-backup", "create"] and command[2:-1] == [f"--to=/backups/{short}", *items]
+        _parser().parse_args(command[1:])  # the command line fl-backup itself takes
+        owner_args = " ".join(args_of(owner["spec"]["template"]["spec"]["containers"][0]))
+        for path in (p.split("=", 1)[1] for p in items[1::2]):
+            if owner["metadata"]["name"] in state_dirs:
+                assert path == f"{state_dirs[owner['metadata']['name']]}/{LEDGER_FILE}"
+            else:
+                assert path in owner_args  # the file the owner is told to write
+        claim = next(v["persistentVolumeClaim"]["claimName"] for v in job["volumes"] if v["name"] == "source")
+        if owner["kind"] == "StatefulSet":
+            assert claim == f"{volume}-{owner['metadata']['name']}-0"
+            assert volume in [t["metadata"]["name"] for t in owner["spec"]["volumeClaimTemplates"]]
+        else:
+            assert claim == next(v["persistentVolumeClaim"]["claimName"] for v in
+                                 owner["spec"]["template"]["spec"]["volumes"] if v["name"] == volume)
+        mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "source")
+        owner_mount = next(m["mountPath"] for m in owner["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+                           if m["name"] == volume)
+        assert mount == owner_mount and all(p.split("=", 1)[1].startswith(mount) for p in items[1::2])
+        (term,) = job["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        selected = term["labelSelector"]["matchLabels"]
+        assert selected.items() <= owner["spec"]["template"]["metadata"]["labels"].items()
+        others = [o for o in owners.values() if o is not owner]
+        assert not any(selected.items() <= o["spec"]["template"]["metadata"]["labels"].items() for o in others)
+        assert {"name": "backups", "persistentVolumeClaim": {"claimName": "backups"}} in job["volumes"]
+    # Every gateway pod backs up its own log and head, the head first, as the gateway names them.
+    gateway = owners[f"{prefix}gateway"]["spec"]["template"]["spec"]
+    serve, sidecar = gateway["containers"]
+    script = " ".join(args_of(sidecar))
+    head = next(a.split("=", 1)[1] for a in args_of(serve) if a.startswith("audit.head_path="))
+    log = next(a.split("=", 1)[1] for a in args_of(serve) if a.startswith("audit.path="))
+    assert script.index(f"--file=audit-head={head}") < script.index(f"--sqlite=audit={log}")
+    create = script[script.index("fl-backup create"):script.index("||")].split()
+    _parser().parse_args(create[1:])
+    assert {"name": "backups", "persistentVolumeClaim": {"claimName": "backups"}} in gateway["volumes"]
+    for pod in [*jobs.values(), gateway]:
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_backups_without_a_volume_to_hold_them_fail_to_render_naming_the_value() -> None:
+    with pytest.raises(Exception, match=r"backup\.claim"):
+        render({"backup": {"enabled": True}})
+    assert not [m for m in render({"supernodes": HOSPITALS}) if m["kind"] == "CronJob"]  # off by default
+
+
+def test_rollouts_and_drains_take_down_one_serving_pod_at_a_time_and_wait_for_ready() -> None:
+    manifests = render(SERVING)
+    budgets = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "PodDisruptionBudget"}
+    for component in ("gateway", "replica"):
+        workload = next(m for m in manifests
+                        if m["kind"] == "StatefulSet" and m["metadata"]["name"].endswith(component))
+        spec = workload["spec"]
+        assert spec["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+        assert spec["minReadySeconds"] > 0 and "readinessProbe" in spec["template"]["spec"]["containers"][0]
+        budget = budgets[f"fed-federated-dp-llm-{component}"]["spec"]
+        assert budget["maxUnavailable"] == 1
+        assert budget["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    two = render({**SERVING, "serving": {**SERVING["serving"], "maxUnavailable": 2}})
+    assert {m["spec"]["maxUnavailable"] for m in two if m["kind"] == "PodDisruptionBudget"} == {2}
