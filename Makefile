@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up .venv on first use (scripts/setup.sh, about 3 minutes).
-.PHONY: setup demo demo-llm test bench study
+.PHONY: setup demo demo-llm check test bench study
 
 setup:
 	@scripts/setup.sh
@@ -10,10 +10,17 @@ demo: setup
 demo-llm: setup
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/fl-simulate +experiment=llm $(ARGS)
 
-test: setup
+# The pre-deployment gate: lint, types, bandit and the dependency audit (scripts/check_deploy.py), and the chart,
+# compose file and Dockerfile rendered, parsed and validated (tests/test_packaging.py). `make test` runs it first.
+check: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy fl_core fl_server fl_client strategies privacy gateway scripts
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python -m pytest -q -p no:cacheprovider tests
+	.venv/bin/python scripts/check_deploy.py
+	.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_packaging.py
+
+test: check
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python -m pytest -q -p no:cacheprovider tests \
+		--ignore=tests/test_packaging.py
 
 bench: setup
 	.venv/bin/python scripts/bench_dp_step.py

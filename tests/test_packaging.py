@@ -511,3 +511,20 @@ def test_rollouts_and_drains_take_down_one_serving_pod_at_a_time_and_wait_for_re
         assert budget["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
     two = render({**SERVING, "serving": {**SERVING["serving"], "maxUnavailable": 2}})
     assert {m["spec"]["maxUnavailable"] for m in two if m["kind"] == "PodDisruptionBudget"} == {2}
+
+
+def test_the_gate_fails_on_a_high_severity_finding_and_a_known_vulnerability(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    from scripts.check_deploy import audit_findings, bandit_findings
+
+    assert bandit_findings([REPO / p for p in ("fl_core", "gateway", "privacy")]) == []
+    (tmp_path / "runner.py").write_text("import subprocess\n\n\ndef run(name):\n"
+                                        "    return subprocess.call('ls ' + name, shell=True)\n")
+    (finding,) = bandit_findings([tmp_path])
+    assert finding.startswith(f"{tmp_path / 'runner.py'}:5 B602")
+    # pip-audit's JSON: one package with a known vulnerability, one checked clean, one the service did not answer for.
+    report = {"dependencies": [
+        {"name": "jinja2", "version": "3.1.2", "vulns": [{"id": "GHSA-h5c8-rqwp-cp95", "fix_versions": ["3.1.3"]}]},
+        {"name": "numpy", "version": "2.3.0", "vulns": []},
+        {"name": "torch", "version": "2.13.0", "skip_reason": "Dependency not found on PyPI and could not be audited"}]}
+    assert audit_findings(report) == (["jinja2 3.1.2: GHSA-h5c8-rqwp-cp95 (fixed in 3.1.3)"], 1, 2)
