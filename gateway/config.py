@@ -111,8 +111,9 @@ class GatewayConfig:
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
 
 
-def compose_gateway_config(overrides: Sequence[str] = ()) -> GatewayConfig:
-    """Compose `conf/gateway/config.yaml` with overrides, then validate."""
+def compose_gateway_config(overrides: Sequence[str] = (), check_files: bool = True) -> GatewayConfig:
+    """Compose `conf/gateway/config.yaml` with overrides, then validate (`check_files`: that the certificate files
+    exist too, which only the machine that serves can tell)."""
     ConfigStore.instance().store(name="gateway_schema", node=GatewayConfig)
     try:
         with initialize_config_dir(config_dir=str(GATEWAY_CONF_DIR), version_base="1.3"):
@@ -121,7 +122,7 @@ def compose_gateway_config(overrides: Sequence[str] = ()) -> GatewayConfig:
     except (HydraException, OmegaConfBaseException) as err:
         raise composition_error(err) from err
     assert isinstance(cfg, GatewayConfig)
-    validate_gateway(cfg)
+    validate_gateway(cfg, check_files)
     return cfg
 
 
@@ -133,7 +134,7 @@ def _file(path: str | None, field_path: str) -> None:
     require(path is None or Path(path).is_file(), field_path, f"no such file: {path}")
 
 
-def validate_gateway(cfg: GatewayConfig) -> None:
+def validate_gateway(cfg: GatewayConfig, check_files: bool = True) -> None:
     """Check every value; the first bad one raises ConfigError naming its field."""
     _port(cfg.port, "port")
     if cfg.metrics_port is not None:
@@ -147,7 +148,8 @@ def validate_gateway(cfg: GatewayConfig) -> None:
     require((t.certfile is None) == (t.keyfile is None), "tls.keyfile", "tls.certfile and tls.keyfile go together")
     require(t.client_ca is None or t.certfile is not None, "tls.client_ca", "client certificates need tls.certfile")
     for name in ("certfile", "keyfile", "client_ca"):
-        _file(getattr(t, name), f"tls.{name}")
+        if check_files:
+            _file(getattr(t, name), f"tls.{name}")
     positive(cfg.auth.token_minutes, "auth.token_minutes")
     require(bool(cfg.auth.secret_env), "auth.secret_env", "must name an environment variable")
     lim = cfg.limits
@@ -167,7 +169,7 @@ def validate_gateway(cfg: GatewayConfig) -> None:
                 f"must be redis://HOST:PORT/DB for store redis (got {redis_url.scheme or 'no'} scheme)")
     if lim.redis_ca is not None:
         require(redis_url.scheme == "rediss", "limits.redis_ca", "needs a rediss:// limits.redis_url (TLS)")
-        require(Path(lim.redis_ca).is_file(), "limits.redis_ca", f"no such file: {lim.redis_ca}")
+        require(not check_files or Path(lim.redis_ca).is_file(), "limits.redis_ca", f"no such file: {lim.redis_ca}")
     p = cfg.privacy
     positive(p.epsilon_per_query, "privacy.epsilon_per_query")
     require(p.epsilon_per_user >= p.epsilon_per_query, "privacy.epsilon_per_user",

@@ -40,7 +40,11 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE TABLE IF NOT EXISTS refusals (
     at TEXT NOT NULL, hospital TEXT NOT NULL, dataset TEXT NOT NULL, run_id TEXT NOT NULL, flower_run TEXT,
     reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS erasures (
+    at TEXT NOT NULL, hospital TEXT NOT NULL, dataset TEXT NOT NULL, reference TEXT NOT NULL, runs INTEGER NOT NULL,
+    rdp_epsilon REAL NOT NULL, delta REAL NOT NULL);
 """
+MAX_REFERENCE = 100  # an erasure's reference: a ticket number, never a patient's name or record id
 # Columns added since the first ledgers were written; an older ledger gains them when it is opened. Flower's run ids
 # are unsigned 64-bit integers, which SQLite's INTEGER cannot hold: they are kept as text.
 ADDED_COLUMNS = {"flower_run": "TEXT", "plan": "TEXT", "closed_reason": "TEXT"}
@@ -223,6 +227,12 @@ def unspent(releases: AccountantState, spent: AccountantState) -> AccountantStat
 def within(spent: AccountantState, planned: AccountantState) -> bool:
     """Is every release in `spent` one that `planned` reserved?"""
     return not Counter(spent.history) - Counter(planned.history)
+
+
+def check_erasure_reference(reference: str) -> None:
+    if not 0 < len(reference) <= MAX_REFERENCE or not reference.isprintable():
+        raise LedgerError(f"REFERENCE: a ticket number of 1-{MAX_REFERENCE} printable characters "
+                          "(never a patient's name or record id)")
 
 
 def balance_of(hospital: str, dataset: str, entries: list[Entry], cap: Budget | None) -> Balance:
@@ -430,6 +440,24 @@ class Ledger:
         with self._transaction() as db:
             db.execute("INSERT INTO refusals VALUES (?, ?, ?, ?, ?, ?)",
                        (_now(), hospital, dataset, run_id, _text(flower_run), reason))
+
+    def note_erasure(self, hospital: str, dataset: str, reference: str) -> dict[str, object]:
+        """Record that a patient's records were erased from a hospital's dataset, with the bound DP gives on their
+        influence on every run that trained on them before: the dataset's lifetime epsilon now (RDP composition of
+        every run, open ones in full). The model is not untrained; this is what the hospital can truthfully say."""
+        check_erasure_reference(reference)
+        with self._transaction() as db:
+            bound = self._balance(db, hospital, dataset, None)
+            row = {"at": _now(), "hospital": hospital, "dataset": dataset, "reference": reference,
+                   "runs": bound.runs, "rdp_epsilon": bound.rdp_epsilon, "delta": bound.delta}
+            db.execute("INSERT INTO erasures VALUES (:at, :hospital, :dataset, :reference, :runs, :rdp_epsilon, "
+                       ":delta)", row)
+        return row
+
+    def erasures(self, hospital: str | None = None) -> list[dict[str, object]]:
+        with closing(self._connect()) as db:
+            return [dict(r) for r in db.execute("SELECT * FROM erasures WHERE ? IS NULL OR hospital = ? ORDER BY at",
+                                                (hospital, hospital))]
 
     def refusals(self, hospital: str | None = None) -> list[dict[str, object]]:
         with closing(self._connect()) as db:

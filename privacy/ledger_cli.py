@@ -18,7 +18,7 @@ from typing import NoReturn
 from fl_client.node import LEDGER_FILE, node_home
 from fl_core.entry import quiet_on_closed_pipe
 
-from .ledger import ABORTED, ANY_DATASET, RESERVED, Ledger, LedgerError
+from .ledger import ABORTED, ANY_DATASET, RESERVED, Ledger, LedgerError, check_erasure_reference
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--dataset", default=ANY_DATASET, help="one dataset only (default: each dataset)")
     abort = commands.add_parser("abort", help="close a crashed run's open reservations, keeping what it spent")
     abort.add_argument("run_id")
+    erasure = commands.add_parser("note-erasure", help="record that a patient's records were erased from a "
+                                                       "dataset, with the epsilon that bounds their influence on "
+                                                       "every run before (README, Operations)")
+    erasure.add_argument("hospital")
+    erasure.add_argument("dataset")
+    erasure.add_argument("reference", help="the request's ticket number (never a patient's name or record id)")
+    erasures = commands.add_parser("erasures", help="every erasure noted, oldest first")
+    erasures.add_argument("--json", action="store_true")
     return parser
 
 
@@ -62,10 +70,10 @@ def _fail(message: str) -> NoReturn:
 def _ledgers(args: argparse.Namespace) -> list[Ledger]:
     if args.ledger:
         missing = [p for p in args.ledger if not p.is_file()]
-        if missing and args.command != "set-budget":
+        if missing and args.command not in ("set-budget", "note-erasure"):
             _fail(f"--ledger: {missing[0]} does not exist")
         return [Ledger(p) for p in args.ledger]
-    if args.command == "set-budget":
+    if args.command in ("set-budget", "note-erasure"):
         return [Ledger(node_home() / args.hospital / LEDGER_FILE)]
     found = sorted(node_home().glob(f"*/{LEDGER_FILE}"))
     if not found:
@@ -100,6 +108,11 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"EPSILON must be > 0, got {args.epsilon}")
         if not 0 < args.delta < 1:
             _fail(f"--delta must be in (0, 1), got {args.delta}")
+    try:
+        if args.command == "note-erasure":
+            check_erasure_reference(args.reference)
+    except LedgerError as err:
+        _fail(str(err))
     ledgers = _ledgers(args)
     try:
         if args.command == "show":
@@ -148,6 +161,19 @@ def main(argv: list[str] | None = None) -> None:
                 _fail(f"run {args.run_id} has no open reservation")
             for e in closed:
                 print(f"{e.hospital}/{e.dataset}: run {e.run_id} aborted; it keeps epsilon {_number(e.epsilon)}")
+        elif args.command == "note-erasure":
+            for ledger in ledgers:
+                row = ledger.note_erasure(args.hospital, args.dataset, args.reference)
+                print(f"{args.hospital}/{args.dataset}: erasure {args.reference} noted; the erased records' influence "
+                      f"on the {row['runs']} runs before it is bounded by epsilon {_number(row['rdp_epsilon'])} at "
+                      f"delta {row['delta']:g}")
+        elif args.command == "erasures":
+            noted = [row for ledger in ledgers for row in ledger.erasures()]
+            if args.json:
+                print(json.dumps(noted, indent=2))
+            for r in [] if args.json else noted:
+                print(f"{r['at']}  {r['hospital']!s:<14} {r['dataset']!s:<11} {r['reference']!s:<24} "
+                      f"{r['runs']} runs, epsilon {_number(r['rdp_epsilon'])} at delta {r['delta']:g}")
     except LedgerError as err:
         _fail(str(err))
 

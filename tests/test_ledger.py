@@ -296,6 +296,33 @@ def test_fl_ledger_sets_budgets_shows_exports_and_aborts_a_crashed_run(
     assert not (home / "hospital-1").exists()  # a refused command creates nothing
 
 
+def test_an_erasure_is_noted_with_the_epsilon_that_bounds_the_records_influence_then(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "nodes"
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        return fl_ledger(monkeypatch, capsys, home, *args)
+
+    ledger = Ledger(home / "hospital-0" / "ledger.sqlite")
+    ledger.reserve(request("run-a", hospital="hospital-0"))
+    charge(ledger, "run-a", hospital="hospital-0")
+    ledger.close("run-a", "hospital-0", "icd10", COMMITTED)
+    code, out, err = cli("note-erasure", "hospital-0", "icd10", "DPO-2026-117")
+    bound = one_run_epsilon(50)
+    assert code == 0, err
+    assert out.strip() == (f"hospital-0/icd10: erasure DPO-2026-117 noted; the erased records' influence on the 1 "
+                           f"runs before it is bounded by epsilon {bound:.4f} at delta 1e-05")
+    ledger.reserve(request("run-b", hospital="hospital-0"))  # a later run: it does not train on the erased records
+    (noted,) = json.loads(cli("erasures", "--json")[1])
+    assert (noted["reference"], noted["runs"]) == ("DPO-2026-117", 1)
+    assert noted["rdp_epsilon"] == pytest.approx(bound, rel=1e-9)  # the bound as it was when noted
+    assert "DPO-2026-117" in cli("erasures")[1]
+    for reference in ("", "x" * 101, "Jane Doe\nMRN 1234"):
+        code, _, err = cli("note-erasure", "hospital-9", "icd10", reference)
+        assert code == 2 and err.startswith("fl-ledger: error: REFERENCE: a ticket number") and err.count("\n") == 1
+    assert not (home / "hospital-9").exists()  # refused before any ledger is made
+
+
 def test_compose_concatenates_histories_and_keeps_the_looser_accountant() -> None:
     a = AccountantState(((1.0, 0.1, 10),), "pld")
     b = AccountantState(((2.0, 0.2, 5),), "rdp")

@@ -125,6 +125,11 @@ def test_compose_confines_every_container_and_keeps_each_to_its_peers() -> None:
     assert "redis_password" in services["redis"]["secrets"] and "redis_password" in services["gateway"]["secrets"]
     assert "--appendfsync always" in services["redis"]["command"][-1]
     assert services["gateway"]["environment"]["FL_GATEWAY_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password"
+    # The gateway's audit log and its sealed head, as its preset and command place them, on two volumes.
+    gateway = compose_gateway_config(["+preset=production", *services["gateway"]["command"]], check_files=False)
+    volumes = dict(reversed(v.split(":")) for v in services["gateway"]["volumes"])
+    log_volume, head_volume = (volumes[str(Path(p).parent)] for p in (gateway.audit.path, gateway.audit.head_path))
+    assert log_volume != head_volume and {log_volume, head_volume} <= set(spec["volumes"])
 
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
