@@ -32,6 +32,7 @@ from fl_core.device import resolve_device
 from fl_core.entry import quiet_libraries
 from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer
 from fl_core.run_config import run_overrides
+from fl_core.tracing import configure_tracing
 from fl_core.training import TrainingView, evaluate, training_view
 from privacy.accountant import AccountantState
 from privacy.ledger import ABORTED, COMMITTED
@@ -291,6 +292,7 @@ class FederatedRun:
 
 def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
     quiet_libraries()
+    configure_tracing("fl-serverapp")
     if cfg.train.num_threads:
         import torch
 

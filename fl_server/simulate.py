@@ -19,6 +19,7 @@ from fl_core.artifacts import SUMMARY_FILE, mark_latest, run_folder
 from fl_core.config import CONF_DIR, AppConfig, compose_config, register_schemas, to_app_config
 from fl_core.console import run_console
 from fl_core.entry import check_every_job, exit_on_bad_input, job_overrides, quiet_libraries
+from fl_core.tracing import configure_tracing
 
 from .admission import AdmissionFailed
 
@@ -108,6 +109,7 @@ def main() -> None:
     register_schemas()
 
     exit_on_bad_input("fl-simulate", lambda: check_every_job(sys.argv[1:]))
+    exit_on_bad_input("fl-simulate", lambda: configure_tracing("fl-serverapp"))  # the rounds' spans
     _hydra_main()
 
 

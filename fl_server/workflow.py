@@ -27,6 +27,7 @@ from flwr.server.workflow.default_workflows import (
 from flwr.serverapp import Grid
 
 from fl_core.console import round_progress
+from fl_core.tracing import tracer
 from strategies.fedprox import RecordingFedProx, RoundRecord
 
 FitWorkflow = Callable[[Grid, LegacyContext], None]
@@ -119,17 +120,23 @@ class FederatedWorkflow:
                 started = time.perf_counter()
                 round_config[Key.CURRENT_ROUND] = server_round
                 expected = self.outcome.rounds[-1].seconds if self.outcome.rounds else None
-                with round_progress(server_round, context.config.num_rounds, expected):
-                    self.fit_workflow(grid, context)
+                with round_progress(server_round, context.config.num_rounds, expected), \
+                        tracer.start_as_current_span(f"round {server_round}") as span:
+                    with tracer.start_as_current_span("fit"):
+                        self.fit_workflow(grid, context)
                     record = strategy.rounds.get(server_round)
                     if record is None:
                         raise RoundNotAggregatedError(
                             f"round {server_round}: no aggregate (secure aggregation halted or fewer than "
                             f"{strategy.min_participants} hospitals returned an update); the run stops rather "
                             "than keep the previous global adapter")
-                    default_centralized_evaluation_workflow(grid, context)
-                    default_evaluate_workflow(grid, context)
-                    central = _centralized(context, server_round)
+                    for hospital in sorted(record.client_metrics):  # who replied; no value of what they sent
+                        tracer.start_span("reply", attributes={"fl.hospital": hospital}).end()
+                    span.set_attribute("fl.hospitals_aggregated", len(record.client_metrics))
+                    with tracer.start_as_current_span("evaluate"):
+                        default_centralized_evaluation_workflow(grid, context)
+                        default_evaluate_workflow(grid, context)
+                        central = _centralized(context, server_round)
                 result = RoundResult(server_round, record, central, _distributed(context, server_round),
                                      time.perf_counter() - started)
                 self.outcome.rounds.append(result)

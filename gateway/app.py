@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi_offline import FastAPIOffline
+from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -32,6 +33,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fl_core.config import ConfigError
+from fl_core.tracing import tracer
 from privacy.noisy_vote import NoisyVote
 from privacy.secure_random import SecureRandom
 
@@ -304,6 +306,11 @@ class CapTimeAndAudit:
         if scope["type"] != "http" or not scope["path"].startswith(AUDITED_PREFIXES):
             await self.app(scope, receive, send)
             return
+        with tracer.start_as_current_span(f"{scope['method']} {_route_path(scope)}", kind=SpanKind.SERVER) as span:
+            await self._call(scope, receive, send)
+            span.set_attribute("http.response.status_code", scope["state"].get("status", 0))
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
         services, metrics = self.services, self.services.metrics
         start = time.perf_counter()
         state = scope.setdefault("state", {})
@@ -313,11 +320,13 @@ class CapTimeAndAudit:
         async def audit() -> None:
             nonlocal audited
             audited = True
+            state["status"] = status
             principal: Principal | None = state.get("principal")
-            await services.audit_writer.record(AuditEvent(
-                user=principal.user if principal else "-", role=principal.role if principal else "-",
-                route=_route_path(scope), model=state.get("model", "-"), query_mode=state.get("query_mode", "-"),
-                epsilon=state.get("epsilon", 0.0), status=status, request_text=state.get("request_text", "")))
+            with tracer.start_as_current_span("audit"):
+                await services.audit_writer.record(AuditEvent(
+                    user=principal.user if principal else "-", role=principal.role if principal else "-",
+                    route=_route_path(scope), model=state.get("model", "-"), query_mode=state.get("query_mode", "-"),
+                    epsilon=state.get("epsilon", 0.0), status=status, request_text=state.get("request_text", "")))
 
         async def send_after_audit(message: Message) -> None:
             nonlocal status
@@ -396,6 +405,10 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         return r
 
     async def authenticate(request: Request) -> Principal:
+        with tracer.start_as_current_span("auth"):
+            return await checked_token(request)
+
+    async def checked_token(request: Request) -> Principal:
         try:
             principal = verify(bearer_token(request.headers.get("authorization")))
         except AuthError as err:
@@ -413,8 +426,9 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
     Authenticated = Annotated[Principal, Depends(authenticate)]
 
     async def rate_limited(principal: Authenticated) -> Principal:
-        take = await run_in_threadpool(services.limits.take_window, f"rate:{principal.user}",
-                                       cfg.limits.requests_per_hour, HOUR)
+        with tracer.start_as_current_span("rate_limit"):
+            take = await run_in_threadpool(services.limits.take_window, f"rate:{principal.user}",
+                                           cfg.limits.requests_per_hour, HOUR)
         if not take.allowed:
             raise HTTPException(429, f"rate limit: {cfg.limits.requests_per_hour} requests per hour",
                                 headers=retry_after(take.retry_after))
@@ -431,7 +445,8 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
     async def routed(call: Awaitable[tuple[Backend, Routed]]) -> tuple[Backend, Routed]:
         """A routed call's result, or the refusal a client understands: no replica (503), or none in time (504)."""
         try:
-            return await call
+            with tracer.start_as_current_span("routing"):
+                return await call
         except NoBackendAvailable as err:
             raise HTTPException(503, str(err), headers={"Retry-After": "5"}) from None
         except TimeoutError:
@@ -502,7 +517,8 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         names = [b.hospital for b in voters if b.hospital]
         keys = [f"{SPEND}{principal.user}", *(f"{DEPLOYMENT_SPEND}{h}" for h in names)]
         caps = [vote.rho_cap, *[services.rho_total_cap] * len(names)]
-        take = await run_in_threadpool(services.limits.take_spends, keys, cost, caps)
+        with tracer.start_as_current_span("budget"):
+            take = await run_in_threadpool(services.limits.take_spends, keys, cost, caps)
         user_total, *hospital_totals = take.totals
         for hospital, total in zip(names, hospital_totals, strict=True):  # refused or not: the gauges stay current
             metrics.deployment_spent.labels(hospital).set(vote.epsilon_of(total))

@@ -15,6 +15,7 @@ import uvicorn
 from fl_core.config import ConfigError
 from fl_core.data import DataError
 from fl_core.entry import OneLineParser, quiet_on_closed_pipe
+from fl_core.tracing import configure_tracing
 
 from .audit import AuditKeyError
 from .config import ROLES, GatewayConfig, compose_gateway_config, secret_from_env
@@ -94,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = compose_gateway_config(args.overrides)
         if args.command == "serve":
+            configure_tracing("fl-gateway")
             _serve(cfg)
         elif args.command == "replica":
+            configure_tracing("fl-gateway-replica")
             _replica(cfg, args.host, args.port, args.hospital)
         else:
             from .auth import mint_token

@@ -12,7 +12,12 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
+from opentelemetry.propagate import extract
+from opentelemetry.trace import SpanKind
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fl_core.tracing import tracer
 
 from .generation import Generation
 from .schemas import (
@@ -45,9 +50,27 @@ def usage(g: Generation) -> Usage:
                  total_tokens=g.prompt_tokens + g.completion_tokens)
 
 
+class ContinuedTrace:
+    """Each request's span continues the trace its W3C `traceparent` header names (the gateway's backend call), so
+    one trace runs from the gateway into the replica (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        with tracer.start_as_current_span(f"replica {scope['method']} {scope['path']}", context=extract(carrier),
+                                          kind=SpanKind.SERVER):
+            await self.app(scope, receive, send)
+
+
 def create_replica_app(model: ServedModel, hospital: str | None = None) -> FastAPI:
     """`hospital`: this replica serves that hospital's own model, so it can vote in noisy-vote queries."""
     app = FastAPI(title="federated-dp-llm model replica", version="1")
+    app.add_middleware(ContinuedTrace)
     generating: set[asyncio.Future[None]] = set()  # streamed answers' generations, held until they end
 
     @app.get("/health", response_model=ReplicaHealth)
@@ -59,7 +82,8 @@ def create_replica_app(model: ServedModel, hospital: str | None = None) -> FastA
     async def classify(body: ClassifyRequest) -> Prediction:
         if model.task != "classification":
             raise HTTPException(400, f"this model is a {model.task} model: use /v1/completions")
-        result = await run_in_threadpool(model.classify, body.text)
+        with tracer.start_as_current_span("classify"):
+            result = await run_in_threadpool(model.classify, body.text)
         return Prediction(label=result.label, probabilities=result.probabilities)
 
     def fitted(prompt: list[int], body: Sampling, field: str) -> list[int]:

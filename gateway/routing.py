@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import aiohttp
+from opentelemetry.propagate import inject
+from opentelemetry.trace import SpanKind
+
+from fl_core.tracing import tracer
 
 from .config import RoutingConfig
 
@@ -126,9 +130,14 @@ class Router:
         backend (BackendError, to fail over)."""
         backend.trial_in_flight = backend.circuit(self.cfg.circuit_cooldown, time.monotonic()) == "half-open"
         start = time.perf_counter()
+        headers: dict[str, str] = {}
         try:
-            response = await self.client.post(backend.url + path, json=body,
-                                              timeout=aiohttp.ClientTimeout(total=timeout))
+            with tracer.start_as_current_span("backend_call", kind=SpanKind.CLIENT) as span:
+                span.set_attribute("server.address", backend.url)
+                inject(headers)  # W3C traceparent: the replica's spans join this trace
+                response = await self.client.post(backend.url + path, json=body, headers=headers,
+                                                  timeout=aiohttp.ClientTimeout(total=timeout))
+                span.set_attribute("http.response.status_code", response.status)
         except (aiohttp.ClientError, TimeoutError) as err:
             self.settle(backend, start, ok=False)
             raise BackendError(f"{backend.url}: {type(err).__name__}") from err

@@ -33,12 +33,12 @@ BASE = ["model=tiny", "data.max_train_examples=900", "data.max_test_examples=150
         "train.lr=0.01", "train.device=cpu"]
 
 
-def fl_simulate(run_dir: Path, *overrides: str, timeout: int = 420,
-                flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def fl_simulate(run_dir: Path, *overrides: str, timeout: int = 420, flags: tuple[str, ...] = (),
+                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """fl-simulate as a user runs it (Hydra's `flags` first); the hospitals keep their ledgers (and policies) in
     `nodes/` beside the run."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "FEDERATED_DP_LLM_NODE_HOME": str(run_dir.parent / "nodes")}
+           "FEDERATED_DP_LLM_NODE_HOME": str(run_dir.parent / "nodes"), **(extra_env or {})}
     return subprocess.run(
         [sys.executable, "-m", "fl_server.simulate", *flags, *BASE, f"hydra.run.dir={run_dir}",
          f"tracking.mlflow_uri=sqlite:///{run_dir.parent / 'mlflow.db'}", *overrides],
@@ -229,6 +229,9 @@ def test_bad_config_fails_before_the_simulation_engine_starts(tmp_path: Path) ->
     assert helped.returncode == 0 and "model: minilm, smollm2-135m, tiny" in helped.stdout
     info = fl_simulate(tmp_path / "run", timeout=120, flags=("--info", "defaults"))
     assert info.returncode == 0 and "model/tiny" in info.stdout
+    untraced = fl_simulate(tmp_path / "run", timeout=120, extra_env={"OTEL_TRACES_EXPORTER": "zipkin"})
+    assert untraced.returncode == 2 and untraced.stderr.strip() == (
+        "fl-simulate: config error: OTEL_TRACES_EXPORTER: unknown exporter 'zipkin'; choose one of otlp, console, none")
 
 
 def test_a_sweep_runs_each_job_in_its_own_folder_with_its_log(tmp_path: Path) -> None:
@@ -243,22 +246,25 @@ def test_a_sweep_runs_each_job_in_its_own_folder_with_its_log(tmp_path: Path) ->
         assert "privacy.target_epsilon" in (folder / ".hydra" / "overrides.yaml").read_text()
 
 
-def test_a_running_federation_exports_each_hospitals_epsilon_for_grafana(tmp_path: Path) -> None:
-    """The chart sets FL_TRAINING_METRICS_PORT in the ServerApp runner; Prometheus scrapes the run while it trains."""
+def test_a_running_federation_exports_epsilon_for_grafana_and_a_trace_per_round(tmp_path: Path) -> None:
+    """The chart sets FL_TRAINING_METRICS_PORT in the ServerApp runner; Prometheus scrapes the run while it trains.
+    With OTEL_TRACES_EXPORTER set, each round is a trace: fit, a span per hospital's reply, evaluation."""
     run_dir, port = tmp_path / "run", free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "FL_TRAINING_METRICS_PORT": str(port),
-           "FEDERATED_DP_LLM_NODE_HOME": str(tmp_path / "nodes")}
+           "FEDERATED_DP_LLM_NODE_HOME": str(tmp_path / "nodes"), "OTEL_TRACES_EXPORTER": "console"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fl_server.simulate", *BASE, f"hydra.run.dir={run_dir}", "federation.num_rounds=2",
          "strategy.secagg.enabled=false", f"tracking.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     assert proc.stdout is not None
-    scraped = ""
+    scraped, printed = "", []
     for line in proc.stdout:
+        printed.append(line)
         if line.startswith("[round 1/2]"):  # printed after the round's metrics are set
             scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
             break
-    assert proc.wait(timeout=420) == 0, proc.stdout.read()[-3000:]
+    printed.append(proc.stdout.read())
+    assert proc.wait(timeout=420) == 0, "".join(printed)[-3000:]
     run_id = summary_of(run_dir)["mlflow_run_id"]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for hospital in ("hospital-0", "hospital-1", "hospital-2"):
@@ -268,3 +274,14 @@ def test_a_running_federation_exports_each_hospitals_epsilon_for_grafana(tmp_pat
     assert f'training_round{{run="{run_id}"}} 1.0' in scraped
     with pytest.raises(httpx.ConnectError):  # the run is over: its metrics went with it
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    spans = [json.loads(line) for line in "".join(printed).splitlines() if line.startswith('{"name"')]
+    for server_round in (1, 2):
+        (root,) = [s for s in spans if s["name"] == f"round {server_round}"]
+        children = [s for s in spans if s["parent_id"] == root["context"]["span_id"]]
+        assert sorted(s["name"] for s in children) == ["evaluate", "fit", "reply", "reply", "reply"]
+        assert sorted(s["attributes"]["fl.hospital"] for s in children if s["name"] == "reply") == [
+            "hospital-0", "hospital-1", "hospital-2"]
+        assert root["attributes"] == {"fl.hospitals_aggregated": 3}
+        assert all(s["context"]["trace_id"] == root["context"]["trace_id"] for s in children)
+    # Spans name hospitals and count them; they carry no score, loss or epsilon.
+    assert {key for s in spans for key in s["attributes"]} <= {"fl.hospital", "fl.hospitals_aggregated"}

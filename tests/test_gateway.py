@@ -53,6 +53,7 @@ VOTE_TOTAL = 3.0  # each hospital model's epsilon over all users at the main gat
 RATE = 6
 ANONYMOUS = 3  # requests per hour without a valid token, per address, at the gateways sharing redis
 HEAD_TIMEOUT, IDLE_TIMEOUT = 2.0, 2  # seconds, at the busy gateway
+TRACED = {"OTEL_TRACES_EXPORTER": "console"}  # the SDK's console exporter: each span a JSON line in the log
 
 
 def token(user: str, role: str = "clinician", minutes: float = 30, now: float | None = None) -> dict[str, str]:
@@ -67,25 +68,25 @@ class Stack:
     runs: dict[str, Path] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, command: list[str]) -> None:
+    def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
         log = (self.root / f"{name}.log").open("ab")
-        self.processes[name] = subprocess.Popen(command, cwd=self.root, env=self.env, stdout=log,
+        self.processes[name] = subprocess.Popen(command, cwd=self.root, env={**self.env, **(env or {})}, stdout=log,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
 
-    def replica(self, name: str, run: Path, hospital: str | None = None) -> None:
+    def replica(self, name: str, run: Path, hospital: str | None = None, env: dict[str, str] | None = None) -> None:
         self.ports[name] = free_port()
         self.start(name, [sys.executable, "-m", "gateway.cli", "replica", "--port", str(self.ports[name]),
                           *(["--hospital", hospital] if hospital else []), f"replica.source={run}",
-                          "replica.device=cpu", "replica.num_threads=1"])
+                          "replica.device=cpu", "replica.num_threads=1"], env)
 
-    def gateway(self, name: str, backends: list[str], *overrides: str) -> None:
+    def gateway(self, name: str, backends: list[str], *overrides: str, env: dict[str, str] | None = None) -> None:
         self.ports[name] = free_port()
         urls = ",".join(self.url(b) for b in backends)
         self.start(name, [sys.executable, "-m", "gateway.cli", "serve", f"port={self.ports[name]}",
                           f"routing.backends=[{urls}]", f"audit.path={self.root / name}-audit.sqlite",
                           f"audit.head_path={self.heads / name}-audit-head.json",
                           f"limits.sqlite_path={self.root / name}-limits.sqlite", "routing.health_interval=0.5",
-                          *overrides])
+                          *overrides], env)
 
     @property
     def heads(self) -> Path:
@@ -149,6 +150,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.replica("node-1", runs["hospital-1"], "hospital-1")
         s.replica("lm", runs["causal-lm"])
         s.replica("chat", runs["chat"])
+        s.replica("traced-replica", runs["hospital-0"], env=TRACED)
         init(root / "certs", [], [], days=1)
         create_client_certificate(root / "certs", "ehr", days=1)
         s.ports["redis"] = free_port()
@@ -171,7 +173,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for name in ("shared-1", "shared-2"):
             s.gateway(name, ["replica-a"], "limits.store=redis", f"limits.redis_url={redis_url}",
                       "limits.requests_per_hour=4", f"limits.unauthenticated_per_hour={ANONYMOUS}")
-        for name in ("main", "busy", "shared-1", "shared-2", "tls-operations"):
+        s.gateway("traced", ["traced-replica"], env=TRACED)
+        for name in ("main", "busy", "shared-1", "shared-2", "tls-operations", "traced"):
             s.wait_ready(name)
         admin = token("root", "admin")
         for name in ("main", "busy"):
@@ -185,6 +188,35 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def classify(s: Stack, user: str, gateway: str = "main", **extra: str) -> httpx.Response:
     return httpx.post(s.url(gateway) + "/v1/classify", json={"text": TEXT, **extra}, headers=token(user), timeout=60)
+
+
+def spans_in(log: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.splitlines() if line.startswith('{"name"')]
+
+
+def test_a_request_is_one_trace_from_the_gateway_into_the_replica_and_carries_no_text_or_token(stack: Stack) -> None:
+    headers = token("tracy")
+    response = httpx.post(stack.url("traced") + "/v1/classify", json={"text": TEXT}, headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    wait_until(lambda: any(s["name"] == "POST /v1/classify" for s in spans_in(stack.log("traced"))), 30,
+               "the gateway's request span")
+    gateway = {s["name"]: s for s in spans_in(stack.log("traced"))}
+    replica = {s["name"]: s for s in spans_in(stack.log("traced-replica"))}
+    root = gateway["POST /v1/classify"]
+    trace_id = root["context"]["trace_id"]
+    assert {"auth", "rate_limit", "routing", "backend_call", "audit"} <= gateway.keys()
+    for name in ("auth", "rate_limit", "routing", "audit"):
+        assert gateway[name]["context"]["trace_id"] == trace_id and gateway[name]["parent_id"] == \
+            root["context"]["span_id"], name
+    call = gateway["backend_call"]
+    assert call["parent_id"] == gateway["routing"]["context"]["span_id"] and call["kind"] == "SpanKind.CLIENT"
+    served = replica["replica POST /v1/classify"]  # the replica continues the gateway's trace, under its call
+    assert served["context"]["trace_id"] == trace_id and served["parent_id"] == call["context"]["span_id"]
+    assert replica["classify"]["parent_id"] == served["context"]["span_id"]
+    assert root["attributes"]["http.response.status_code"] == 200
+    exported = stack.log("traced") + stack.log("traced-replica")
+    secret = headers["Authorization"].split()[1]
+    assert TEXT not in exported and secret not in exported and "tracy" not in exported
 
 
 def test_a_request_without_a_valid_token_is_401(stack: Stack) -> None:

@@ -82,7 +82,7 @@ def test_compose_file_is_a_valid_three_hospital_federation() -> None:
     services = spec["services"]
     targets = {name: s["build"]["target"] for name, s in services.items() if "build" in s}
     assert set(targets.values()) == set(TARGETS)
-    assert {name for name in services if name not in targets} == {"redis"}  # the one upstream image
+    assert {name for name in services if name not in targets} == {"redis", "jaeger"}  # the upstream images
     hospitals = [name for name, target in targets.items() if target == "supernode"]
     assert len(hospitals) == 3
     for name, service in services.items():
@@ -125,6 +125,12 @@ def test_compose_confines_every_container_and_keeps_each_to_its_peers() -> None:
     assert "redis_password" in services["redis"]["secrets"] and "redis_password" in services["gateway"]["secrets"]
     assert "--appendfsync always" in services["redis"]["command"][-1]
     assert services["gateway"]["environment"]["FL_GATEWAY_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password"
+    # Spans go to Jaeger, which only the gateway and the replicas reach, and only when the operator turns tracing on.
+    assert peers("jaeger") == {"gateway", "replica-1", "replica-2"} and spec["networks"]["tracing"]["internal"]
+    for name in ("gateway", "replica-1", "replica-2"):
+        environment = services[name]["environment"]
+        assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318", name
+        assert environment["OTEL_TRACES_EXPORTER"] == "${OTEL_TRACES_EXPORTER:-none}", name
     # The gateway's audit log and its sealed head, as its preset and command place them, on two volumes.
     gateway = compose_gateway_config(["+preset=production", *services["gateway"]["command"]], check_files=False)
     volumes = dict(reversed(v.split(":")) for v in services["gateway"]["volumes"])
@@ -533,3 +539,20 @@ def test_the_gate_fails_on_a_high_severity_finding_and_a_known_vulnerability(tmp
         {"name": "numpy", "version": "2.3.0", "vulns": []},
         {"name": "torch", "version": "2.13.0", "skip_reason": "Dependency not found on PyPI and could not be audited"}]}
     assert audit_findings(report) == (["jinja2 3.1.2: GHSA-h5c8-rqwp-cp95 (fixed in 3.1.3)"], 1, 2)
+
+
+def test_traces_go_where_the_operator_says_and_nowhere_by_default() -> None:
+    def environments(values: dict[str, Any]) -> dict[str, dict[str, str]]:
+        return {c["name"]: {e["name"]: e.get("value", "") for e in c.get("env", [])}
+                for pod in pod_specs(render(values)) for c in pod["containers"]}
+
+    deployment = {**SERVING, "supernodes": HOSPITALS}
+    assert not any("OTEL_TRACES_EXPORTER" in env for env in environments(deployment).values())
+    endpoint = "http://jaeger-collector.observability:4318"
+    traced = environments({**deployment, "tracing": {"otlpEndpoint": endpoint}})
+    for container, service in (("gateway", "fl-gateway"), ("replica", "fl-gateway-replica"),
+                               ("serverapp", "fl-serverapp")):
+        assert traced[container]["OTEL_TRACES_EXPORTER"] == "otlp"
+        assert (traced[container]["OTEL_EXPORTER_OTLP_ENDPOINT"], traced[container]["OTEL_SERVICE_NAME"]) == (
+            endpoint, service)
+    assert not any("OTEL_TRACES_EXPORTER" in traced[c] for c in ("supernode", "superlink", "mlflow"))  # nodes: none

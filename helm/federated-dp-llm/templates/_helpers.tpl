@@ -59,3 +59,15 @@ securityContext:
 exec:
   command: ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', {{ .port }}), 3)"]
 {{- end -}}
+
+{{/* OpenTelemetry's standard variables (fl_core/tracing.py): spans over OTLP/HTTP to tracing.otlpEndpoint, when set. */}}
+{{- define "fdl.tracingEnv" -}}
+{{- with .root.Values.tracing.otlpEndpoint }}
+- name: OTEL_TRACES_EXPORTER
+  value: otlp
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ $.service | quote }}
+{{- end }}
+{{- end -}}
