@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 KINDS = ("sqlite", "file", "folder")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+STAMP = re.compile(r"^\d{8}T\d{12}Z$")  # a backup folder's name: only these are ever pruned by --keep
 SQLITE_HEADER = b"SQLite format 3\x00"
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
@@ -64,8 +65,9 @@ def check_items(items: Sequence[BackupItem]) -> None:
     seen: set[str] = set()
     for item in items:
         where = f"--{item.kind} {item.name}"
-        if item.name in seen:
-            raise BackupError(f"{where}: the name is given twice")
+        if item.name in seen or item.name == MANIFEST:
+            raise BackupError(f"{where}: the name is given twice" if item.name in seen else
+                              f"{where}: {MANIFEST} is the backup's own file")
         seen.add(item.name)
         if item.kind == "folder":
             if not item.path.is_dir():
@@ -115,7 +117,8 @@ def _copy(item: BackupItem, target: Path) -> None:
     elif item.kind == "file":
         shutil.copyfile(item.path, target)
     else:
-        shutil.copytree(item.path, target, symlinks=True)
+        shutil.copytree(item.path, target, ignore=lambda folder, names: [  # a link is not followed out of the store
+            n for n in names if (Path(folder) / n).is_symlink()])
 
 
 def _files(root: Path) -> list[Path]:
@@ -141,6 +144,9 @@ def create_backup(items: Sequence[BackupItem], destination: Path, keep: int | No
         for item in items:
             target = staging / item.name
             _copy(item, target)
+            for path in [target, *target.rglob("*")]:  # the owner's alone, as the folder is
+                if not path.is_symlink():
+                    path.chmod(0o700 if path.is_dir() else 0o600)
             files = [{"path": str(p.relative_to(staging)), "bytes": p.stat().st_size, "sha256": _sha256(p)}
                      for p in _files(target)]
             for p in _files(target):
@@ -155,10 +161,20 @@ def create_backup(items: Sequence[BackupItem], destination: Path, keep: int | No
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if keep is not None:
-        for old in sorted(p for p in destination.iterdir() if p.is_dir() and not p.name.startswith("."))[:-keep]:
+    if keep is not None:  # only whole backups of the same items; anything else in the folder is not ours to delete
+        names = sorted(item.name for item in items)
+        ours = sorted(p for p in destination.iterdir() if STAMP.match(p.name) and p.is_dir() and not p.is_symlink()
+                      and _item_names(p) == names)
+        for old in ours[:-keep]:
             shutil.rmtree(old)
     return final
+
+
+def _item_names(backup: Path) -> list[str] | None:
+    try:
+        return sorted(item.name for item in read_manifest(backup))
+    except BackupError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -177,19 +193,31 @@ class BackedUpItem:
 
 
 def read_manifest(backup: Path) -> list[BackedUpItem]:
-    """The items a backup holds, from its manifest."""
+    """The items a backup holds, from its manifest, each checked to lie inside the backup: a name as `create`
+    makes them, one kind of ours, and every file under its item's folder (a manifest is not trusted to point
+    elsewhere: a backup volume may have been written by someone else)."""
     where = backup / MANIFEST
     try:
         manifest = json.loads(where.read_text())
         if manifest["format"] != FORMAT:
             raise BackupError(f"{where}: format {manifest['format']!r}, this version reads format {FORMAT}")
-        return [BackedUpItem(str(item["name"]), str(item["kind"]), Path(item["source"]),
-                             [BackedUpFile(str(f["path"]), int(f["bytes"]), str(f["sha256"])) for f in item["files"]])
-                for item in manifest["items"]]
+        items = [BackedUpItem(str(item["name"]), str(item["kind"]), Path(item["source"]),
+                              [BackedUpFile(str(f["path"]), int(f["bytes"]), str(f["sha256"])) for f in item["files"]])
+                 for item in manifest["items"]]
     except FileNotFoundError:
         raise BackupError(f"{backup}: no {MANIFEST} (not a backup, or not a whole one)") from None
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise BackupError(f"{where}: unreadable ({type(err).__name__})") from None
+    for item in items:
+        if not NAME.match(item.name) or item.kind not in KINDS or not item.files:
+            raise BackupError(f"{where}: item {item.name!r} is not one fl-backup makes")
+        for entry in item.files:
+            parts = Path(entry.path).parts
+            single = item.kind != "folder" and entry.path == item.name
+            inside = item.kind == "folder" and len(parts) > 1 and parts[0] == item.name and ".." not in parts
+            if Path(entry.path).is_absolute() or not (single or inside):
+                raise BackupError(f"{where}: item {item.name!r} lists {entry.path!r}, outside its own folder")
+    return items
 
 
 def verify_backup(backup: Path) -> list[str]:
@@ -210,6 +238,8 @@ def verify_backup(backup: Path) -> list[str]:
         relative = str(path.relative_to(backup))
         if relative != MANIFEST and relative not in listed:
             problems.append(f"{relative}: not in the manifest")
+    problems += [f"{p.relative_to(backup)}: a symbolic link (fl-backup makes none)" for p in backup.rglob("*")
+                 if p.is_symlink()]
     return problems
 
 
@@ -223,12 +253,14 @@ def _integrity(path: Path) -> str:
         db.close()
 
 
-def restore_backup(backup: Path, targets: Mapping[str, Path] | None = None, replace: bool = False,
-                   now: datetime | None = None) -> list[tuple[str, Path]]:
-    """Put each item of a verified backup at its target (`targets[name]`, else where it was backed up from).
-    Everything is checked before anything is written: the backup whole, every target name known, no target in
+def restore_backup(backup: Path, targets: Mapping[str, Path] | None = None, in_place: bool = False,
+                   replace: bool = False, now: datetime | None = None) -> list[tuple[str, Path]]:
+    """Put each item of a verified backup at its target: `targets[name]`, or, with `in_place`, where the manifest
+    says it was backed up from (trust that only for a backup volume nobody else writes: a manifest is not signed).
+    Everything is checked before anything is written: the backup whole, every item given a target, no target in
     the way unless `replace`, and then what is replaced (a SQLite file with its WAL) is moved aside, not deleted.
-    Stop the services that write these files first: a running one would keep its open file. Returns (name, path)."""
+    Restored files are the owner's alone (0600, folders 0700). Stop the services that write these files first: a
+    running one would keep its open file. Returns (name, path)."""
     problems = verify_backup(backup)
     if problems:
         raise BackupError(f"{backup}: does not verify: {problems[0]}")
@@ -238,6 +270,10 @@ def restore_backup(backup: Path, targets: Mapping[str, Path] | None = None, repl
     for name in targets:
         if name not in names:
             raise BackupError(f"--to {name}: no such item in the backup (it has {', '.join(names)})")
+    missing = [name for name in names if name not in targets and not in_place]
+    if missing:
+        raise BackupError(f"--to {missing[0]}: no target (give --to NAME=PATH for every item, or --in-place to "
+                          "restore where the manifest says each came from)")
     plan = [(item, targets.get(item.name, item.source)) for item in items]
     for item, target in plan:
         in_the_way = [p for p in _with_side_files(target, item.kind) if p.exists() or p.is_symlink()]
@@ -258,9 +294,12 @@ def restore_backup(backup: Path, targets: Mapping[str, Path] | None = None, repl
             shutil.rmtree(staging)
         staging.unlink(missing_ok=True)
         if item.kind == "folder":
-            shutil.copytree(backup / item.name, staging, symlinks=True)
+            shutil.copytree(backup / item.name, staging)
+            for path in [staging, *staging.rglob("*")]:
+                path.chmod(0o700 if path.is_dir() else 0o600)
         else:
             shutil.copyfile(backup / item.name, staging)
+            staging.chmod(0o600)
         staging.rename(target)
         restored.append((item.name, target))
     return restored

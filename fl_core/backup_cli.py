@@ -52,7 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     restore = sub.add_parser("restore", help="verify a backup, then put its items back (stop their services first)")
     restore.add_argument("backup", type=Path)
     restore.add_argument("--to", dest="targets", action="append", type=_target, default=[], metavar="NAME=PATH",
-                         help="where item NAME goes (default: where it was backed up from)")
+                         help="where item NAME goes (one for every item, unless --in-place)")
+    restore.add_argument("--in-place", action="store_true",
+                         help="items without --to go where the manifest says they came from (only for a backup "
+                              "volume nobody else writes: a manifest is not signed)")
     restore.add_argument("--replace", action="store_true",
                          help="move what is at a target aside (NAME.replaced-TIME) instead of refusing")
     return parser
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{args.backup}: {'intact' if not problems else f'{len(problems)} problems'}")
             raise SystemExit(1 if problems else 0)
         else:
-            for name, path in restore_backup(args.backup, dict(args.targets), replace=args.replace):
+            for name, path in restore_backup(args.backup, dict(args.targets), in_place=args.in_place,
+                                             replace=args.replace):
                 print(f"{name}: restored to {path}")
     except BackupError as err:
         print(f"fl-backup: {err}", file=sys.stderr)

@@ -10,6 +10,9 @@ request's text, a token, a user, a record or a metric outside a run's declared r
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from opentelemetry import trace
 
@@ -17,6 +20,19 @@ from .config import ConfigError
 
 EXPORTERS = ("otlp", "console", "none")
 tracer = trace.get_tracer("federated-dp-llm")  # a proxy: real once configure_tracing sets a provider
+
+
+@contextmanager
+def traced(name: str, **options: Any) -> Iterator[trace.Span]:
+    """A span around a block that keeps an exception's type in its status, never its message (a message can hold
+    what a request sent)."""
+    with tracer.start_as_current_span(name, record_exception=False, set_status_on_exception=False,
+                                      **options) as span:
+        try:
+            yield span
+        except BaseException as err:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, type(err).__name__))
+            raise
 
 
 def configure_tracing(service: str) -> bool:

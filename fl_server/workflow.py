@@ -27,7 +27,7 @@ from flwr.server.workflow.default_workflows import (
 from flwr.serverapp import Grid
 
 from fl_core.console import round_progress
-from fl_core.tracing import tracer
+from fl_core.tracing import traced, tracer
 from strategies.fedprox import RecordingFedProx, RoundRecord
 
 FitWorkflow = Callable[[Grid, LegacyContext], None]
@@ -121,8 +121,8 @@ class FederatedWorkflow:
                 round_config[Key.CURRENT_ROUND] = server_round
                 expected = self.outcome.rounds[-1].seconds if self.outcome.rounds else None
                 with round_progress(server_round, context.config.num_rounds, expected), \
-                        tracer.start_as_current_span(f"round {server_round}") as span:
-                    with tracer.start_as_current_span("fit"):
+                        traced(f"round {server_round}") as span:
+                    with traced("fit"):
                         self.fit_workflow(grid, context)
                     record = strategy.rounds.get(server_round)
                     if record is None:
@@ -133,7 +133,7 @@ class FederatedWorkflow:
                     for hospital in sorted(record.client_metrics):  # who replied; no value of what they sent
                         tracer.start_span("reply", attributes={"fl.hospital": hospital}).end()
                     span.set_attribute("fl.hospitals_aggregated", len(record.client_metrics))
-                    with tracer.start_as_current_span("evaluate"):
+                    with traced("evaluate"):
                         default_centralized_evaluation_workflow(grid, context)
                         default_evaluate_workflow(grid, context)
                         central = _centralized(context, server_round)

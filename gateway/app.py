@@ -33,7 +33,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fl_core.config import ConfigError
-from fl_core.tracing import tracer
+from fl_core.tracing import traced
 from privacy.noisy_vote import NoisyVote
 from privacy.secure_random import SecureRandom
 
@@ -306,7 +306,7 @@ class CapTimeAndAudit:
         if scope["type"] != "http" or not scope["path"].startswith(AUDITED_PREFIXES):
             await self.app(scope, receive, send)
             return
-        with tracer.start_as_current_span(f"{scope['method']} {_route_path(scope)}", kind=SpanKind.SERVER) as span:
+        with traced(f"{scope['method']} {_route_path(scope)}", kind=SpanKind.SERVER) as span:
             await self._call(scope, receive, send)
             span.set_attribute("http.response.status_code", scope["state"].get("status", 0))
 
@@ -322,7 +322,7 @@ class CapTimeAndAudit:
             audited = True
             state["status"] = status
             principal: Principal | None = state.get("principal")
-            with tracer.start_as_current_span("audit"):
+            with traced("audit"):
                 await services.audit_writer.record(AuditEvent(
                     user=principal.user if principal else "-", role=principal.role if principal else "-",
                     route=_route_path(scope), model=state.get("model", "-"), query_mode=state.get("query_mode", "-"),
@@ -405,7 +405,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         return r
 
     async def authenticate(request: Request) -> Principal:
-        with tracer.start_as_current_span("auth"):
+        with traced("auth"):
             return await checked_token(request)
 
     async def checked_token(request: Request) -> Principal:
@@ -426,7 +426,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
     Authenticated = Annotated[Principal, Depends(authenticate)]
 
     async def rate_limited(principal: Authenticated) -> Principal:
-        with tracer.start_as_current_span("rate_limit"):
+        with traced("rate_limit"):
             take = await run_in_threadpool(services.limits.take_window, f"rate:{principal.user}",
                                            cfg.limits.requests_per_hour, HOUR)
         if not take.allowed:
@@ -445,7 +445,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
     async def routed(call: Awaitable[tuple[Backend, Routed]]) -> tuple[Backend, Routed]:
         """A routed call's result, or the refusal a client understands: no replica (503), or none in time (504)."""
         try:
-            with tracer.start_as_current_span("routing"):
+            with traced("routing"):
                 return await call
         except NoBackendAvailable as err:
             raise HTTPException(503, str(err), headers={"Retry-After": "5"}) from None
@@ -517,7 +517,7 @@ def create_gateway_app(services: GatewayServices) -> FastAPI:
         names = [b.hospital for b in voters if b.hospital]
         keys = [f"{SPEND}{principal.user}", *(f"{DEPLOYMENT_SPEND}{h}" for h in names)]
         caps = [vote.rho_cap, *[services.rho_total_cap] * len(names)]
-        with tracer.start_as_current_span("budget"):
+        with traced("budget"):
             take = await run_in_threadpool(services.limits.take_spends, keys, cost, caps)
         user_total, *hospital_totals = take.totals
         for hospital, total in zip(names, hospital_totals, strict=True):  # refused or not: the gauges stay current

@@ -59,9 +59,10 @@ def controls(gateway: GatewayConfig, training: AppConfig, chart: Mapping[str, An
         _check("HIPAA", "§164.312(a)(2)(iii)", "Automatic logoff", True, auth.token_minutes <= MAX_TOKEN_MINUTES,
                f"tokens expire after {auth.token_minutes:g} minutes (at most {MAX_TOKEN_MINUTES}); a longer "
                "lifetime is refused when a token is minted"),
-        _check("HIPAA", "§164.312(a)(2)(iv)", "Encryption of ePHI at rest", True, bool(audit.text_key_env),
-               f"request text in the audit log is encrypted (Fernet, ${audit.text_key_env}), under a key apart "
-               "from the chain's; verifying the log needs the chain key only"),
+        _check("HIPAA", "§164.312(a)(2)(iv)", "Encryption of ePHI at rest", False, bool(audit.text_key_env),
+               f"the request text in the audit log is encrypted (Fernet, ${audit.text_key_env}), under a key apart "
+               "from the chain's; the log's other fields (user, route, epsilon), the ledgers, MLflow's store and "
+               "the backups are not encrypted by this software: put them on encrypted volumes (not checked here)"),
         _check("HIPAA", "§164.312(b)", "Audit controls", True,
                audit.retention_days >= HIPAA_RETENTION_DAYS and _apart(audit.path, audit.head_path),
                f"every request audited before its answer leaves, in a hash-chained log ({audit.path}) with its head "
@@ -100,16 +101,20 @@ def controls(gateway: GatewayConfig, training: AppConfig, chart: Mapping[str, An
         _check("GDPR", "Art. 32(1)(a)", "Encryption", True, tls and bool(audit.text_key_env),
                "in transit: TLS (above); at rest: the audit log's request text"),
         _check("GDPR", "Art. 32(1)(b)", "Confidentiality of the services", True, True,
-               "every component has a NetworkPolicy; every pod runs unprivileged with a read-only root; secrets "
-               "only from Secrets and the environment, never from files in the chart or the repository"),
+               "every component admits only its peers (ingress NetworkPolicies; egress is not restricted); every "
+               "pod runs unprivileged with a read-only root; secrets only from Secrets and the environment, never "
+               "from files in the chart or the repository"),
         _check("GDPR", "Art. 32(1)(c)", "Restore availability after an incident", True,
                bool(backup.get("enabled")) and bool(backup.get("claim")),
-               f"fl-backup of every store to {backup.get('claim')!r}, {backup.get('schedule')}, "
-               f"{backup.get('keep')} kept" if backup.get("enabled") else "backup.enabled is false: no backups"),
+               f"fl-backup of the ledgers, audit logs, SuperLink and MLflow to {backup.get('claim')!r}, "
+               f"{backup.get('schedule')}, {backup.get('keep')} kept; Redis's budgets by its append-only file on its "
+               "own volume (not in these backups)" if backup.get("enabled") else
+               "backup.enabled is false: no backups"),
         Control("GDPR", "Art. 17", "Right to erasure", False, NOT_APPLICABLE,
                 "the hospital deletes the patient's records from its own data; no record left it. A model already "
                 "trained is not untrained: each record's influence on it is bounded by the ledger's epsilon "
-                "(README, Operations)"),
+                "(fl-ledger note-erasure). What clinicians typed stays in the encrypted audit log for its "
+                "retention, a record the law requires (Art. 17(3)(b)); README, Operations"),
         Control("GDPR", "Art. 20", "Right to data portability", False, NOT_APPLICABLE,
                 "the system holds no patient's records outside their hospital; the hospital's own systems answer"),
     ]

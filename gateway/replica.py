@@ -17,7 +17,7 @@ from opentelemetry.trace import SpanKind
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fl_core.tracing import tracer
+from fl_core.tracing import traced
 
 from .generation import Generation
 from .schemas import (
@@ -62,7 +62,7 @@ class ContinuedTrace:
             await self.app(scope, receive, send)
             return
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        with tracer.start_as_current_span(f"replica {scope['method']} {scope['path']}", context=extract(carrier),
+        with traced(f"replica {scope['method']} {scope['path']}", context=extract(carrier),
                                           kind=SpanKind.SERVER):
             await self.app(scope, receive, send)
 
@@ -82,7 +82,7 @@ def create_replica_app(model: ServedModel, hospital: str | None = None) -> FastA
     async def classify(body: ClassifyRequest) -> Prediction:
         if model.task != "classification":
             raise HTTPException(400, f"this model is a {model.task} model: use /v1/completions")
-        with tracer.start_as_current_span("classify"):
+        with traced("classify"):
             result = await run_in_threadpool(model.classify, body.text)
         return Prediction(label=result.label, probabilities=result.probabilities)
 

@@ -14,7 +14,7 @@ import aiohttp
 from opentelemetry.propagate import inject
 from opentelemetry.trace import SpanKind
 
-from fl_core.tracing import tracer
+from fl_core.tracing import traced
 
 from .config import RoutingConfig
 
@@ -132,7 +132,7 @@ class Router:
         start = time.perf_counter()
         headers: dict[str, str] = {}
         try:
-            with tracer.start_as_current_span("backend_call", kind=SpanKind.CLIENT) as span:
+            with traced("backend_call", kind=SpanKind.CLIENT) as span:
                 span.set_attribute("server.address", backend.url)
                 inject(headers)  # W3C traceparent: the replica's spans join this trace
                 response = await self.client.post(backend.url + path, json=body, headers=headers,

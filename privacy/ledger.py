@@ -11,6 +11,7 @@ transaction: two runs admitted at once cannot overspend one budget. Refused runs
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections import Counter
@@ -44,7 +45,8 @@ CREATE TABLE IF NOT EXISTS erasures (
     at TEXT NOT NULL, hospital TEXT NOT NULL, dataset TEXT NOT NULL, reference TEXT NOT NULL, runs INTEGER NOT NULL,
     rdp_epsilon REAL NOT NULL, delta REAL NOT NULL);
 """
-MAX_REFERENCE = 100  # an erasure's reference: a ticket number, never a patient's name or record id
+# An erasure's reference: a ticket number, never a patient's name or record id (no spaces, so no names).
+ERASURE_REFERENCE = re.compile(r"^[A-Za-z0-9._#/-]{1,40}$")
 # Columns added since the first ledgers were written; an older ledger gains them when it is opened. Flower's run ids
 # are unsigned 64-bit integers, which SQLite's INTEGER cannot hold: they are kept as text.
 ADDED_COLUMNS = {"flower_run": "TEXT", "plan": "TEXT", "closed_reason": "TEXT"}
@@ -230,9 +232,9 @@ def within(spent: AccountantState, planned: AccountantState) -> bool:
 
 
 def check_erasure_reference(reference: str) -> None:
-    if not 0 < len(reference) <= MAX_REFERENCE or not reference.isprintable():
-        raise LedgerError(f"REFERENCE: a ticket number of 1-{MAX_REFERENCE} printable characters "
-                          "(never a patient's name or record id)")
+    if not ERASURE_REFERENCE.match(reference):
+        raise LedgerError("REFERENCE: a ticket number, 1-40 letters, digits and ._#/- (never a patient's name or "
+                          "record id)")
 
 
 def balance_of(hospital: str, dataset: str, entries: list[Entry], cap: Budget | None) -> Balance:
@@ -447,6 +449,9 @@ class Ledger:
         every run, open ones in full). The model is not untrained; this is what the hospital can truthfully say."""
         check_erasure_reference(reference)
         with self._transaction() as db:
+            if not self._entries(db, hospital, dataset):  # a mistyped name would otherwise read as "no influence"
+                raise LedgerError(f"{hospital}/{dataset}: no run in this ledger trained on it; check the names "
+                                  "(fl-ledger show)")
             bound = self._balance(db, hospital, dataset, None)
             row = {"at": _now(), "hospital": hospital, "dataset": dataset, "reference": reference,
                    "runs": bound.runs, "rdp_epsilon": bound.rdp_epsilon, "delta": bound.delta}

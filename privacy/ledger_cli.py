@@ -70,11 +70,16 @@ def _fail(message: str) -> NoReturn:
 def _ledgers(args: argparse.Namespace) -> list[Ledger]:
     if args.ledger:
         missing = [p for p in args.ledger if not p.is_file()]
-        if missing and args.command not in ("set-budget", "note-erasure"):
+        if missing and args.command != "set-budget":
             _fail(f"--ledger: {missing[0]} does not exist")
         return [Ledger(p) for p in args.ledger]
-    if args.command in ("set-budget", "note-erasure"):
+    if args.command == "set-budget":
         return [Ledger(node_home() / args.hospital / LEDGER_FILE)]
+    if args.command == "note-erasure":  # the hospital's existing ledger: an erasure never makes one
+        path = node_home() / args.hospital / LEDGER_FILE
+        if not path.is_file():
+            _fail(f"{args.hospital}: no ledger at {path}; pass --ledger PATH")
+        return [Ledger(path)]
     found = sorted(node_home().glob(f"*/{LEDGER_FILE}"))
     if not found:
         _fail(f"no ledger under {node_home()}; pass --ledger PATH")

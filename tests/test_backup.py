@@ -4,6 +4,7 @@ store and artifacts back after they were lost."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -91,8 +92,9 @@ def test_a_backup_taken_while_both_stores_write_restores_whole_and_verifies(tmp_
     # and its balance is that commit's.
     copied = Ledger(restored / "ledger.sqlite").entries()
     assert ledger_before.keys() <= {e.run_id for e in copied}
-    live_entries = Ledger(live / "ledger.sqlite").entries()
-    assert len(copied) < len(live_entries) and copied == live_entries[: len(copied)]
+    live_entries = {e.run_id: e for e in Ledger(live / "ledger.sqlite").entries()}
+    assert {e.run_id for e in copied} == {f"run-{i}" for i in range(len(copied))}  # the first ones written
+    assert len(copied) < len(live_entries) and all(e == live_entries[e.run_id] for e in copied)
     assert Ledger(restored / "ledger.sqlite").balance("h0", "icd10") == balance_of("h0", "icd10", copied, None)
 
 
@@ -114,22 +116,27 @@ def test_a_damaged_backup_is_refused_and_a_restore_never_overwrites(tmp_path: Pa
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     backup, source = make_backup(tmp_path)
     assert not list((tmp_path / "backups").glob(".partial-*"))
-    # Restoring where the live file still is: refused before anything is written, naming the item.
+    # Restoring with no target for an item, or where the live file still is: refused before anything is written.
     with pytest.raises(SystemExit) as refused:
-        main(["restore", str(backup)])
+        main(["restore", str(backup), "--to", f"limits={tmp_path / 'elsewhere.sqlite'}"])
+    assert refused.value.code == 2
+    assert "--to artifacts: no target" in capsys.readouterr().err and not (tmp_path / "elsewhere.sqlite").exists()
+    with pytest.raises(SystemExit) as refused:
+        main(["restore", str(backup), "--in-place"])
     assert refused.value.code == 2
     assert f"limits: {source} exists" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.replaced-*"))
     # --replace moves the live file and its WAL aside; nothing is deleted.
     with sqlite3.connect(source) as db:
         db.execute("INSERT INTO t VALUES ('written after the backup')")
-    main(["restore", str(backup), "--replace"])
+    main(["restore", str(backup), "--in-place", "--replace"])
     with sqlite3.connect(source) as db:
         assert db.execute("SELECT k FROM t").fetchall() == [("budget",)]
     (aside,) = tmp_path.glob("limits.sqlite.replaced-*Z")  # with its -wal beside it
     with sqlite3.connect(aside) as db:
         assert len(db.execute("SELECT k FROM t").fetchall()) == 2
     assert (tmp_path / "artifacts" / "adapter.bin").read_bytes() == b"weights"
+    assert (tmp_path / "artifacts" / "adapter.bin").stat().st_mode & 0o777 == 0o600  # the owner's alone
     assert len(list(tmp_path.glob("artifacts.replaced-*"))) == 1
     # A byte changed in the backup: verify says which file, and restore refuses it.
     (backup / "artifacts" / "adapter.bin").write_bytes(b"weightz")
@@ -163,12 +170,40 @@ def test_bad_input_is_one_line_naming_it_and_writes_nothing(tmp_path: Path, caps
     assert not (tmp_path / "B").exists() or not any((tmp_path / "B").iterdir())
 
 
-def test_keep_removes_the_oldest_backups_once_the_new_one_is_whole(tmp_path: Path) -> None:
+def test_keep_removes_only_the_oldest_backups_of_the_same_items(tmp_path: Path) -> None:
     (tmp_path / "head").write_text("x")
+    (tmp_path / "b" / "lost+found").mkdir(parents=True)  # what a volume holds besides: never ours to delete
+    main(["create", "--to", str(tmp_path / "b"), "--file", f"other={tmp_path / 'head'}"])
     for _ in range(3):
         main(["create", "--to", str(tmp_path / "b"), "--file", f"head={tmp_path / 'head'}", "--keep", "2"])
-    kept = sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert len(kept) == 2
+    kept = sorted(p for p in (tmp_path / "b").iterdir() if p.name != "lost+found")
+    assert (tmp_path / "b" / "lost+found").is_dir() and len(kept) == 3  # another store's backup kept too
+    assert sorted(json.loads((p / "manifest.json").read_text())["items"][0]["name"] for p in kept) == [
+        "head", "head", "other"]
+
+
+def test_a_backup_whose_manifest_points_outside_it_or_holds_a_link_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A backup volume may be written by someone else: nothing in a backup reads or writes outside it."""
+    backup, _ = make_backup(tmp_path)
+    manifest = json.loads((backup / "manifest.json").read_text())
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the backup")
+    for item, entry in ((".." , f"../{secret.name}"), ("artifacts", f"artifacts/../../{secret.name}"),
+                        ("limits", str(secret))):
+        crafted = json.loads(json.dumps(manifest))
+        crafted["items"][-1 if item == "artifacts" else 0].update(
+            {"name": item, "files": [{"path": entry, "bytes": 18, "sha256": "0" * 64}]} if item != "artifacts"
+            else {"files": [{"path": entry, "bytes": 18, "sha256": "0" * 64}]})
+        (backup / "manifest.json").write_text(json.dumps(crafted))
+        with pytest.raises(SystemExit) as refused:
+            main(["restore", str(backup), "--in-place", "--replace"])
+        assert refused.value.code == 2 and "manifest.json" in capsys.readouterr().err, entry
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    (backup / "artifacts" / "link").symlink_to(secret)
+    with pytest.raises(SystemExit) as bad:
+        main(["verify", str(backup)])
+    assert bad.value.code == 1 and "artifacts/link: a symbolic link" in capsys.readouterr().out
 
 
 def test_mlflow_store_and_artifacts_lost_come_back_from_a_backup(tmp_path: Path) -> None:
@@ -190,7 +225,7 @@ def test_mlflow_store_and_artifacts_lost_come_back_from_a_backup(tmp_path: Path)
     for side in ("-wal", "-shm"):
         (tmp_path / f"mlflow.db{side}").unlink(missing_ok=True)
     shutil.rmtree(artifacts)
-    main(["restore", str(backup)])
+    main(["restore", str(backup), "--in-place"])
     restored = MlflowClient(tracking_uri=uri)
     assert restored.get_metric_history(run.info.run_id, "epsilon")[0].value == 7.99
     local = restored.download_artifacts(run.info.run_id, "adapter/README.md", str(tmp_path / "dl"))

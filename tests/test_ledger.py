@@ -317,10 +317,14 @@ def test_an_erasure_is_noted_with_the_epsilon_that_bounds_the_records_influence_
     assert (noted["reference"], noted["runs"]) == ("DPO-2026-117", 1)
     assert noted["rdp_epsilon"] == pytest.approx(bound, rel=1e-9)  # the bound as it was when noted
     assert "DPO-2026-117" in cli("erasures")[1]
-    for reference in ("", "x" * 101, "Jane Doe\nMRN 1234"):
-        code, _, err = cli("note-erasure", "hospital-9", "icd10", reference)
+    for reference in ("", "x" * 41, "Jane Doe MRN 1234", "DPO\n117"):
+        code, _, err = cli("note-erasure", "hospital-0", "icd10", reference)
         assert code == 2 and err.startswith("fl-ledger: error: REFERENCE: a ticket number") and err.count("\n") == 1
-    assert not (home / "hospital-9").exists()  # refused before any ledger is made
+    code, _, err = cli("note-erasure", "hospital-0", "icd-10", "DPO-2026-118")  # a mistyped dataset: no bound of 0
+    assert code == 2 and "hospital-0/icd-10: no run in this ledger trained on it" in err
+    code, _, err = cli("note-erasure", "hospital-9", "icd10", "DPO-2026-119")
+    assert code == 2 and "hospital-9: no ledger at" in err and not (home / "hospital-9").exists()
+    assert len(json.loads(cli("erasures", "--json")[1])) == 1
 
 
 def test_compose_concatenates_histories_and_keeps_the_looser_accountant() -> None:

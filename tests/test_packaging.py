@@ -460,7 +460,7 @@ def test_every_store_is_backed_up_beside_its_pod_with_commands_fl_backup_takes()
         job = jobs[f"{prefix}backup-{short}"]
         (container,) = job["containers"]
         command = args_of(container)
-        assert command[:2] == ["fl-backup", "create"] and command[2:-1] == [f"--to=/backups/{short}", *items]
+        assert command[:2] == ["fl-backup", "create"] and command[2:-1] == ["--to=/backups", *items]
         _parser().parse_args(command[1:])  # the command line fl-backup itself takes
         owner_args = " ".join(args_of(owner["spec"]["template"]["spec"]["containers"][0]))
         for path in (p.split("=", 1)[1] for p in items[1::2]):
@@ -486,6 +486,7 @@ def test_every_store_is_backed_up_beside_its_pod_with_commands_fl_backup_takes()
         others = [o for o in owners.values() if o is not owner]
         assert not any(selected.items() <= o["spec"]["template"]["metadata"]["labels"].items() for o in others)
         assert {"name": "backups", "persistentVolumeClaim": {"claimName": "backups"}} in job["volumes"]
+        assert {"name": "backups", "mountPath": "/backups", "subPath": short} in container["volumeMounts"]
     # Every gateway pod backs up its own log and head, the head first, as the gateway names them.
     gateway = owners[f"{prefix}gateway"]["spec"]["template"]["spec"]
     serve, sidecar = gateway["containers"]
@@ -493,9 +494,17 @@ def test_every_store_is_backed_up_beside_its_pod_with_commands_fl_backup_takes()
     head = next(a.split("=", 1)[1] for a in args_of(serve) if a.startswith("audit.head_path="))
     log = next(a.split("=", 1)[1] for a in args_of(serve) if a.startswith("audit.path="))
     assert script.index(f"--file=audit-head={head}") < script.index(f"--sqlite=audit={log}")
-    create = script[script.index("fl-backup create"):script.index("||")].split()
+    create = script[script.index("fl-backup create"):script.index(";", script.index("fl-backup create"))].split()
     _parser().parse_args(create[1:])
     assert {"name": "backups", "persistentVolumeClaim": {"claimName": "backups"}} in gateway["volumes"]
+    assert {"name": "backups", "mountPath": "/backups", "subPathExpr": "gateway/$(POD_NAME)"} in \
+        sidecar["volumeMounts"]  # a gateway, which faces the network, sees its own backups only
+    assert "$(POD_NAME)" in script and any(e["name"] == "POD_NAME" for e in sidecar["env"])
+    isolated = next(m for m in manifests if m["kind"] == "NetworkPolicy" and m["metadata"]["name"].endswith("-backup"))
+    assert isolated["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in isolated["spec"]
+    for cron in (m for m in manifests if m["kind"] == "CronJob"):
+        labels = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+        assert isolated["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     for pod in [*jobs.values(), gateway]:
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
         for container in pod["containers"]:
