@@ -34,6 +34,7 @@ from fl_core.console import run_console
 from fl_core.data import load_splits
 from fl_core.device import resolve_device
 from fl_core.entry import OneLineParser, check_every_job, exit_on_bad_input, job_overrides, quiet_libraries
+from fl_core.logs import log_context
 from fl_core.model import build_model, load_tokenizer
 from fl_core.training import evaluate, remove_prefix_cache, train_local, training_view
 from fl_server.privacy_report import build_report
@@ -177,8 +178,10 @@ def main() -> None:
             cfg = check(to_app_config(compose_config(overrides)))
             folder = run_folder(cfg.output_dir, None)  # resolved once: run_local writes there too
             cfg = dataclasses.replace(cfg, output_dir=str(folder))
-            with run_console(folder, cfg.verbose, "fl-train-local"):
-                run_local(cfg, node_settings(args.hospital, args.node_config))
+            node = node_settings(args.hospital, args.node_config)
+            with run_console(folder, cfg.verbose, "fl-train-local", cfg.log_format), \
+                    log_context(hospital=node.hospital):
+                run_local(cfg, node)
 
         try:  # inside the job: Hydra reports exceptions raised here as tracebacks
             exit_on_bad_input("fl-train-local", run)

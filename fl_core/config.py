@@ -217,6 +217,7 @@ class AppConfig:
     output_dir: str | None = None  # None: a new folder per run, outputs/<date>/<time> (fl_core.artifacts.run_folder)
     resume_from: str | None = None  # a run's folder: continue from its last checkpoint, writing there
     verbose: bool = False  # fl-simulate, fl-train-local: Flower's, MLflow's and the hospitals' logs on the console
+    log_format: str = "text"  # json: also <command>.jsonl in the run folder, a JSON line per record (fl_core/logs.py)
 
 
 def register_schemas() -> None:
@@ -284,8 +285,12 @@ def positive(value: float, field_path: str) -> None:
     require(math.isfinite(value) and value > 0, field_path, f"must be > 0 (got {value})")
 
 
+LOG_FORMATS = ("text", "json")
+
+
 def validate(cfg: AppConfig) -> None:
     """Check every value before any work starts; raise ConfigError naming the first bad field."""
+    _one_of(cfg.log_format, LOG_FORMATS, "log_format")
     _one_of(cfg.model.name, MODELS, "model.name")
     _one_of(cfg.data.name, DATASETS, "data.name")
     _one_of(cfg.task.name, TASKS, "task.name")

@@ -14,6 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+from .logs import events, json_handler
+
+PACKAGES = ("fl_core", "fl_server", "fl_client", "strategies", "privacy")  # this project's loggers
 # Notices about how we launch, not about the run: Flower's deprecation of run_simulation (README: why we keep it).
 _LAUNCH_NOTICES = ("The `run_simulation` function is deprecated",)
 
@@ -52,9 +55,10 @@ def _not_a_launch_notice(record: logging.LogRecord) -> bool:
 
 
 @contextmanager
-def run_console(output_dir: Path, verbose: bool, command: str) -> Iterator[None]:
+def run_console(output_dir: Path, verbose: bool, command: str, log_format: str = "text") -> Iterator[None]:
     """Within the block: Flower's and MLflow's console output at WARNING (INFO when verbose), their whole logs and
-    everything printed also written to `output_dir / <command>.log`."""
+    everything printed also written to `output_dir / <command>.log`; with `log_format` json, every log record at
+    INFO or above, ours included (each round's event among them), also as a JSON line in `<command>.jsonl`."""
     import mlflow  # its import gives the mlflow logger its console handler, which is quieted below
     from flwr.common.logger import FLOWER_LOGGER
 
@@ -75,7 +79,8 @@ def run_console(output_dir: Path, verbose: bool, command: str) -> Iterator[None]
         tees = _Tee(stdout, log), _Tee(stderr, log)
         sys.stdout, sys.stderr = tees
         try:
-            yield
+            with _json_lines(output_dir / f"{command}.jsonl" if log_format == "json" else None, command, loggers):
+                yield
         except BaseException:
             log.write(traceback.format_exc())  # why the run failed, in its log too (the console shows it later)
             raise
@@ -89,6 +94,26 @@ def run_console(output_dir: Path, verbose: bool, command: str) -> Iterator[None]
             for handler, level in saved[1]:
                 handler.removeFilter(_not_a_launch_notice)
                 handler.setLevel(level)
+
+
+@contextmanager
+def _json_lines(path: Path | None, command: str, loggers: list[logging.Logger]) -> Iterator[None]:
+    """With a path: a JSON-lines handler for the block on Flower's and MLflow's loggers (INFO and above), this
+    project's (their warnings) and the run's events."""
+    if path is None:
+        yield
+        return
+    chosen = [*loggers, *(logging.getLogger(name) for name in PACKAGES), events]
+    with path.open("a", encoding="utf-8") as stream:
+        handler = json_handler(stream, command)
+        handler.setLevel(logging.INFO)
+        for logger in chosen:
+            logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            for logger in chosen:
+                logger.removeHandler(handler)
 
 
 @contextmanager

@@ -30,6 +30,7 @@ from fl_core.config import AppConfig, compose_config, secagg_count_or_fraction, 
 from fl_core.data import load_splits
 from fl_core.device import resolve_device
 from fl_core.entry import quiet_libraries
+from fl_core.logs import events, log_context
 from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer
 from fl_core.run_config import run_overrides
 from fl_core.tracing import configure_tracing
@@ -212,6 +213,10 @@ class FederatedRun:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.central.items()))
         print(f"[round {result.server_round}/{self.cfg.federation.num_rounds}] {shown}, "
               f"max epsilon {metrics['epsilon_max']:.3f}, {result.seconds:.1f}s", flush=True)
+        events.info("round", extra={"round": result.server_round, "rounds": self.cfg.federation.num_rounds,
+                                    "scores": {k: round(v, 4) for k, v in result.central.items()},  # server's test
+                                    "epsilon_max": round(metrics["epsilon_max"], 4), "hospitals": participants,
+                                    "seconds": round(result.seconds, 1)})
 
     def run(self, grid: Grid, context: Context) -> dict[str, Any]:
         cfg = self.cfg
@@ -225,7 +230,8 @@ class FederatedRun:
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.num_rounds),
                                strategy=self.strategy)
         try:
-            outcome = self.workflow(grid, legacy)
+            with log_context(run_id=self.tracker.run_id or "-"):
+                outcome = self.workflow(grid, legacy)
         except BaseException:
             done = self.workflow.outcome.rounds
             self.write_privacy_report(done[-1].server_round if done else first_round - 1)

@@ -63,7 +63,7 @@ def simulate(overrides: list[str]) -> dict[str, Any]:
           f"{cfg.federation.num_rounds} rounds, SecAgg+ {'on' if cfg.strategy.secagg.enabled else 'off'}, "
           f"sigma {', '.join(f'{h} {s:.3f}' if s is not None else f'{h} none' for h, s in sigmas.items())}; "
           f"output in {folder}", flush=True)
-    with run_console(folder, cfg.verbose, "fl-simulate"):
+    with run_console(folder, cfg.verbose, "fl-simulate", cfg.log_format):
         run_simulation(server_app=build_server_app(overrides), client_app=build_client_app(overrides),
                        num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg))
     summary: dict[str, Any] = json.loads((folder / SUMMARY_FILE).read_text())

@@ -120,28 +120,28 @@ class FederatedWorkflow:
                 started = time.perf_counter()
                 round_config[Key.CURRENT_ROUND] = server_round
                 expected = self.outcome.rounds[-1].seconds if self.outcome.rounds else None
-                with round_progress(server_round, context.config.num_rounds, expected), \
-                        traced(f"round {server_round}") as span:
-                    with traced("fit"):
-                        self.fit_workflow(grid, context)
-                    record = strategy.rounds.get(server_round)
-                    if record is None:
-                        raise RoundNotAggregatedError(
-                            f"round {server_round}: no aggregate (secure aggregation halted or fewer than "
-                            f"{strategy.min_participants} hospitals returned an update); the run stops rather "
-                            "than keep the previous global adapter")
-                    for hospital in sorted(record.client_metrics):  # who replied; no value of what they sent
-                        tracer.start_span("reply", attributes={"fl.hospital": hospital}).end()
-                    span.set_attribute("fl.hospitals_aggregated", len(record.client_metrics))
-                    with traced("evaluate"):
-                        default_centralized_evaluation_workflow(grid, context)
-                        default_evaluate_workflow(grid, context)
-                        central = _centralized(context, server_round)
-                result = RoundResult(server_round, record, central, _distributed(context, server_round),
-                                     time.perf_counter() - started)
-                self.outcome.rounds.append(result)
-                converged = "loss" in central and self.monitor.update(central["loss"])
-                self.on_round(result, context)  # after the monitor update, so checkpoints carry its state
+                with traced(f"round {server_round}") as span:  # the round's checkpoint and report in it too
+                    with round_progress(server_round, context.config.num_rounds, expected):
+                        with traced("fit"):
+                            self.fit_workflow(grid, context)
+                        record = strategy.rounds.get(server_round)
+                        if record is None:
+                            raise RoundNotAggregatedError(
+                                f"round {server_round}: no aggregate (secure aggregation halted or fewer than "
+                                f"{strategy.min_participants} hospitals returned an update); the run stops rather "
+                                "than keep the previous global adapter")
+                        for hospital in sorted(record.client_metrics):  # who replied; no value of what they sent
+                            tracer.start_span("reply", attributes={"fl.hospital": hospital}).end()
+                        span.set_attribute("fl.hospitals_aggregated", len(record.client_metrics))
+                        with traced("evaluate"):
+                            default_centralized_evaluation_workflow(grid, context)
+                            default_evaluate_workflow(grid, context)
+                            central = _centralized(context, server_round)
+                    result = RoundResult(server_round, record, central, _distributed(context, server_round),
+                                         time.perf_counter() - started)
+                    self.outcome.rounds.append(result)
+                    converged = "loss" in central and self.monitor.update(central["loss"])
+                    self.on_round(result, context)  # after the monitor update, so checkpoints carry its state
                 if converged:
                     self.outcome.stopped_early = server_round < context.config.num_rounds
                     break

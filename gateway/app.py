@@ -42,7 +42,7 @@ from .audit_writer import AuditWriter
 from .auth import AuthError, Principal, TokenVerifier, bearer_token, valid_user
 from .config import GatewayConfig, LimitsConfig, secret_from_env
 from .limits import LimitStore, LimitStoreDown, RedisLimitStore, SQLiteLimitStore
-from .metrics import GatewayMetrics
+from .metrics import ACCESS_LOGGER, GatewayMetrics
 from .routing import Backend, NoBackendAvailable, Reply, Router, Stream
 from .schemas import (
     DONE,
@@ -86,6 +86,7 @@ SEND_GRACE = 5.0  # seconds past a request's deadline its answer may take to be 
 AUDIT_LOCK_WAIT = 5.0  # seconds one attempt waits for another process's write lock on the audit log; then again
 
 log = logging.getLogger(__name__)
+access = logging.getLogger(ACCESS_LOGGER)
 Routed = TypeVar("Routed")
 
 
@@ -356,9 +357,12 @@ class CapTimeAndAudit:
         except SlowReader:
             log.warning("%s: the client stopped reading; connection dropped", _route_path(scope))
         finally:
-            route = _route_path(scope)
-            metrics.request_duration.labels(route).observe(time.perf_counter() - start)
+            route, seconds = _route_path(scope), time.perf_counter() - start
+            metrics.request_duration.labels(route).observe(seconds)
             metrics.requests.labels(route, str(status)).inc()
+            if access.isEnabledFor(logging.INFO):
+                access.info("request", extra={"route": route, "status": status,
+                                              "duration_ms": round(seconds * 1000, 1)})
             if not audited:  # no answer was sent (an error, or the client left first): recorded all the same
                 await audit()
 

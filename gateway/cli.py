@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import ssl
 import sys
 
@@ -15,11 +16,13 @@ import uvicorn
 from fl_core.config import ConfigError
 from fl_core.data import DataError
 from fl_core.entry import OneLineParser, quiet_on_closed_pipe
+from fl_core.logs import json_handler
 from fl_core.tracing import configure_tracing
 
 from .audit import AuditKeyError
 from .config import ROLES, GatewayConfig, compose_gateway_config, secret_from_env
 from .http_protocol import with_header_deadline
+from .metrics import ACCESS_LOGGER
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,21 +44,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def structured_logs(cfg: GatewayConfig, component: str) -> dict[str, object] | None:
+    """With log_format json: every log record, uvicorn's too, as a JSON line on stderr, and the gateway's access
+    events (route, status, duration, trace id; never a user or text). Returns uvicorn's log_config: None, so its
+    loggers reach the root's handler."""
+    if cfg.log_format != "json":
+        return uvicorn.config.LOGGING_CONFIG
+    root = logging.getLogger()
+    root.handlers[:] = [json_handler(sys.stderr, component)]
+    root.setLevel(logging.WARNING)
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
+    return None
+
+
 def _serve(cfg: GatewayConfig) -> None:
     from .app import build_services, create_gateway_app, create_operations_app
 
+    log_config = structured_logs(cfg, "fl-gateway")
     app = create_gateway_app(build_services(cfg))
     tls = cfg.tls
     # every listener bounds a request's head and a kept-alive connection's idle time
     protocol = with_header_deadline(cfg.limits.header_timeout)
     servers = [uvicorn.Server(uvicorn.Config(
         app, host=cfg.host, port=cfg.port, http=protocol, timeout_keep_alive=cfg.limits.idle_timeout,
-        log_level="warning", access_log=False, ssl_certfile=tls.certfile, ssl_keyfile=tls.keyfile,
+        log_level="warning", log_config=log_config, access_log=False, ssl_certfile=tls.certfile,
+        ssl_keyfile=tls.keyfile,
         ssl_ca_certs=tls.client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE))]
     if cfg.metrics_port is not None:
         servers.append(uvicorn.Server(uvicorn.Config(
             create_operations_app(app), host=cfg.host, port=cfg.metrics_port, http=protocol,
-            timeout_keep_alive=cfg.limits.idle_timeout, log_level="warning", access_log=False, lifespan="off")))
+            timeout_keep_alive=cfg.limits.idle_timeout, log_level="warning", log_config=log_config, access_log=False,
+            lifespan="off")))
     if not cfg.routing.backends:
         print("fl-gateway: warning: routing.backends is empty: every model request is refused (503) and /ready "
               "stays false until replicas are listed (routing.backends=[http://HOST:PORT,...])", file=sys.stderr,
@@ -84,9 +103,11 @@ def _replica(cfg: GatewayConfig, host: str, port: int, hospital: str | None) -> 
     from .served_model import ServedModel
 
     quiet_libraries()
+    log_config = structured_logs(cfg, "fl-gateway-replica")
     model = ServedModel(cfg.replica)
     print(f"fl-gateway replica: {model.name} ({model.task}) on http://{host}:{port}", flush=True)
-    uvicorn.run(create_replica_app(model, hospital), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(create_replica_app(model, hospital), host=host, port=port, log_level="warning",
+                log_config=log_config, access_log=False)
 
 
 @quiet_on_closed_pipe

@@ -18,7 +18,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fl_core.config import CONF_DIR, composition_error, positive, require
+from fl_core.config import CONF_DIR, LOG_FORMATS, composition_error, positive, require
 
 GATEWAY_CONF_DIR = CONF_DIR / "gateway"
 STORES = ("sqlite", "redis")
@@ -100,6 +100,7 @@ class ReplicaConfig:
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    log_format: str = "text"  # json: one JSON line per log record and per request (fl_core/logs.py) on stderr
     metrics_port: int | None = None  # also /health, /ready, /metrics here in plain HTTP (probes, Prometheus)
     cors_origins: list[str] = field(default_factory=list)
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -137,6 +138,8 @@ def _file(path: str | None, field_path: str) -> None:
 def validate_gateway(cfg: GatewayConfig, check_files: bool = True) -> None:
     """Check every value; the first bad one raises ConfigError naming its field."""
     _port(cfg.port, "port")
+    require(cfg.log_format in LOG_FORMATS, "log_format",
+            f"unknown value {cfg.log_format!r}; choose one of {', '.join(LOG_FORMATS)}")
     if cfg.metrics_port is not None:
         _port(cfg.metrics_port, "metrics_port")
         require(cfg.metrics_port != cfg.port, "metrics_port", "must differ from port")

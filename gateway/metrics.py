@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+ACCESS_LOGGER = "gateway.access"  # a JSON line per request with log_format json (route, status, duration; no user)
 BUDGET_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 45.0)
 

@@ -15,6 +15,7 @@ from fl_core.config import ConfigError, compose_config, to_app_config, validate_
     ("privacy.target_epsilon=-1", "privacy.target_epsilon"),
     ("privacy.delta=1", "privacy.delta"),
     ("privacy.accountant=gdp", "privacy.accountant"),
+    ("log_format=xml", "log_format"),
     ("train.batch_size=0", "train.batch_size"),
     ("train.batch_size=abc", "train.batch_size"),
     ("train.device=tpu", "train.device"),

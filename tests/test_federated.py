@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from fl_core.data import load_splits
 from fl_core.model import adapter_to_arrays, build_model, load_tokenizer
 from fl_server.checkpoint import load_checkpoint
 from fl_server.privacy_report import hospital_level_epsilon
@@ -254,7 +255,8 @@ def test_a_running_federation_exports_epsilon_for_grafana_and_a_trace_per_round(
            "FEDERATED_DP_LLM_NODE_HOME": str(tmp_path / "nodes"), "OTEL_TRACES_EXPORTER": "console"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fl_server.simulate", *BASE, f"hydra.run.dir={run_dir}", "federation.num_rounds=2",
-         "strategy.secagg.enabled=false", f"tracking.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+         "strategy.secagg.enabled=false", f"tracking.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+         "log_format=json"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     assert proc.stdout is not None
     scraped, printed = "", []
@@ -285,3 +287,12 @@ def test_a_running_federation_exports_epsilon_for_grafana_and_a_trace_per_round(
         assert all(s["context"]["trace_id"] == root["context"]["trace_id"] for s in children)
     # Spans name hospitals and count them; they carry no score, loss or epsilon.
     assert {key for s in spans for key in s["attributes"]} <= {"fl.hospital", "fl.hospitals_aggregated"}
+    # log_format=json: the run's log records as JSON lines too, each round an event of the run; no record's text.
+    lines = [json.loads(line) for line in (run_dir / "fl-simulate.jsonl").read_text().splitlines()]
+    assert all({"time", "level", "component", "logger", "event", "trace_id"} <= line.keys() for line in lines)
+    rounds = [line for line in lines if line["event"] == "round"]
+    assert [(r["round"], r["run_id"], r["hospitals"]) for r in rounds] == [(1, run_id, 3), (2, run_id, 3)]
+    assert rounds[1]["trace_id"] == next(s["context"]["trace_id"] for s in spans if s["name"] == "round 2")[2:]
+    written = (run_dir / "fl-simulate.jsonl").read_text() + (run_dir / "fl-simulate.log").read_text()
+    texts = load_splits(tiny_config(*BASE).data).train.texts
+    assert not [text for text in texts[:300] if len(text) > 20 and text in written]

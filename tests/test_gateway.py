@@ -173,7 +173,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for name in ("shared-1", "shared-2"):
             s.gateway(name, ["replica-a"], "limits.store=redis", f"limits.redis_url={redis_url}",
                       "limits.requests_per_hour=4", f"limits.unauthenticated_per_hour={ANONYMOUS}")
-        s.gateway("traced", ["traced-replica"], env=TRACED)
+        s.gateway("traced", ["traced-replica"], "log_format=json", env=TRACED)
         for name in ("main", "busy", "shared-1", "shared-2", "tls-operations", "traced"):
             s.wait_ready(name)
         admin = token("root", "admin")
@@ -194,7 +194,8 @@ def spans_in(log: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.splitlines() if line.startswith('{"name"')]
 
 
-def test_a_request_is_one_trace_from_the_gateway_into_the_replica_and_carries_no_text_or_token(stack: Stack) -> None:
+def test_a_request_is_one_trace_and_one_log_line_from_the_gateway_into_the_replica_without_text_or_token(
+        stack: Stack) -> None:
     headers = token("tracy")
     response = httpx.post(stack.url("traced") + "/v1/classify", json={"text": TEXT}, headers=headers, timeout=60)
     assert response.status_code == 200, response.text
@@ -214,6 +215,13 @@ def test_a_request_is_one_trace_from_the_gateway_into_the_replica_and_carries_no
     assert served["context"]["trace_id"] == trace_id and served["parent_id"] == call["context"]["span_id"]
     assert replica["classify"]["parent_id"] == served["context"]["span_id"]
     assert root["attributes"]["http.response.status_code"] == 200
+    # With log_format json the gateway logs each request as a JSON line in the same trace: no user, no text.
+    wait_until(lambda: '"event": "request"' in stack.log("traced"), 30, "the access event")
+    (access,) = [json.loads(line) for line in stack.log("traced").splitlines()
+                 if line.startswith('{"time"') and '"event": "request"' in line]
+    assert (access["component"], access["route"], access["status"], access["trace_id"]) == (
+        "fl-gateway", "/v1/classify", 200, trace_id.removeprefix("0x"))
+    assert access["level"] == "info" and access["duration_ms"] > 0
     exported = stack.log("traced") + stack.log("traced-replica")
     secret = headers["Authorization"].split()[1]
     assert TEXT not in exported and secret not in exported and "tracy" not in exported

@@ -33,6 +33,7 @@ def test_defaults_are_the_issues_and_the_production_preset_is_the_reference_depl
     ("port=0", "port"),
     ("routing.backends=[ftp://x]", "routing.backends"),
     ("limits.store=memcached", "limits.store"),
+    ("log_format=xml", "log_format"),
     ("limits.store=redis", "limits.redis_url"),
     ("tls.certfile=/nonexistent.crt", "tls.keyfile"),
     ("cors_origins=[https://ehr.example.org/path]", "cors_origins"),

@@ -1,0 +1,63 @@
+"""Structured logs: one JSON object per line (time, level, component, logger, event, trace id, run id, hospital and
+an event's own fields), for a log shipper, switched on by a config's `log_format: json`.
+
+What a log line may hold is what the code puts in it: events and counts, never a request's text, a token or a
+record. An exception is logged by its type alone (its message and traceback can hold what a request sent).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import TextIO
+
+from opentelemetry import trace
+
+_context: ContextVar[dict[str, str]] = ContextVar("log_context", default={})  # noqa: B039 (never mutated)
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+# A run's events (each round, with what the console line shows): INFO, for JSON lines only; it never reaches the
+# console, whose lines are printed.
+events = logging.getLogger("federated_dp_llm.events")
+events.setLevel(logging.INFO)
+events.propagate = False
+
+
+@contextmanager
+def log_context(**fields: str) -> Iterator[None]:
+    """Within the block, every JSON line carries these fields (run_id, hospital)."""
+    token = _context.set({**_context.get(), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class JsonLines(logging.Formatter):
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        span = trace.get_current_span().get_span_context()
+        line: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(), "component": self.component, "logger": record.name,
+            "event": record.getMessage(), "trace_id": f"{span.trace_id:032x}" if span.is_valid else None,
+            **_context.get(),
+            **{k: v for k, v in vars(record).items() if k not in _STANDARD},  # an event's own fields (extra=...)
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            line["error"] = record.exc_info[0].__name__
+        return json.dumps(line, default=str)
+
+
+def json_handler(stream: TextIO, component: str) -> logging.Handler:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLines(component))
+    return handler
