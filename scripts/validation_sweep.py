@@ -10,6 +10,11 @@ data only: no hospital's records are looked at outside its DP training.
 
     .venv/bin/python scripts/validation_sweep.py                          # the grid below, ~12 minutes a candidate
     .venv/bin/python scripts/validation_sweep.py strategy.proximal_mu=0   # one candidate (Hydra overrides)
+    .venv/bin/python scripts/validation_sweep.py +experiment=llm train.lr=0.02  # a candidate for demo-llm
+
+A chat candidate is scored on the first 200 validation texts (exact match of greedy answers and the answers'
+perplexity, through their cached prefixes); every candidate's prefixes are kept in the cache folder's
+validation-sweep/ and reused by the next, so only the first pays for the frozen layers.
 """
 
 from __future__ import annotations
@@ -27,16 +32,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fl_client.plan import privacy_plan  # noqa: E402
+from fl_core.cache import cache_root  # noqa: E402
 from fl_core.config import compose_config, require, to_app_config  # noqa: E402
 from fl_core.data import hospital_share, load_splits  # noqa: E402
 from fl_core.entry import quiet_libraries  # noqa: E402
 from fl_core.model import adapter_to_arrays, build_model, load_adapter_arrays, load_tokenizer  # noqa: E402
-from fl_core.training import classification_logits, classification_scores, train_local, training_view  # noqa: E402
+from fl_core.training import evaluate, train_local, training_view  # noqa: E402
 from fl_server.server_app import server_optimizer_for  # noqa: E402
 from privacy.accountant import AccountantState  # noqa: E402
 
 VALIDATION = range(40_000, 42_000)
+CHAT_VALIDATION_TEXTS = 200  # a chat model is scored through cached prefixes, each text a forward of the whole model
 CPU = torch.device("cpu")
+SCORED = {"classification": ("accuracy", "macro_f1"), "chat": ("exact_match", "perplexity"),
+          "causal-lm": ("perplexity",)}
 GRID = (
     (),  # the main job's settings (conf/)
     ("privacy.head_clip_share=null",),  # one flat clipping bound
@@ -54,12 +63,16 @@ def score(overrides: tuple[str, ...]) -> dict[str, object]:
     cfg = to_app_config(compose_config(["train.device=cpu", *overrides]))
     require(cfg.data.max_train_examples is not None and cfg.data.max_train_examples <= VALIDATION.start,
             "data.max_train_examples", f"must be at most {VALIDATION.start}: the validation texts come after")
-    validation = load_splits(replace(cfg.data, max_train_examples=None)).train.subset(list(VALIDATION))
+    held_out = VALIDATION if cfg.task.name == "classification" else VALIDATION[:CHAT_VALIDATION_TEXTS]
+    validation = load_splits(replace(cfg.data, max_train_examples=None)).train.subset(list(held_out))
     shares = [hospital_share(cfg.data, cfg.federation, k).train for k in range(cfg.federation.num_clients)]
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg, tokenizer, len(validation.label_names), CPU)
     start = time.perf_counter()
-    views = [training_view(cfg, model, tokenizer, share, CPU) for share in shares]  # the frozen part is shared
+    cache = cache_root() / "validation-sweep"
+    views = [training_view(cfg, model, tokenizer, share, CPU, cache) for share in shares]  # frozen part shared
+    validation_view = None if cfg.task.name == "classification" else \
+        training_view(cfg, model, tokenizer, validation, CPU, cache)
     plans = [privacy_plan(cfg, len(share)) for share in shares]
     accountants: list[AccountantState | None] = [AccountantState((), cfg.privacy.accountant) for _ in shares]
     rounds, epsilon = [], 0.0
@@ -77,10 +90,11 @@ def score(overrides: tuple[str, ...]) -> dict[str, object]:
                 total += len(share) * array
         aggregate = [(total / sum(map(len, shares))).astype(np.float32) for total in summed]
         load_adapter_arrays(model, server.step(global_adapter, aggregate))
-        scores = classification_scores(*classification_logits(cfg, model, tokenizer, validation, CPU))
-        rounds.append([round(scores["accuracy"], 4), round(scores["macro_f1"], 4)])
+        scores = evaluate(cfg, model, tokenizer, validation, CPU, validation_view)
+        rounds.append({k: round(scores[k], 4) for k in SCORED[cfg.task.name]})
+        print(json.dumps({"overrides": list(overrides), "round": len(rounds), **rounds[-1]}), flush=True)
     return {"overrides": list(overrides), "max_epsilon": round(epsilon, 3), "hospitals": [len(s) for s in shares],
-            "seconds": round(time.perf_counter() - start, 1), "validation_accuracy_macro_f1_by_round": rounds}
+            "seconds": round(time.perf_counter() - start, 1), "validation_by_round": rounds}
 
 
 def main() -> None:
