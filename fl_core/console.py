@@ -79,7 +79,7 @@ def run_console(output_dir: Path, verbose: bool, command: str, log_format: str =
         tees = _Tee(stdout, log), _Tee(stderr, log)
         sys.stdout, sys.stderr = tees
         try:
-            with _json_lines(output_dir / f"{command}.jsonl" if log_format == "json" else None, command, loggers):
+            with _json_lines(output_dir / f"{command}.jsonl" if log_format == "json" else None, command):
                 yield
         except BaseException:
             log.write(traceback.format_exc())  # why the run failed, in its log too (the console shows it later)
@@ -97,23 +97,35 @@ def run_console(output_dir: Path, verbose: bool, command: str, log_format: str =
 
 
 @contextmanager
-def _json_lines(path: Path | None, command: str, loggers: list[logging.Logger]) -> Iterator[None]:
-    """With a path: a JSON-lines handler for the block on Flower's and MLflow's loggers (INFO and above), this
-    project's (their warnings) and the run's events."""
+def _json_lines(path: Path | None, command: str) -> Iterator[None]:
+    """With a path: JSON lines in that file for the block (`json_logs`)."""
     if path is None:
         yield
         return
-    chosen = [*loggers, *(logging.getLogger(name) for name in PACKAGES), events]
     with path.open("a", encoding="utf-8") as stream:
-        handler = json_handler(stream, command)
-        handler.setLevel(logging.INFO)
-        for logger in chosen:
-            logger.addHandler(handler)
+        handler = json_logs(stream, command)
         try:
             yield
         finally:
-            for logger in chosen:
+            for logger in _json_loggers():
                 logger.removeHandler(handler)
+
+
+def _json_loggers() -> list[logging.Logger]:
+    import mlflow
+    from flwr.common.logger import FLOWER_LOGGER
+
+    return [FLOWER_LOGGER, logging.getLogger(mlflow.__name__), *(logging.getLogger(n) for n in PACKAGES), events]
+
+
+def json_logs(stream: TextIO, command: str) -> logging.Handler:
+    """A JSON-lines handler on Flower's and MLflow's loggers (INFO and above), this project's (their warnings) and
+    the run's events; returned so that it can be removed."""
+    handler = json_handler(stream, command)
+    handler.setLevel(logging.INFO)
+    for logger in _json_loggers():
+        logger.addHandler(handler)
+    return handler
 
 
 @contextmanager

@@ -38,19 +38,38 @@ def log_context(**fields: str) -> Iterator[None]:
         _context.reset(token)
 
 
+OWN_LOGGERS = ("federated_dp_llm", "gateway", "fl_core", "fl_server", "fl_client", "strategies", "privacy", "fl-node")
+EVENT_CHARS = 200
+
+
+def _ours(name: str) -> bool:
+    return name.split(".", 1)[0] in OWN_LOGGERS
+
+
 class JsonLines(logging.Formatter):
+    """This project's records in full (their message and their `extra` fields, which its code chooses); another
+    library's by the first line of its message template alone, without the values put into it, since those can be
+    an exception's text or a traceback (Flower logs a failing ClientApp's), and never its extra fields."""
+
     def __init__(self, component: str) -> None:
         super().__init__()
         self.component = component
 
     def format(self, record: logging.LogRecord) -> str:
         span = trace.get_current_span().get_span_context()
+        ours = _ours(record.name)
+        if ours:
+            event = record.getMessage()
+        elif isinstance(record.msg, BaseException):
+            event = type(record.msg).__name__
+        else:
+            event = str(record.msg).strip().split("\n", 1)[0][:EVENT_CHARS]
+        fields = {k: v for k, v in vars(record).items() if k not in _STANDARD} if ours else {}
         line: dict[str, object] = {
+            **fields,  # an event's own fields first: none of them can stand in for those below
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(), "component": self.component, "logger": record.name,
-            "event": record.getMessage(), "trace_id": f"{span.trace_id:032x}" if span.is_valid else None,
-            **_context.get(),
-            **{k: v for k, v in vars(record).items() if k not in _STANDARD},  # an event's own fields (extra=...)
+            "level": record.levelname.lower(), "component": self.component, "logger": record.name, "event": event,
+            "trace_id": f"{span.trace_id:032x}" if span.is_valid else None, **_context.get(),
         }
         if record.exc_info and record.exc_info[0] is not None:
             line["error"] = record.exc_info[0].__name__
@@ -60,4 +79,5 @@ class JsonLines(logging.Formatter):
 def json_handler(stream: TextIO, component: str) -> logging.Handler:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonLines(component))
+    handler.addFilter(lambda record: bool(str(record.msg).strip()))  # Flower's blank lines are no events
     return handler

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -27,6 +28,7 @@ from fl_core.artifacts import (
     run_folder,
 )
 from fl_core.config import AppConfig, compose_config, secagg_count_or_fraction, to_app_config
+from fl_core.console import json_logs
 from fl_core.data import load_splits
 from fl_core.device import resolve_device
 from fl_core.entry import quiet_libraries
@@ -299,6 +301,8 @@ class FederatedRun:
 def run_server(grid: Grid, context: Context, cfg: AppConfig) -> dict[str, Any]:
     quiet_libraries()
     configure_tracing("fl-serverapp")
+    if cfg.log_format == "json" and not events.handlers:  # a deployed ServerApp: no fl-simulate console around it
+        json_logs(sys.stderr, "fl-serverapp")
     if cfg.train.num_threads:
         import torch
 

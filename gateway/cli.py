@@ -49,11 +49,14 @@ def structured_logs(cfg: GatewayConfig, component: str) -> dict[str, object] | N
     events (route, status, duration, trace id; never a user or text). Returns uvicorn's log_config: None, so its
     loggers reach the root's handler."""
     if cfg.log_format != "json":
+        logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)  # no line per request
         return uvicorn.config.LOGGING_CONFIG
     root = logging.getLogger()
     root.handlers[:] = [json_handler(sys.stderr, component)]
     root.setLevel(logging.WARNING)
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
+    logging.captureWarnings(True)  # Python's warnings as records too, not text on stderr
+    logging.raiseExceptions = False  # a record that fails to format is dropped, never printed with its arguments
     return None
 
 
@@ -75,10 +78,10 @@ def _serve(cfg: GatewayConfig) -> None:
             create_operations_app(app), host=cfg.host, port=cfg.metrics_port, http=protocol,
             timeout_keep_alive=cfg.limits.idle_timeout, log_level="warning", log_config=log_config, access_log=False,
             lifespan="off")))
-    if not cfg.routing.backends:
-        print("fl-gateway: warning: routing.backends is empty: every model request is refused (503) and /ready "
-              "stays false until replicas are listed (routing.backends=[http://HOST:PORT,...])", file=sys.stderr,
-              flush=True)
+    if not cfg.routing.backends:  # a record: a JSON line with log_format json, else this text on stderr
+        logging.getLogger("gateway").warning(
+            "fl-gateway: warning: routing.backends is empty: every model request is refused (503) and /ready stays "
+            "false until replicas are listed (routing.backends=[http://HOST:PORT,...])")
     print(f"fl-gateway: {'https' if tls.certfile else 'http'}://{cfg.host}:{cfg.port} over "
           f"{len(cfg.routing.backends)} backends{', client certificates required' if tls.client_ca else ''}"
           + (f"; /health /ready /metrics also on http://{cfg.host}:{cfg.metrics_port}" if cfg.metrics_port else ""),

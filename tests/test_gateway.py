@@ -217,8 +217,8 @@ def test_a_request_is_one_trace_and_one_log_line_from_the_gateway_into_the_repli
     assert root["attributes"]["http.response.status_code"] == 200
     # With log_format json the gateway logs each request as a JSON line in the same trace: no user, no text.
     wait_until(lambda: '"event": "request"' in stack.log("traced"), 30, "the access event")
-    (access,) = [json.loads(line) for line in stack.log("traced").splitlines()
-                 if line.startswith('{"time"') and '"event": "request"' in line]
+    logged = [json.loads(raw) for raw in stack.log("traced").splitlines() if raw.startswith("{")]
+    (access,) = [line for line in logged if "component" in line and line["trace_id"] == trace_id.removeprefix("0x")]
     assert (access["component"], access["route"], access["status"], access["trace_id"]) == (
         "fl-gateway", "/v1/classify", 200, trace_id.removeprefix("0x"))
     assert access["level"] == "info" and access["duration_ms"] > 0
