@@ -91,7 +91,8 @@ def test_llm_experiment_overrides_the_main_jobs_model_and_its_training_defaults(
     """`+experiment=llm` comes after the model file in the defaults list, so its batch and learning rate win over
     MiniLM's and SmolLM2's, and a command-line override still wins over it."""
     cfg = to_app_config(compose_config(["+experiment=llm"]))
-    assert (cfg.model.name, cfg.task.name, cfg.lora.layers, cfg.train.batch_size) == ("smollm2-135m", "chat", 4, 16)
+    assert (cfg.model.name, cfg.task.name, cfg.lora.layers, cfg.train.batch_size) == ("smollm2-135m", "chat", 4, 64)
+    assert (cfg.train.lr, cfg.privacy.max_grad_norm) == (0.02, 0.3)  # chosen on the validation split (README)
     assert cfg.privacy.target_epsilon == 8.0 and cfg.strategy.secagg.enabled and cfg.federation.num_clients == 3
     assert cfg.privacy.head_clip_share is None  # MiniLM's head split does not follow it: a chat model has no head
     assert to_app_config(compose_config(["+experiment=llm", "train.batch_size=8"])).train.batch_size == 8
