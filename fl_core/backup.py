@@ -209,7 +209,7 @@ def read_manifest(backup: Path) -> list[BackedUpItem]:
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise BackupError(f"{where}: unreadable ({type(err).__name__})") from None
     for item in items:
-        if not NAME.match(item.name) or item.kind not in KINDS or not item.files:
+        if not NAME.match(item.name) or item.kind not in KINDS or (not item.files and item.kind != "folder"):
             raise BackupError(f"{where}: item {item.name!r} is not one fl-backup makes")
         for entry in item.files:
             parts = Path(entry.path).parts

@@ -170,6 +170,14 @@ def test_bad_input_is_one_line_naming_it_and_writes_nothing(tmp_path: Path, caps
     assert not (tmp_path / "B").exists() or not any((tmp_path / "B").iterdir())
 
 
+def test_an_empty_folder_is_backed_up_and_restored(tmp_path: Path) -> None:
+    (tmp_path / "artifacts").mkdir()  # a new deployment's MLflow artifacts
+    main(["create", "--to", str(tmp_path / "b"), "--folder", f"artifacts={tmp_path / 'artifacts'}"])
+    (backup,) = (tmp_path / "b").iterdir()
+    main(["restore", str(backup), "--to", f"artifacts={tmp_path / 'restored'}"])
+    assert (tmp_path / "restored").is_dir() and not list((tmp_path / "restored").iterdir())
+
+
 def test_keep_removes_only_the_oldest_backups_of_the_same_items(tmp_path: Path) -> None:
     (tmp_path / "head").write_text("x")
     (tmp_path / "b" / "lost+found").mkdir(parents=True)  # what a volume holds besides: never ours to delete
