@@ -5,12 +5,15 @@ fixed public function of each text, so `frozen_prefix` computes their output onc
 only the top layers and the head over it (`forward(prefix=...)`), for the same loss and gradients as the whole
 model. When the lowest adapted layer has adapters in its feed-forward block only, its self-attention is frozen
 too and joins the prefix: a step then runs one feed-forward block, and backpropagates through nothing else.
+That block works on each token alone, so it runs on the batch's real tokens only, not on the padding up to the
+longest text (a batch of ICD-10-CM texts is more than half padding): see `_packed_feed_forward`.
 The accounting does not change: each step still touches each sampled record once, through a public map.
 """
 
 from __future__ import annotations
 
 import torch
+from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 from transformers import BertConfig, BertModel
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -24,6 +27,31 @@ def require_frozen_prefix(owner: str, modules: list[nn.Module]) -> None:
     if trainable:
         raise ValueError(f"{owner}: {len(trainable)} parameters below the top layers are trainable "
                          f"(first: {trainable[0]}); the frozen prefix would be stale")
+
+
+def packed_linear(module: nn.Module, tokens: torch.Tensor, padded: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`module` applied to each kept token ([tokens, in], `padded[keep]`), for [tokens, out]. A LoRA layer's frozen
+    weight, its cost, sees those tokens alone; its low-rank path (r/in of that cost) runs on the padded batch
+    [batch, width, in], where the padding contributes nothing and Opacus's hooks find one row per example for the
+    per-sample gradients."""
+    if not isinstance(module, LoraLinear):
+        return module(tokens)
+    if module.merged or module.lora_variant:
+        raise ValueError("packed_linear: only plain, unmerged LoRA adapters run packed")
+    out = module.base_layer(tokens)
+    if module.disable_adapters:
+        return out
+    for name in module.active_adapters:
+        if name in module.lora_A:
+            low_rank = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](padded)))
+            out = out + low_rank[keep] * module.scaling[name]
+    return out
+
+
+def scatter_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The inverse of `padded[keep]`: [tokens, d] back to [batch, width, d], zeros at the padding."""
+    padded = tokens.new_zeros(*keep.shape, tokens.shape[-1])
+    return padded.masked_scatter(keep.unsqueeze(-1), tokens)
 
 
 class MeanPooledClassifier(nn.Module):
@@ -99,11 +127,36 @@ class MeanPooledClassifier(nn.Module):
             if input_ids is None:
                 raise ValueError("MeanPooledClassifier needs input_ids or a prefix")
             prefix = self.frozen_prefix(input_ids, attention_mask, token_type_ids)
+        keep = attention_mask.bool()
         if self.attention_in_prefix:
-            hidden = self._first_adapted().feed_forward_chunk(prefix)
-            hidden = self._layers(hidden, attention_mask, self.frozen_layers + 1, self.config.num_hidden_layers)
+            tokens = self._packed_feed_forward(prefix, keep)
+            if self.frozen_layers + 1 < self.config.num_hidden_layers:
+                hidden = self._layers(scatter_tokens(tokens, keep), attention_mask, self.frozen_layers + 1,
+                                      self.config.num_hidden_layers)
+                tokens = hidden[keep]
         else:
-            hidden = self._layers(prefix, attention_mask, self.frozen_layers, self.config.num_hidden_layers)
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-        return SequenceClassifierOutput(logits=self.classifier(nn.functional.normalize(pooled, dim=-1)))
+            tokens = self._layers(prefix, attention_mask, self.frozen_layers, self.config.num_hidden_layers)[keep]
+        return SequenceClassifierOutput(logits=self.classifier(nn.functional.normalize(mean_pool(tokens, keep),
+                                                                                       dim=-1)))
+
+    def _packed_feed_forward(self, attention_output: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """BERT's feed-forward block (`BertLayer.feed_forward_chunk`) of the lowest adapted layer over the kept
+        tokens of `attention_output` [batch, width, hidden]: [tokens, hidden]. Each token's output depends on that
+        token alone, so this is the same function as the padded block, at the cost of the real tokens."""
+        layer = self._first_adapted()
+        tokens = attention_output[keep]
+        intermediate = layer.intermediate.intermediate_act_fn(
+            packed_linear(layer.intermediate.dense, tokens, attention_output, keep))
+        out = layer.output
+        dense = packed_linear(out.dense, intermediate,
+                              scatter_tokens(intermediate, keep) if isinstance(out.dense, LoraLinear) else intermediate,
+                              keep)
+        result: torch.Tensor = out.LayerNorm(out.dropout(dense) + tokens)
+        return result
+
+
+def mean_pool(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Each example's mean over its kept tokens ([tokens, d] in `padded[keep]`'s order): [batch, d]."""
+    example = keep.nonzero()[:, 0]
+    counts = keep.sum(dim=1, keepdim=True).clamp(min=1).to(tokens.dtype)
+    return tokens.new_zeros(keep.shape[0], tokens.shape[-1]).index_add(0, example, tokens) / counts

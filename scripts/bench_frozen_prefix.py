@@ -62,7 +62,7 @@ SMOLLM2 = (
 JOBS = {
     "minilm": (MINILM, 256, "frozen-prefix", "MiniLM: adapters on the top layers over cached prefixes",
                "MiniLM classification, batch {batch} real ICD-10-CM texts (padded to the batch's longest, at most 32 "
-               "tokens), LoRA r=8"),
+               "tokens; the main job's feed-forward block runs on the real tokens alone), LoRA r=8"),
     "smollm2": (SMOLLM2, 16, "frozen-prefix-llm", "SmolLM2 chat: adapters on the top layers over cached prefixes",
                 "SmolLM2-135M-Instruct chat task, batch {batch} real ICD-10-CM texts in its chat template (about 34 "
                 "tokens, 9 of them the answer), LoRA r=8 on q, k, v, o"),

@@ -241,6 +241,31 @@ def test_cached_prefix_gives_the_full_models_loss_and_gradients(overrides: tuple
         assert torch.allclose(grad, cached_grads[name], atol=1e-5), name
 
 
+def test_per_sample_gradients_on_the_packed_path_are_each_examples_own() -> None:
+    """The main job's top feed-forward block runs on the batch's real tokens only, not its padding; Opacus's hooks
+    must still see one row per example: each per-sample gradient equals that example's gradient computed alone."""
+    from opacus import GradSampleModule
+
+    cfg, splits, tok, model = _minilm()
+    _randomise_trainable(model)
+    view = training_view(cfg, model, tok, splits.train, CPU)
+    by_length = sorted(range(len(view.dataset)), key=lambda i: len(view.dataset[i][0]))
+    rows = by_length[::6]
+    assert len({len(view.dataset[i][0]) for i in rows}) >= 4  # a batch with padding, rows of many widths
+    criterion = SequenceClassificationLoss(reduction="sum")
+    sampled = GradSampleModule(model, loss_reduction="sum")
+    criterion(*view.forward(sampled, view.collate([view.dataset[i] for i in rows]), CPU)).backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    per_sample = {n: p.grad_sample.clone() for n, p in trainable}
+    assert len(per_sample) > 2 and all(g.shape[0] == len(rows) for g in per_sample.values())
+    sampled._close()
+    for k, i in enumerate(rows):
+        model.zero_grad(set_to_none=True)
+        criterion(*view.forward(model, view.collate([view.dataset[i]]), CPU)).backward()
+        for name, p in trainable:
+            assert torch.allclose(per_sample[name][k], p.grad, atol=1e-6), (name, k)
+
+
 def test_adapters_sit_on_the_top_layers_only_and_the_prefix_stays_frozen() -> None:
     _, _, _, model = _minilm("lora.layers=2")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
