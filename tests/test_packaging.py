@@ -138,9 +138,9 @@ def test_compose_confines_every_container_and_keeps_each_to_its_peers() -> None:
     assert log_volume != head_volume and {log_volume, head_volume} <= set(spec["volumes"])
 
 
-def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+def render(values: dict[str, Any], release: str = "fed") -> list[dict[str, Any]]:
     chart = Chart.load(str(CHART))
-    rendered = chart.render(values, name="fed", namespace="hospitals")
+    rendered = chart.render(values, name=release, namespace="hospitals")
     return [doc for path, text in rendered.items() if not path.endswith("NOTES.txt")  # as `helm template` does
             for doc in yaml.safe_load_all(text) if doc]
 
@@ -360,6 +360,9 @@ def test_serving_without_a_model_source_fails_to_render_naming_the_value() -> No
     ({"serving": {"replica": {"device": "gpu"}}}, "/serving/replica/device"),
     ({"supernodes": [{**HOSPITALS[0], "approvedBundles": ["sha256:abc"]}]}, "/supernodes/0/approvedBundles/0"),
     ({"supernodes": [{**HOSPITALS[0], "gpus": 1}]}, "gpus"),
+    ({"serving": {"gateway": {"slot": "purple"}}}, "/serving/gateway/slot"),
+    ({"serving": {"gateway": {"service": {"liveSlot": "red"}}}}, "/serving/gateway/service/liveSlot"),
+    ({"serving": {"redis": {"address": "redis://blue-federated-dp-llm-redis"}}}, "/serving/redis/address"),
 ])
 def test_values_of_the_wrong_type_or_unknown_keys_are_refused_naming_them(values: dict[str, Any], named: str) -> None:
     with pytest.raises(Exception, match="values don't meet the specifications") as refused:
@@ -505,6 +508,7 @@ def test_every_store_is_backed_up_beside_its_pod_with_commands_fl_backup_takes()
     for cron in (m for m in manifests if m["kind"] == "CronJob"):
         labels = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
         assert isolated["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+        assert 0 < cron["spec"]["startingDeadlineSeconds"] <= 3600  # after an outage: the next run, not a late one
     for pod in [*jobs.values(), gateway]:
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
         for container in pod["containers"]:
@@ -531,6 +535,153 @@ def test_rollouts_and_drains_take_down_one_serving_pod_at_a_time_and_wait_for_re
         assert budget["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
     two = render({**SERVING, "serving": {**SERVING["serving"], "maxUnavailable": 2}})
     assert {m["spec"]["maxUnavailable"] for m in two if m["kind"] == "PodDisruptionBudget"} == {2}
+
+
+# Blue-green (README "Rollouts"): blue has the federation, Redis, MLflow and the clients' Service; green is the other
+# slot, serving under blue's Service on blue's Redis and MLflow.
+BLUE = {"serving": {**SERVING["serving"], "gateway": {**SERVING["serving"]["gateway"], "slot": "blue"}},
+        "backup": {"enabled": True, "claim": "backups"}}
+GREEN = {"superlink": {"enabled": False},
+         "mlflow": {"enabled": False, "url": "http://blue-federated-dp-llm-mlflow:5000"},
+         "serving": {"enabled": True, "replica": {"modelSource": "models:/federated-dp-llm/4"},
+                     "gateway": {"slot": "green", "clientCertificates": True,
+                                 "service": {"enabled": False, "name": "blue-federated-dp-llm-gateway"}},
+                     "redis": {"address": "blue-federated-dp-llm-redis:6379"}},
+         "backup": {"enabled": True, "claim": "backups"}}
+
+
+def switched(values: dict[str, Any], **serving: Any) -> dict[str, Any]:
+    """The values with serving.gateway.service.liveSlot and other serving values set, as `helm upgrade --set`."""
+    live = serving.pop("live_slot", None)
+    gateway = values["serving"]["gateway"]
+    if live:
+        gateway = {**gateway, "service": {**gateway.get("service", {}), "liveSlot": live}}
+    return {**values, "serving": {**values["serving"], "gateway": gateway, **serving}}
+
+
+def pods_of(manifests: list[dict[str, Any]], component: str) -> list[dict[str, Any]]:
+    return [m["spec"]["template"] for m in manifests if m["kind"] in ("Deployment", "StatefulSet")
+            and m["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+
+
+def selects(selector: dict[str, str], pod: dict[str, Any]) -> bool:
+    return selector.items() <= pod["metadata"]["labels"].items()
+
+
+def admitted(policy: dict[str, Any], pod: dict[str, Any], port: int) -> bool:
+    """Whether a NetworkPolicy in the pod's namespace admits it on the port (podSelector peers only)."""
+    peers = [peer["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] if {"port": port} in rule["ports"]
+             for peer in rule.get("from", []) if set(peer) == {"podSelector"}]
+    return any(selects(peer, pod) for peer in peers)
+
+
+def test_blue_green_releases_share_redis_and_mlflow_and_one_service_selects_the_live_slot(tmp_path: Path) -> None:
+    blue, green = render(BLUE, "blue"), render(GREEN, "green")
+    version = kubernetes_validate.latest_version()
+    for manifest in [*blue, *green]:
+        kubernetes_validate.validate(manifest, version, strict=True)
+    components = {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in green}
+    assert components == {"gateway", "replica"}  # no Redis, SuperLink, runner, MLflow or backup job of its own
+    assert not [m for m in green if m["kind"] == "Service" and m["metadata"]["name"] == "blue-federated-dp-llm-gateway"]
+    (service,) = [m for m in blue if m["kind"] == "Service" and m["metadata"]["name"].endswith("-gateway")]
+    assert service["metadata"]["name"] == "blue-federated-dp-llm-gateway"
+    (blue_gateway,), (green_gateway,) = pods_of(blue, "gateway"), pods_of(green, "gateway")
+    pods = [*pods_of(blue, "replica"), *pods_of(green, "replica"), *pods_of(blue, "redis"), *pods_of(blue, "mlflow")]
+
+    # The Service sends clients to blue's gateway pods alone; `--set serving.gateway.service.liveSlot=green` on blue
+    # moves its selector to green's, and changes nothing else in blue.
+    assert selects(service["spec"]["selector"], blue_gateway)
+    assert not any(selects(service["spec"]["selector"], pod) for pod in [green_gateway, *pods])
+    live_green = render(switched(BLUE, live_slot="green"), "blue")
+    (moved,) = [m for m in live_green if m["kind"] == "Service" and m["metadata"] == service["metadata"]]
+    assert selects(moved["spec"]["selector"], green_gateway)
+    assert not any(selects(moved["spec"]["selector"], pod) for pod in [blue_gateway, *pods])
+    assert [m for m in live_green if m is not moved] == [m for m in blue if m is not service]
+
+    # Green's gateway speaks to blue's Redis with the password blue's Redis requires; its replicas load from blue's
+    # MLflow; blue's policies admit green's gateway and replicas there, and nothing else of green.
+    (redis,) = pods_of(blue, "redis")
+    secret = {"secretKeyRef": {"name": "gateway-redis", "key": "password"}}
+    assert {"name": "REDISCLI_AUTH", "valueFrom": secret} in redis["spec"]["containers"][0]["env"]
+    container = green_gateway["spec"]["containers"][0]
+    assert {"name": "FL_GATEWAY_REDIS_PASSWORD", "valueFrom": secret} in container["env"]
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        (tmp_path / name).write_text("")
+    args = [a.replace("/run/secrets/tls", str(tmp_path)).replace("$(POD_NAME)", "pod-0")
+            for a in container["command"][container["command"].index("serve") + 1:]]
+    cfg = compose_gateway_config(args)
+    (redis_service,) = [m for m in blue if m["kind"] == "Service" and m["metadata"]["name"].endswith("-redis")]
+    assert cfg.limits.redis_url == f"redis://{redis_service['metadata']['name']}:6379/0"
+    assert cfg.limits.redis_password_env == "FL_GATEWAY_REDIS_PASSWORD"
+    tls = switched(GREEN, redis={**GREEN["serving"]["redis"], "tls": {"enabled": True}})  # blue's Redis on TLS
+    (tls_gateway,) = pods_of(render(tls, "green"), "gateway")
+    assert f"limits.redis_url=rediss://{redis_service['metadata']['name']}:6379/0" in \
+        tls_gateway["spec"]["containers"][0]["command"]
+    assert {"name": "redis-ca", "secret": {"secretName": "redis-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} \
+        in tls_gateway["spec"]["volumes"]
+    assert cfg.routing.backends == [f"http://green-federated-dp-llm-replica-{i}.green-federated-dp-llm-replica:9000"
+                                    for i in range(2)]  # green's own replicas, with the new model
+    (mlflow_service,) = [m for m in blue if m["kind"] == "Service" and m["metadata"]["name"].endswith("-mlflow")]
+    for replica in pods_of(green, "replica"):
+        env = {e["name"]: e.get("value") for e in replica["spec"]["containers"][0]["env"]}
+        assert env["MLFLOW_TRACKING_URI"] == f"http://{mlflow_service['metadata']['name']}:5000"
+    policies = {m["metadata"]["name"]: m for m in [*blue, *green] if m["kind"] == "NetworkPolicy"}
+    (green_replica,) = pods_of(green, "replica")
+    assert admitted(policies["blue-federated-dp-llm-redis"], green_gateway, 6379)
+    assert not admitted(policies["blue-federated-dp-llm-redis"], green_replica, 6379)
+    assert admitted(policies["blue-federated-dp-llm-mlflow"], green_replica, 5000)
+    assert not admitted(policies["blue-federated-dp-llm-mlflow"], green_gateway, 5000)
+    assert admitted(policies["green-federated-dp-llm-replica"], green_gateway, 9000)
+    assert not admitted(policies["green-federated-dp-llm-replica"], blue_gateway, 9000)
+    assert not admitted(policies["blue-federated-dp-llm-redis"], {"metadata": {"labels": {
+        "app.kubernetes.io/component": "gateway", "federated-dp-llm/gateway-service": "other-gateway"}}}, 6379)
+
+    # Each release keeps its own: budgets for its own pods, and each gateway pod its own audit volumes and backups.
+    for release, others in ((blue, green), (green, blue)):
+        for budget in (m for m in release if m["kind"] == "PodDisruptionBudget"):
+            assert not any(selects(budget["spec"]["selector"]["matchLabels"], pod)
+                           for pod in [*pods_of(others, "gateway"), *pods_of(others, "replica")])
+    (blue_sts,), (green_sts,) = ([m for m in r if m["kind"] == "StatefulSet" and m["metadata"]["name"].endswith(
+        "-gateway")] for r in (blue, green))
+    assert blue_sts["metadata"]["name"] != green_sts["metadata"]["name"]  # claims audit-<statefulset>-N apart
+    for gateway in (blue_gateway, green_gateway):
+        sidecar = gateway["spec"]["containers"][1]
+        assert {"name": "backups", "mountPath": "/backups", "subPathExpr": "gateway/$(POD_NAME)"} in \
+            sidecar["volumeMounts"]
+    assert {m["metadata"]["name"] for m in blue if m["kind"] == "CronJob"} == {
+        "blue-federated-dp-llm-backup-superlink", "blue-federated-dp-llm-backup-mlflow"}
+
+
+def test_a_retired_slot_keeps_redis_and_the_service_and_cannot_be_the_live_one() -> None:
+    retired = render(switched(BLUE, live_slot="green", retired=True), "blue")
+    version = kubernetes_validate.latest_version()
+    for manifest in retired:
+        kubernetes_validate.validate(manifest, version, strict=True)
+    assert pods_of(retired, "redis") and not pods_of(retired, "gateway") and not pods_of(retired, "replica")
+    assert not [m for m in retired if m["kind"] in ("PodDisruptionBudget", "HorizontalPodAutoscaler")]
+    (service,) = [m for m in retired if m["kind"] == "Service" and m["metadata"]["name"].endswith("-gateway")]
+    assert service["spec"]["selector"]["federated-dp-llm/slot"] == "green"
+    (policy,) = [m for m in retired if m["kind"] == "NetworkPolicy" and m["metadata"]["name"].endswith("-redis")]
+    assert admitted(policy, pods_of(render(GREEN, "green"), "gateway")[0], 6379)
+
+
+@pytest.mark.parametrize(("values", "named"), [
+    (switched(GREEN, redis={**GREEN["serving"]["redis"], "passwordSecret": None}), "serving.redis.passwordSecret"),
+    ({**GREEN, "serving": {**GREEN["serving"], "gateway": {"service": GREEN["serving"]["gateway"]["service"]}}},
+     "serving.gateway.slot"),
+    (switched(GREEN, gateway={"slot": "green", "service": {"enabled": False}}), "serving.gateway.service.name"),
+    (switched(GREEN, live_slot="green"), "serving.gateway.service.liveSlot"),
+    (switched(SERVING, gateway={"service": {"liveSlot": "green"}}), "serving.gateway.service.liveSlot"),
+    (switched(BLUE, retired=True), "serving.retired"),
+    ({**GREEN, "mlflow": {"enabled": False}}, "mlflow.url"),
+    ({**BLUE, "mlflow": {"url": "http://elsewhere:5000"}}, "mlflow.url"),
+    ({"superlink": {"enabled": False}, "supernodes": HOSPITALS[:1]}, "supernodes[hospital-a].superlinkAddress"),
+])
+def test_a_blue_green_setting_that_cannot_work_fails_in_one_line_naming_it(values: dict[str, Any], named: str) -> None:
+    with pytest.raises(Exception) as refused:
+        render(values)
+    message = str(refused.value).strip()
+    assert named + ":" in message and "\n" not in message
 
 
 def test_the_gate_fails_on_a_high_severity_finding_and_a_known_vulnerability(tmp_path: Path) -> None:

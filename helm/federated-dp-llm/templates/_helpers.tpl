@@ -71,3 +71,33 @@ exec:
   value: {{ $.service | quote }}
 {{- end }}
 {{- end -}}
+
+{{/* The tracking server of this release, or with mlflow.enabled false the one mlflow.url names; empty: none. */}}
+{{- define "fdl.mlflowUrl" -}}
+{{- if and .Values.mlflow.enabled .Values.mlflow.url -}}
+{{- fail "mlflow.url: only with mlflow.enabled false (this release runs its own tracking server)" -}}
+{{- end -}}
+{{- ternary (printf "http://%s-mlflow:%v" (include "fdl.fullname" .) .Values.mlflow.port) .Values.mlflow.url .Values.mlflow.enabled -}}
+{{- end -}}
+
+{{/* Blue-green (README "Rollouts"): the clients' Service, and the labels by which it, and the Redis and MLflow that
+both slots share, find each slot's pods across the two releases. */}}
+{{- define "fdl.gatewayService" -}}
+{{- .Values.serving.gateway.service.name | default (printf "%s-gateway" (include "fdl.fullname" .)) -}}
+{{- end -}}
+
+{{- define "fdl.slotLabels" -}}
+{{- with .Values.serving.gateway.slot -}}
+federated-dp-llm/slot: {{ . }}
+federated-dp-llm/gateway-service: {{ include "fdl.gatewayService" $ }}
+{{- end }}
+{{- end -}}
+
+{{/* Pods of either slot's release serving under this release's Service: a NetworkPolicy peer; none without slots. */}}
+{{- define "fdl.slotPeers" -}}
+{{- if .root.Values.serving.gateway.slot -}}
+{{- toYaml (list (dict "podSelector" (dict "matchLabels" (dict "app.kubernetes.io/component" .component "federated-dp-llm/gateway-service" (include "fdl.gatewayService" .root))))) -}}
+{{- else -}}
+[]
+{{- end -}}
+{{- end -}}
