@@ -45,4 +45,9 @@ def test_the_quick_study_writes_tables_plots_and_raw_results(tmp_path: Path) -> 
     assert all(r["epsilon_spent"] <= r["epsilon"] for r in raw["results"])
     traffic = raw["traffic_per_hospital_per_round"]["3"]
     assert traffic["bytes_down"] > 0 and traffic["bytes_up"] > 0
+    lora = {(r["arm"], r["setting"]) for r in raw["results"] if r["setting"].startswith("LoRA adapters, ")}
+    assert {arm for arm, _ in lora} == {"pooled", "federated", "alone-mean", "alone-best"}  # the product's model too
+    assert "## The product's model: LoRA adapters" in report
+    lora_traffic = raw["lora_traffic_per_hospital_per_round"]["3"]  # counted per arm: the adapter, not the head
+    assert lora_traffic["bytes_up"] > raw["communication"]["lora_adapter_bytes"] > traffic["bytes_up"]
     assert raw["communication"]["full_model_bytes"] > raw["communication"]["head_bytes"] > 0

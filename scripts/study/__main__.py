@@ -6,7 +6,9 @@ accountant (sigma calibrated once for all its planned steps):
 - pooled: one party holds every hospital's data (the upper bound no hospital may legally reach);
 - federated: FedProx over Flower with SecAgg+ secure aggregation, one simulated SuperNode per hospital;
 - alone: each hospital trains on its own share for as many epochs; reported as the mean and the best hospital.
-The model is a linear head over frozen all-MiniLM-L6-v2 embeddings (see `features.py` for why).
+Two models: a linear head over frozen all-MiniLM-L6-v2 embeddings, cheap enough for the whole grid of settings
+(`features.py`), and the product's own LoRA adapters on MiniLM as the main job trains them, at fewer epsilons in the
+baseline split (`lora.py`).
 
 Usage: `python -m scripts.study [--quick] [--out docs]` writes OUT/results.md, OUT/results/*.png and
 OUT/results/study.json. `--quick` is the smoke run CI does (a few hundred texts, one seed; numbers mean nothing).
@@ -29,8 +31,9 @@ from fl_core.config import AppConfig
 from fl_core.entry import quiet_libraries
 from privacy.accountant import AccountantState
 
-from .features import StudyData, evaluate_head, hospital_rows, load_study_data, new_head, train_head
+from .features import HeadLearner, Learner, StudyData, hospital_rows, load_study_data
 from .federation import FederatedArm, run_federated_arms
+from .lora import lora_data
 from .plan import FULL, QUICK, Setting, StudyPlan
 from .report import POOLED, Result, StudyResults, communication, write_report
 
@@ -41,9 +44,11 @@ class Study:
     def __init__(self, plan: StudyPlan, log: Callable[[str], None]) -> None:
         self.plan, self.log = plan, log
         self.data: StudyData = load_study_data(plan)
+        self.head = HeadLearner(self.data)
         self.results = StudyResults(plan, self.data.num_labels)
-        self._sigmas: dict[tuple[float, int], float | None] = {}
+        self._sigmas: dict[tuple[float, int, int], float | None] = {}
         self._rows: dict[tuple[Setting, int], list[list[int]]] = {}
+        self._alone: dict[tuple[Setting, float, int, bool], list[tuple[dict[str, float], float]]] = {}
 
     def rows(self, setting: Setting, seed: int) -> list[list[int]]:
         """Each hospital's rows, split once per setting and seed (every epsilon and arm sees the same split)."""
@@ -52,23 +57,31 @@ class Study:
         return self._rows[setting, seed]
 
     def sigma(self, cfg: AppConfig, epsilon: float, num_examples: int) -> float | None:
-        """Calibrated once per (epsilon, dataset size): every arm plans the same rounds, epochs and batch."""
-        key = (epsilon, num_examples)
+        """Calibrated once per (epsilon, dataset size, rounds): every arm of a model plans the same epochs and
+        batch."""
+        key = (epsilon, num_examples, cfg.federation.num_rounds)
         if key not in self._sigmas:
             self._sigmas[key] = privacy_plan(cfg, num_examples)[1]
         return self._sigmas[key]
 
-    def train_party(self, cfg: AppConfig, epsilon: float, rows: list[int], seed: int) -> tuple[dict[str, float],
-                                                                                                  float]:
+    def learner(self, lora: bool) -> Learner:
+        return lora_data(self.plan) if lora else self.head
+
+    def train_party(self, cfg: AppConfig, epsilon: float, rows: list[int], lora: bool) -> tuple[dict[str, float],
+                                                                                                    float]:
         """Train one party alone for every planned round under one calibration; (test scores, epsilon spent)."""
-        head = new_head(self.data, seed)
+        learner = self.learner(lora)
+        model = learner.new_model(cfg)
         sigma = self.sigma(cfg, epsilon, len(rows))
         accountant = AccountantState() if sigma is not None else None
         spent = math.inf
-        for _ in range(self.plan.rounds):
-            result = train_head(cfg, head, self.data, rows, sigma=sigma, accountant=accountant, proximal_mu=0.0)
+        for _ in range(cfg.federation.num_rounds):
+            result = learner.train(cfg, model, rows, sigma=sigma, accountant=accountant, proximal_mu=0.0)
             accountant, spent = result.accountant, result.epsilon
-        return evaluate_head(head, self.data), spent
+        return learner.evaluate(model), spent
+
+    def label(self, setting_label: str, lora: bool) -> str:
+        return self.plan.lora.label(setting_label) if lora else setting_label
 
     def add(self, arm: str, setting: str, epsilon: float, seed: int, scores: dict[str, float], spent: float,
             seconds: float) -> None:
@@ -77,28 +90,35 @@ class Study:
         self.log(f"{arm:<11} {setting:<45} eps {epsilon:>4} seed {seed}: accuracy {result.accuracy:.3f}, "
                  f"macro-F1 {result.macro_f1:.3f}, spent {spent:.3f}")
 
-    def run_pooled(self, epsilon: float, seed: int) -> None:
+    def run_pooled(self, epsilon: float, seed: int, lora: bool = False) -> None:
         start = time.perf_counter()
-        cfg = self.plan.config(epsilon, seed, self.plan.baseline)
-        scores, spent = self.train_party(cfg, epsilon, list(range(len(self.data.train_y))), seed)
-        self.add("pooled", POOLED, epsilon, seed, scores, spent, time.perf_counter() - start)
+        cfg = self.plan.config(epsilon, seed, self.plan.lora.setting if lora else self.plan.baseline, lora)
+        scores, spent = self.train_party(cfg, epsilon, list(range(len(self.data.train_y))), lora)
+        self.add("pooled", self.label(POOLED, lora), epsilon, seed, scores, spent, time.perf_counter() - start)
 
-    def run_alone(self, epsilon: float, seed: int, setting: Setting) -> None:
+    def run_alone(self, epsilon: float, seed: int, setting: Setting, lora: bool = False) -> None:
+        """Each hospital on its own share. Training alone involves neither FedProx's mu nor the server, so a
+        setting that differs from one already run only there reuses its hospitals' results (seconds 0)."""
         start = time.perf_counter()
-        cfg = self.plan.config(epsilon, seed, setting)
-        runs = [self.train_party(cfg, epsilon, rows, seed) for rows in self.rows(setting, seed)]
+        split = (Setting(setting.hospitals, setting.partitioning, setting.alpha), epsilon, seed, lora)
+        if split not in self._alone:
+            cfg = self.plan.config(epsilon, seed, setting, lora)
+            self._alone[split] = [self.train_party(cfg, epsilon, rows, lora) for rows in self.rows(setting, seed)]
+        runs = self._alone[split]
         seconds = time.perf_counter() - start
         mean = {k: statistics.fmean(scores[k] for scores, _ in runs) for k in ("accuracy", "macro_f1")}
         best = max((scores for scores, _ in runs), key=lambda s: s["accuracy"])
         spent = max(s for _, s in runs)
-        self.add("alone-mean", setting.label, epsilon, seed, mean, spent, seconds)
-        self.add("alone-best", setting.label, epsilon, seed, best, spent, seconds)
+        label = self.label(setting.label, lora)
+        self.add("alone-mean", label, epsilon, seed, mean, spent, seconds)
+        self.add("alone-best", label, epsilon, seed, best, spent, seconds)
 
-    def federated_arm(self, key: str, epsilon: float, seed: int, setting: Setting) -> FederatedArm:
-        cfg = self.plan.config(epsilon, seed, setting)
+    def federated_arm(self, key: str, epsilon: float, seed: int, setting: Setting,
+                      lora: bool = False) -> FederatedArm:
+        cfg = self.plan.config(epsilon, seed, setting, lora)
         rows = self.rows(setting, seed)
-        return FederatedArm(key, cfg, epsilon, seed, setting,
-                            tuple(tuple(r) for r in rows), tuple(self.sigma(cfg, epsilon, len(r)) for r in rows))
+        return FederatedArm(key, cfg, epsilon, seed, setting, tuple(tuple(r) for r in rows),
+                            tuple(self.sigma(cfg, epsilon, len(r)) for r in rows), lora)
 
     def run_federated(self, arms: Sequence[FederatedArm]) -> None:
         """Per hospital count, one simulation runs all its arms."""
@@ -106,12 +126,13 @@ class Study:
             group = [arm for arm in arms if arm.setting.hospitals == count]
             self.log(f"study: {len(group)} federated runs with {count} hospitals (Flower, SecAgg+)")
             with tempfile.TemporaryDirectory(prefix="study-") as work:
-                outcomes = run_federated_arms(group, self.data, Path(work))
+                outcomes = run_federated_arms(group, self.plan, self.data, Path(work))
             for arm in group:
                 o = outcomes[arm.key]
-                self.add("federated", arm.setting.label, arm.epsilon, arm.seed, o, o["epsilon_spent"], o["seconds"])
-            self.results.traffic[count] = {"bytes_down": outcomes[group[0].key]["bytes_down"],
-                                           "bytes_up": outcomes[group[0].key]["bytes_up"]}
+                self.add("federated", self.label(arm.setting.label, arm.lora), arm.epsilon, arm.seed, o,
+                         o["epsilon_spent"], o["seconds"])
+                traffic = self.results.lora_traffic if arm.lora else self.results.traffic
+                traffic.setdefault(count, {"bytes_down": o["bytes_down"], "bytes_up": o["bytes_up"]})
 
     def run(self) -> None:
         p = self.plan
@@ -125,6 +146,10 @@ class Study:
                 for epsilon in p.ablation_epsilons:
                     self.run_alone(epsilon, seed, setting)
                     arms.append(self.federated_arm(f"arm-{len(arms)}", epsilon, seed, setting))
+            for epsilon in p.lora.epsilons:
+                self.run_pooled(epsilon, seed, lora=True)
+                self.run_alone(epsilon, seed, p.lora.setting, lora=True)
+                arms.append(self.federated_arm(f"arm-{len(arms)}", epsilon, seed, p.lora.setting, lora=True))
         self.run_federated(arms)
 
 

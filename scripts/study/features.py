@@ -13,6 +13,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -128,3 +129,44 @@ def evaluate_head(head: nn.Module, data: StudyData) -> dict[str, float]:
     scores = classification_scores(head(torch.from_numpy(data.test_x)), torch.from_numpy(data.test_y))
     head.train()
     return scores
+
+
+class Learner(Protocol):
+    """What the study's arms do with either model (`HeadLearner`, `lora.LoraData`): a model at initialisation, one
+    round of training on some rows, test scores, and the arrays that travel."""
+
+    def new_model(self, cfg: AppConfig) -> nn.Module: ...
+
+    def train(self, cfg: AppConfig, model: nn.Module, rows: list[int], *, sigma: float | None,
+              accountant: AccountantState | None, proximal_mu: float) -> LocalTrainResult: ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+    def to_arrays(self, model: nn.Module) -> list[np.ndarray]: ...
+
+    def load_arrays(self, model: nn.Module, arrays: list[np.ndarray]) -> None: ...
+
+
+class HeadLearner:
+    """The linear head as a `Learner`."""
+
+    def __init__(self, data: StudyData) -> None:
+        self.data = data
+
+    def new_model(self, cfg: AppConfig) -> nn.Linear:
+        return new_head(self.data, cfg.train.seed)
+
+    def train(self, cfg: AppConfig, model: nn.Module, rows: list[int], *, sigma: float | None,
+              accountant: AccountantState | None, proximal_mu: float) -> LocalTrainResult:
+        return train_head(cfg, model, self.data, rows, sigma=sigma, accountant=accountant, proximal_mu=proximal_mu)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return evaluate_head(model, self.data)
+
+    @staticmethod
+    def to_arrays(model: nn.Module) -> list[np.ndarray]:
+        return head_to_arrays(model)
+
+    @staticmethod
+    def load_arrays(model: nn.Module, arrays: list[np.ndarray]) -> None:
+        load_head_arrays(model, arrays)

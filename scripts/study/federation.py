@@ -3,8 +3,9 @@
 
 One simulation per hospital count runs all federated arms of that count in turn, so Ray starts once (~20 s). Each
 arm is a fresh `RecordingFedProx` whose fit config carries the arm's key as the run id; each hospital trains the
-head on its own rows with DP-SGD and keeps its accountant in the work folder across rounds. A mod outside SecAgg+
-counts the bytes of every message a hospital receives and sends, all protocol stages included.
+arm's model (the head, or the product's LoRA adapters) on its own rows with DP-SGD and keeps its accountant in the
+work folder across rounds. A mod outside SecAgg+ counts the bytes of every message a hospital receives and sends,
+all protocol stages included; the server reads the count after each arm (the hospitals are idle between arms).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import numpy as np
 from fl_core.config import AppConfig
 from fl_core.protocol import RUN_ID
 
-from .features import StudyData, evaluate_head, head_to_arrays, load_head_arrays, new_head, train_head
-from .plan import Setting
+from .features import HeadLearner, Learner, StudyData
+from .lora import lora_data
+from .plan import Setting, StudyPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,6 +41,7 @@ class FederatedArm:
     setting: Setting
     rows: tuple[tuple[int, ...], ...]  # each hospital's training rows
     sigmas: tuple[float | None, ...]  # each hospital's noise, calibrated once for all rounds
+    lora: bool = False  # the product's LoRA model, else the linear head
 
 
 def _quiet_flower() -> None:
@@ -51,7 +54,12 @@ def _data(path: str) -> StudyData:
     return StudyData.load(Path(path))
 
 
-def build_client_app(arms: Sequence[FederatedArm], data_path: Path, work: Path) -> Any:
+def _learner(arm: FederatedArm, plan: StudyPlan, data_path: Path) -> Learner:
+    """The arm's model, loaded once per process (a simulated hospital's worker or the server)."""
+    return lora_data(plan) if arm.lora else HeadLearner(_data(str(data_path)))
+
+
+def build_client_app(arms: Sequence[FederatedArm], plan: StudyPlan, data_path: Path, work: Path) -> Any:
     from flwr.client import Client, ClientApp, NumPyClient
     from flwr.client.mod import secaggplus_mod
     from flwr.clientapp.typing import ClientAppCallable
@@ -68,20 +76,20 @@ def build_client_app(arms: Sequence[FederatedArm], data_path: Path, work: Path) 
 
         def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
             arm = by_key[str(config[RUN_ID])]
-            data = _data(str(data_path))
-            head = new_head(data, arm.seed)
-            load_head_arrays(head, parameters)
+            learner = _learner(arm, plan, data_path)
+            model = learner.new_model(arm.cfg)
+            learner.load_arrays(model, parameters)
             sigma = arm.sigmas[self.partition]
             saved = work / "accountants" / f"{arm.key}-{self.partition}.json"
             accountant = (AccountantState.from_json(saved.read_text()) if saved.exists() else
                           AccountantState() if sigma is not None else None)
             rows = list(arm.rows[self.partition])
-            result = train_head(arm.cfg, head, data, rows, sigma=sigma, accountant=accountant,
-                                proximal_mu=float(config.get("proximal_mu", 0.0)))
+            result = learner.train(arm.cfg, model, rows, sigma=sigma, accountant=accountant,
+                                   proximal_mu=float(config.get("proximal_mu", 0.0)))
             if result.accountant is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(result.accountant.to_json())
-            return head_to_arrays(head), len(rows), {"hospital": f"hospital-{self.partition}",
+            return learner.to_arrays(model), len(rows), {"hospital": f"hospital-{self.partition}",
                                                       "epsilon": result.epsilon}
 
     def client_fn(context: Context) -> Client:
@@ -101,7 +109,18 @@ def build_client_app(arms: Sequence[FederatedArm], data_path: Path, work: Path) 
     return ClientApp(client_fn=client_fn, mods=[count_bytes, secaggplus_mod])
 
 
-def build_server_app(arms: Sequence[FederatedArm], data_path: Path, work: Path) -> Any:
+def _traffic(work: Path, rounds: int, count: int) -> tuple[float, float]:
+    """Bytes a hospital received and sent per round over the arm that just ended, averaged over hospitals and
+    rounds; the counts are cleared for the next arm."""
+    lines = []
+    for log in work.glob("bytes-*.txt"):
+        lines += log.read_text().splitlines()
+        log.unlink()
+    totals = np.array([[int(v) for v in line.split()] for line in lines]).sum(axis=0) / (rounds * count)
+    return float(totals[0]), float(totals[1])
+
+
+def build_server_app(arms: Sequence[FederatedArm], plan: StudyPlan, data_path: Path, work: Path) -> Any:
     from flwr.server import LegacyContext, ServerApp, ServerConfig
     from flwr.serverapp import Grid
 
@@ -114,27 +133,28 @@ def build_server_app(arms: Sequence[FederatedArm], data_path: Path, work: Path) 
     @app.main()
     def main(grid: Grid, context: Any) -> None:
         _quiet_flower()
-        data = _data(str(data_path))
         outcomes = {}
         for arm in arms:
             started = time.perf_counter()
+            learner = _learner(arm, plan, data_path)
             strategy = RecordingFedProx(proximal_mu=arm.setting.mu, min_participants=arm.setting.hospitals,
-                                        initial_arrays=head_to_arrays(new_head(data, arm.seed)), run_id=arm.key,
-                                        federated_evaluation=False)
+                                        initial_arrays=learner.to_arrays(learner.new_model(arm.cfg)),
+                                        run_id=arm.key, federated_evaluation=False)
             legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=arm.cfg.federation.num_rounds),
                                    strategy=strategy_for(arm.cfg, strategy,
                                                          server_optimizer_for(arm.cfg)))
             workflow = FederatedWorkflow(fit_workflow_for(arm.cfg), ConvergenceMonitor(0.0, 1), 1,
                                          on_round=lambda *_: None, recorder=strategy)
             outcome = workflow(grid, legacy)
-            head = new_head(data, arm.seed)
+            model = learner.new_model(arm.cfg)
             arrays = current_arrays(legacy)
-            load_head_arrays(head, arrays)
+            learner.load_arrays(model, arrays)
             last = outcome.rounds[-1].record.client_metrics
-            outcomes[arm.key] = {**evaluate_head(head, data), "rounds": len(outcome.rounds),
+            down, up = _traffic(work, len(outcome.rounds), arm.setting.hospitals)
+            outcomes[arm.key] = {**learner.evaluate(model), "rounds": len(outcome.rounds),
                                  "epsilon_spent": max(float(m["epsilon"]) for m in last.values()),
                                  "max_abs_weight": float(max(np.abs(a).max() for a in arrays)),
-                                 "seconds": time.perf_counter() - started}
+                                 "bytes_down": down, "bytes_up": up, "seconds": time.perf_counter() - started}
             print(f"study: federated {arm.key} ({arm.setting.label}, eps {arm.epsilon}, seed {arm.seed}): accuracy "
                   f"{outcomes[arm.key]['accuracy']:.3f}, largest weight {outcomes[arm.key]['max_abs_weight']:.2f} "
                   f"(SecAgg+ clips at {arm.cfg.strategy.secagg.clipping_range})", flush=True)
@@ -143,9 +163,10 @@ def build_server_app(arms: Sequence[FederatedArm], data_path: Path, work: Path) 
     return app
 
 
-def run_federated_arms(arms: Sequence[FederatedArm], data: StudyData, work: Path) -> dict[str, dict[str, float]]:
+def run_federated_arms(arms: Sequence[FederatedArm], plan: StudyPlan, data: StudyData,
+                       work: Path) -> dict[str, dict[str, float]]:
     """Every arm (all with one hospital count) in one Flower simulation; returns each arm's scores and spend,
-    plus `bytes_down`/`bytes_up`: a hospital's traffic per round, averaged over every hospital and round."""
+    plus `bytes_down`/`bytes_up`: a hospital's traffic per round, averaged over the arm's hospitals and rounds."""
     from flwr.simulation import run_simulation
 
     from fl_server.simulate import backend_config
@@ -159,17 +180,11 @@ def run_federated_arms(arms: Sequence[FederatedArm], data: StudyData, work: Path
     _quiet_flower()
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray listens on loopback only
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    run_simulation(server_app=build_server_app(arms, data_path, work),
-                   client_app=build_client_app(arms, data_path, work), num_supernodes=count,
+    run_simulation(server_app=build_server_app(arms, plan, data_path, work),
+                   client_app=build_client_app(arms, plan, data_path, work), num_supernodes=count,
                    backend_config=backend_config(arms[0].cfg))
     done = work / "federated.json"
     if not done.exists():
         raise RuntimeError(f"the {count}-hospital simulation ended without results (see the log above)")
     outcomes: dict[str, dict[str, float]] = json.loads(done.read_text())
-    rounds = sum(o["rounds"] for o in outcomes.values())
-    traffic = np.array([[int(v) for v in line.split()] for p in range(count)
-                        for line in (work / f"bytes-{p}.txt").read_text().splitlines()])
-    per_round = traffic.sum(axis=0) / (rounds * count)
-    for outcome in outcomes.values():
-        outcome["bytes_down"], outcome["bytes_up"] = float(per_round[0]), float(per_round[1])
     return outcomes

@@ -1,4 +1,5 @@
-"""What the study runs: the settings (hospital count, data split, FedProx mu), epsilons, seeds and budgets."""
+"""What the study runs: the settings (hospital count, data split, FedProx mu), epsilons, seeds and budgets, for the
+linear head over frozen embeddings and for the product's own LoRA model."""
 
 from __future__ import annotations
 
@@ -33,6 +34,23 @@ class Setting:
 
 
 @dataclass(frozen=True)
+class LoraPlan:
+    """The product's own model as the main job trains it (`conf/model/minilm.yaml`: LoRA on MiniLM's top
+    feed-forward block over cached prefixes, a zero-initialised head clipped apart, its learning rates) and federates
+    it (`setting`: the main job's FedProx with plain aggregation), for `rounds` rounds, at `epsilons`."""
+
+    rounds: int
+    epsilons: tuple[float, ...]
+    setting: Setting
+
+    LABEL = "LoRA adapters"
+
+    def label(self, setting_label: str) -> str:
+        """A LoRA arm's setting as the report names it (the head's arms carry the bare label)."""
+        return f"{self.LABEL}, {setting_label}"
+
+
+@dataclass(frozen=True)
 class StudyPlan:
     train_examples: int
     test_examples: int
@@ -45,19 +63,21 @@ class StudyPlan:
     baseline: Setting
     ablations: tuple[Setting, ...]
     ablation_epsilons: tuple[float, ...]
+    lora: LoraPlan
     delta: float = 1e-5
 
     @property
     def settings(self) -> tuple[Setting, ...]:
         return (self.baseline, *self.ablations)
 
-    def config(self, epsilon: float, seed: int, setting: Setting) -> AppConfig:
-        """The project config of one arm: the same schema and validation as a training run."""
+    def config(self, epsilon: float, seed: int, setting: Setting, lora: bool = False) -> AppConfig:
+        """The project config of one arm: the same schema and validation as a training run. A LoRA arm keeps the
+        product's model and learning rates (`conf/model/minilm.yaml`) and the LoRA plan's rounds."""
         overrides = [
             "data=icd10", "task=classification", f"data.max_train_examples={self.train_examples}",
             f"data.max_test_examples={self.test_examples}", f"train.batch_size={self.batch_size}",
-            "train.device=cpu", f"train.lr={self.lr}", f"train.local_epochs={self.local_epochs}",
-            f"train.seed={seed}", "data.seed=0", f"federation.num_rounds={self.rounds}",
+            "train.device=cpu", *([] if lora else [f"train.lr={self.lr}"]), f"train.local_epochs={self.local_epochs}",
+            f"train.seed={seed}", "data.seed=0", f"federation.num_rounds={self.lora.rounds if lora else self.rounds}",
             f"federation.num_clients={setting.hospitals}", f"federation.min_participants={setting.hospitals}",
             f"federation.partitioning={setting.partitioning}", f"federation.dirichlet_alpha={setting.alpha}",
             f"strategy.proximal_mu={setting.mu}", f"privacy.delta={self.delta}",
@@ -76,9 +96,11 @@ FULL = StudyPlan(train_examples=20000, test_examples=4000, rounds=10, local_epoc
                  epsilons=(1.0, 2.0, 4.0, 8.0, INF), seeds=(0, 1, 2), baseline=BASELINE,
                  ablations=(replace(BASELINE, server="none"), replace(BASELINE, partitioning="iid"),
                             replace(BASELINE, mu=0.0), replace(BASELINE, hospitals=10)),
-                 ablation_epsilons=(1.0, 8.0, INF))
+                 ablation_epsilons=(1.0, 8.0, INF),
+                 lora=LoraPlan(rounds=3, epsilons=(1.0, 8.0, INF), setting=Setting()))
 # The smoke run CI does: every kind of arm on a few hundred texts; its numbers mean nothing. DP only in the IID
 # baseline, whose equal shares need one calibration (seconds each at these sizes).
 QUICK = StudyPlan(train_examples=600, test_examples=200, rounds=2, local_epochs=1, batch_size=64, lr=0.01,
                   epsilons=(8.0, INF), seeds=(0,), baseline=replace(BASELINE, partitioning="iid"),
-                  ablations=(Setting(),), ablation_epsilons=(INF,))
+                  ablations=(Setting(),), ablation_epsilons=(INF,),
+                  lora=LoraPlan(rounds=2, epsilons=(8.0,), setting=Setting(partitioning="iid")))
