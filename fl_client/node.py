@@ -13,6 +13,7 @@ hospitals, from the node home folder named in the environment (hospital N's fold
 | `policy-file` | the hospital's policy (default: `policy.yaml` in the state folder, if there is one) |
 | `reservation-timeout` | seconds after which a run that stopped talking to the node loses its reservation (3600) |
 | `approved-bundles` | the file of app bundles the hospital approved (`fl-node approve`); `fl-node` requires it |
+| `log-format` | `text` (default), or `json`: `fl-node` and its task processes log JSON lines (`node_logs.py`) |
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fl_core.config import LOG_FORMATS
 from privacy.governance import NodeRules
 
 NODE_HOME_ENV = "FEDERATED_DP_LLM_NODE_HOME"
@@ -31,7 +33,7 @@ POLICY_FILE = "policy.yaml"
 SIMULATED_SETTINGS_FILE = "node.toml"
 DEFAULT_RESERVATION_TIMEOUT = 3600.0
 SETTINGS = ("hospital-id", "state-dir", "data-dir", "partition-id", "policy-file", "reservation-timeout",
-            "approved-bundles")
+            "approved-bundles", "log-format")
 SIMULATION_SETTINGS = ("partition-id", "num-partitions")  # what Flower's simulation engine gives each node
 
 
@@ -57,6 +59,7 @@ class NodeSettings:
     data_dir: Path | None = None
     reservation_timeout: float = DEFAULT_RESERVATION_TIMEOUT
     approved_bundles: Path | None = None
+    log_format: str = "text"
 
     @property
     def ledger_path(self) -> Path:
@@ -112,7 +115,11 @@ class NodeSettings:
             raise NodeSettingsError("reservation-timeout", "must be a number of seconds > 0, got "
                                                            f"{node_config.get('reservation-timeout')!r}")
         approved = Path(str(node_config["approved-bundles"])) if node_config.get("approved-bundles") else None
-        return cls(hospital, partition, state_dir, policy_file, data_dir, timeout, approved)
+        log_format = str(node_config.get("log-format", "text"))
+        if log_format not in LOG_FORMATS:
+            raise NodeSettingsError("log-format", f"unknown value {log_format!r}; choose one of "
+                                                  f"{', '.join(LOG_FORMATS)}")
+        return cls(hospital, partition, state_dir, policy_file, data_dir, timeout, approved, log_format)
 
     @staticmethod
     def simulated_settings(node_config: Mapping[str, object]) -> dict[str, object]:

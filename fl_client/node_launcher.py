@@ -13,6 +13,7 @@ exit code (305: the SuperLink does not know the node's key).
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -27,11 +28,13 @@ from fl_core.entry import OneLineParser
 
 from .bundles import approve, load_approved
 from .node import NodeSettings, NodeSettingsError
+from .node_logs import node_logs
 
 SECRET_FILE = "superexec.secret"
 POLL_SECONDS = 0.5
 MAX_TASKS = 4  # task processes at once (one per message; a SecAgg+ round asks a node one at a time)
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
+log = logging.getLogger("fl-node")
 
 
 def node_settings(node_config: Path) -> NodeSettings:
@@ -93,6 +96,7 @@ def serve_tasks(supernode: subprocess.Popen[bytes], runtime_address: str, secret
 
 def run(node_config: Path, superlink: str, root_certificates: Path, private_key: Path, runtime_port: int) -> int:
     settings = node_settings(node_config)
+    node_logs(settings, "fl-node", sys.stderr)
     for path, name in ((root_certificates, "--root-certificates"), (private_key, "--auth-supernode-private-key")):
         if not path.is_file():
             raise NodeSettingsError(name, f"no such file {path}")
@@ -111,8 +115,8 @@ def run(node_config: Path, superlink: str, root_certificates: Path, private_key:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
-    print(f"fl-node: {settings.hospital} (state {settings.state_dir}); runs only bundles approved in "
-          f"{settings.approved_bundles}", flush=True)
+    log.info("%s (state %s); runs only bundles approved in %s", settings.hospital, settings.state_dir,
+             settings.approved_bundles)
     try:
         serve_tasks(supernode, f"127.0.0.1:{runtime_port}", secret, node_config)
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -40,6 +41,8 @@ def log_context(**fields: str) -> Iterator[None]:
 
 OWN_LOGGERS = ("federated_dp_llm", "gateway", "fl_core", "fl_server", "fl_client", "strategies", "privacy", "fl-node")
 EVENT_CHARS = 200
+# logging.captureWarnings logs a warning already formatted: "FILE:LINE: CATEGORY: its text"
+WARNING_ORIGIN = re.compile(r"(.*?:\d+: \w+): ")
 
 
 def _ours(name: str) -> bool:
@@ -49,11 +52,13 @@ def _ours(name: str) -> bool:
 class JsonLines(logging.Formatter):
     """This project's records in full (their message and their `extra` fields, which its code chooses); another
     library's by the first line of its message template alone, without the values put into it, since those can be
-    an exception's text or a traceback (Flower logs a failing ClientApp's), and never its extra fields."""
+    an exception's text or a traceback (Flower logs a failing ClientApp's), and never its extra fields; Python's
+    warnings by where they were raised and their category."""
 
-    def __init__(self, component: str) -> None:
+    def __init__(self, component: str, fixed: dict[str, str] | None = None) -> None:
         super().__init__()
         self.component = component
+        self.fixed = fixed or {}  # every line's, whatever thread logs (a node's hospital)
 
     def format(self, record: logging.LogRecord) -> str:
         span = trace.get_current_span().get_span_context()
@@ -62,6 +67,9 @@ class JsonLines(logging.Formatter):
             event = record.getMessage()
         elif isinstance(record.msg, BaseException):
             event = type(record.msg).__name__
+        elif record.name == "py.warnings":  # where and what kind, never the warning's text
+            origin = WARNING_ORIGIN.match(str(record.msg))
+            event = origin.group(1) if origin else "warning"
         else:
             event = str(record.msg).strip().split("\n", 1)[0][:EVENT_CHARS]
         fields = {k: v for k, v in vars(record).items() if k not in _STANDARD} if ours else {}
@@ -69,15 +77,15 @@ class JsonLines(logging.Formatter):
             **fields,  # an event's own fields first: none of them can stand in for those below
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(), "component": self.component, "logger": record.name, "event": event,
-            "trace_id": f"{span.trace_id:032x}" if span.is_valid else None, **_context.get(),
+            "trace_id": f"{span.trace_id:032x}" if span.is_valid else None, **self.fixed, **_context.get(),
         }
         if record.exc_info and record.exc_info[0] is not None:
             line["error"] = record.exc_info[0].__name__
         return json.dumps(line, default=str)
 
 
-def json_handler(stream: TextIO, component: str) -> logging.Handler:
+def json_handler(stream: TextIO, component: str, **fixed: str) -> logging.Handler:
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonLines(component))
+    handler.setFormatter(JsonLines(component, fixed))
     handler.addFilter(lambda record: bool(str(record.msg).strip()))  # Flower's blank lines are no events
     return handler

@@ -175,14 +175,15 @@ def test_every_pod_runs_unprivileged_and_reads_secrets_only_from_secrets() -> No
 
 
 def test_a_hospitals_policy_and_gpu_reach_its_node_only() -> None:
-    nodes = [dict(HOSPITALS[0], policy={"max_epsilon_per_run": 4, "min_noise_multiplier": 0.8}, gpu=1),
-             HOSPITALS[1]]
+    nodes = [dict(HOSPITALS[0], policy={"max_epsilon_per_run": 4, "min_noise_multiplier": 0.8}, gpu=1,
+                  logFormat="json"), HOSPITALS[1]]
     manifests = render({"supernodes": nodes})
     configs = {m["metadata"]["name"]: m["data"] for m in manifests if m["kind"] == "ConfigMap"}
     a, b = configs["fed-federated-dp-llm-hospital-a"], configs["fed-federated-dp-llm-hospital-b"]
     assert yaml.safe_load(a["policy.yaml"]) == {"max_epsilon_per_run": 4, "min_noise_multiplier": 0.8}
     assert tomllib.loads(a["node.toml"])["policy-file"] == "/etc/fl/policy.yaml"
     assert "policy.yaml" not in b and "policy-file" not in tomllib.loads(b["node.toml"])
+    assert [tomllib.loads(c["node.toml"])["log-format"] for c in (a, b)] == ["json", "text"]
     limits = {m["metadata"]["name"]: m["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
               for m in manifests if m["kind"] == "StatefulSet"}
     assert limits["fed-federated-dp-llm-hospital-a"]["nvidia.com/gpu"] == 1
