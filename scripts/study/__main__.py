@@ -8,7 +8,7 @@ accountant (sigma calibrated once for all its planned steps):
 - alone: each hospital trains on its own share for as many epochs; reported as the mean and the best hospital.
 Two models: a linear head over frozen all-MiniLM-L6-v2 embeddings, cheap enough for the whole grid of settings
 (`features.py`), and the product's own LoRA adapters on MiniLM as the main job trains them, at fewer epsilons in the
-baseline split (`lora.py`).
+baseline split (`lora.py`). Pooled and alone parties train two at a time in worker processes (`parties.py`).
 
 Usage: `python -m scripts.study [--quick] [--out docs]` writes OUT/results.md, OUT/results/*.png and
 OUT/results/study.json. `--quick` is the smoke run CI does (a few hundred texts, one seed; numbers mean nothing).
@@ -17,38 +17,39 @@ OUT/results/study.json. `--quick` is the smoke run CI does (a few hundred texts,
 from __future__ import annotations
 
 import argparse
-import math
+import multiprocessing
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
-
-import torch
 
 from fl_client.plan import privacy_plan
 from fl_core.config import AppConfig
-from fl_core.entry import quiet_libraries
-from privacy.accountant import AccountantState
 
-from .features import HeadLearner, Learner, StudyData, hospital_rows, load_study_data
+from .features import StudyData, hospital_rows
 from .federation import FederatedArm, run_federated_arms
 from .lora import lora_data
+from .parties import head_learner, start_worker, train_party
 from .plan import FULL, QUICK, Setting, StudyPlan
 from .report import POOLED, Result, StudyResults, communication, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+PartyRun = Future[tuple[dict[str, float], float, float]]  # test scores, epsilon spent, seconds
+
+
 class Study:
-    def __init__(self, plan: StudyPlan, log: Callable[[str], None]) -> None:
-        self.plan, self.log = plan, log
-        self.data: StudyData = load_study_data(plan)
-        self.head = HeadLearner(self.data)
+    def __init__(self, plan: StudyPlan, log: Callable[[str], None], pool: Executor) -> None:
+        self.plan, self.log, self.pool = plan, log, pool
+        self.data: StudyData = head_learner(plan).data
+        lora_data(plan)  # the LoRA model's prefixes, computed here once before the workers read them
         self.results = StudyResults(plan, self.data.num_labels)
         self._sigmas: dict[tuple[float, int, int], float | None] = {}
         self._rows: dict[tuple[Setting, int], list[list[int]]] = {}
-        self._alone: dict[tuple[Setting, float, int, bool], list[tuple[dict[str, float], float]]] = {}
+        self._alone: dict[tuple[Setting, float, int, bool], list[PartyRun]] = {}
 
     def rows(self, setting: Setting, seed: int) -> list[list[int]]:
         """Each hospital's rows, split once per setting and seed (every epsilon and arm sees the same split)."""
@@ -64,21 +65,9 @@ class Study:
             self._sigmas[key] = privacy_plan(cfg, num_examples)[1]
         return self._sigmas[key]
 
-    def learner(self, lora: bool) -> Learner:
-        return lora_data(self.plan) if lora else self.head
-
-    def train_party(self, cfg: AppConfig, epsilon: float, rows: list[int], lora: bool) -> tuple[dict[str, float],
-                                                                                                    float]:
-        """Train one party alone for every planned round under one calibration; (test scores, epsilon spent)."""
-        learner = self.learner(lora)
-        model = learner.new_model(cfg)
-        sigma = self.sigma(cfg, epsilon, len(rows))
-        accountant = AccountantState() if sigma is not None else None
-        spent = math.inf
-        for _ in range(cfg.federation.num_rounds):
-            result = learner.train(cfg, model, rows, sigma=sigma, accountant=accountant, proximal_mu=0.0)
-            accountant, spent = result.accountant, result.epsilon
-        return learner.evaluate(model), spent
+    def train_party(self, cfg: AppConfig, epsilon: float, rows: list[int], lora: bool) -> PartyRun:
+        """One party trained alone, in a worker process."""
+        return self.pool.submit(train_party, self.plan, cfg, rows, self.sigma(cfg, epsilon, len(rows)), lora)
 
     def label(self, setting_label: str, lora: bool) -> str:
         return self.plan.lora.label(setting_label) if lora else setting_label
@@ -90,28 +79,37 @@ class Study:
         self.log(f"{arm:<11} {setting:<45} eps {epsilon:>4} seed {seed}: accuracy {result.accuracy:.3f}, "
                  f"macro-F1 {result.macro_f1:.3f}, spent {spent:.3f}")
 
-    def run_pooled(self, epsilon: float, seed: int, lora: bool = False) -> None:
-        start = time.perf_counter()
+    def run_pooled(self, epsilon: float, seed: int, lora: bool = False) -> Callable[[], None]:
+        """Starts the pooled party; the returned call waits for it and records it."""
         cfg = self.plan.config(epsilon, seed, self.plan.lora.setting if lora else self.plan.baseline, lora)
-        scores, spent = self.train_party(cfg, epsilon, list(range(len(self.data.train_y))), lora)
-        self.add("pooled", self.label(POOLED, lora), epsilon, seed, scores, spent, time.perf_counter() - start)
+        run = self.train_party(cfg, epsilon, list(range(len(self.data.train_y))), lora)
 
-    def run_alone(self, epsilon: float, seed: int, setting: Setting, lora: bool = False) -> None:
-        """Each hospital on its own share. Training alone involves neither FedProx's mu nor the server, so a
-        setting that differs from one already run only there reuses its hospitals' results (seconds 0)."""
-        start = time.perf_counter()
+        def record() -> None:
+            scores, spent, seconds = run.result()
+            self.add("pooled", self.label(POOLED, lora), epsilon, seed, scores, spent, seconds)
+        return record
+
+    def run_alone(self, epsilon: float, seed: int, setting: Setting, lora: bool = False) -> Callable[[], None]:
+        """Starts each hospital on its own share; the returned call waits for them and records them. Training alone
+        involves neither FedProx's mu nor the server, so a setting that differs from one already started only there
+        shares its hospitals' runs (and is recorded with 0 seconds)."""
         split = (Setting(setting.hospitals, setting.partitioning, setting.alpha), epsilon, seed, lora)
-        if split not in self._alone:
+        shared = split in self._alone
+        if not shared:
             cfg = self.plan.config(epsilon, seed, setting, lora)
             self._alone[split] = [self.train_party(cfg, epsilon, rows, lora) for rows in self.rows(setting, seed)]
         runs = self._alone[split]
-        seconds = time.perf_counter() - start
-        mean = {k: statistics.fmean(scores[k] for scores, _ in runs) for k in ("accuracy", "macro_f1")}
-        best = max((scores for scores, _ in runs), key=lambda s: s["accuracy"])
-        spent = max(s for _, s in runs)
-        label = self.label(setting.label, lora)
-        self.add("alone-mean", label, epsilon, seed, mean, spent, seconds)
-        self.add("alone-best", label, epsilon, seed, best, spent, seconds)
+
+        def record() -> None:
+            outcomes = [run.result() for run in runs]
+            mean = {k: statistics.fmean(scores[k] for scores, _, _ in outcomes) for k in ("accuracy", "macro_f1")}
+            best = max((scores for scores, _, _ in outcomes), key=lambda s: s["accuracy"])
+            spent = max(s for _, s, _ in outcomes)
+            seconds = 0.0 if shared else sum(t for _, _, t in outcomes)
+            label = self.label(setting.label, lora)
+            self.add("alone-mean", label, epsilon, seed, mean, spent, seconds)
+            self.add("alone-best", label, epsilon, seed, best, spent, seconds)
+        return record
 
     def federated_arm(self, key: str, epsilon: float, seed: int, setting: Setting,
                       lora: bool = False) -> FederatedArm:
@@ -135,21 +133,25 @@ class Study:
                 traffic.setdefault(count, {"bytes_down": o["bytes_down"], "bytes_up": o["bytes_up"]})
 
     def run(self) -> None:
+        """Every party that trains on its own first, two at a time in the worker processes; then the federated arms,
+        one simulation per hospital count."""
         p = self.plan
         arms: list[FederatedArm] = []
+        recorders: list[Callable[[], None]] = []
         for seed in p.seeds:
             for epsilon in p.epsilons:
-                self.run_pooled(epsilon, seed)
-                self.run_alone(epsilon, seed, p.baseline)
+                recorders += [self.run_pooled(epsilon, seed), self.run_alone(epsilon, seed, p.baseline)]
                 arms.append(self.federated_arm(f"arm-{len(arms)}", epsilon, seed, p.baseline))
             for setting in p.ablations:
                 for epsilon in p.ablation_epsilons:
-                    self.run_alone(epsilon, seed, setting)
+                    recorders.append(self.run_alone(epsilon, seed, setting))
                     arms.append(self.federated_arm(f"arm-{len(arms)}", epsilon, seed, setting))
             for epsilon in p.lora.epsilons:
-                self.run_pooled(epsilon, seed, lora=True)
-                self.run_alone(epsilon, seed, p.lora.setting, lora=True)
+                recorders += [self.run_pooled(epsilon, seed, lora=True),
+                              self.run_alone(epsilon, seed, p.lora.setting, lora=True)]
                 arms.append(self.federated_arm(f"arm-{len(arms)}", epsilon, seed, p.lora.setting, lora=True))
+        for record in recorders:
+            record()
         self.run_federated(arms)
 
 
@@ -159,11 +161,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="the smoke run CI does")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for results.md and results/")
     args = parser.parse_args(argv)
-    quiet_libraries()
-    torch.set_num_threads(1)
+    start_worker()
     start = time.perf_counter()
-    study = Study(QUICK if args.quick else FULL, lambda line: print(line, flush=True))
-    study.run()
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=start_worker) as pool:
+        study = Study(QUICK if args.quick else FULL, lambda line: print(line, flush=True), pool)
+        study.run()
     study.results.communication = communication(study.data)
     path = write_report(study.results, args.out, time.perf_counter() - start, args.quick)
     print(f"wrote {path}")
