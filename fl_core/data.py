@@ -236,9 +236,9 @@ def read_examples(path: Path, label_names: tuple[str, ...]) -> TextDataset:
                 raise DataError(f"data-dir: {path.name} line {number}: not JSON ({err.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
                 raise DataError(f"data-dir: {path.name} line {number}: needs a non-empty string 'text'")
-            if not isinstance(row.get("label"), str) or row["label"] not in index:
-                raise DataError(f"data-dir: {path.name} line {number}: label {row.get('label')!r} is not one of "
-                                f"the dataset's {len(label_names)} labels")
+            if not isinstance(row.get("label"), str) or row["label"] not in index:  # the value is a record's: unsaid
+                raise DataError(f"data-dir: {path.name} line {number}: 'label' is not one of the dataset's "
+                                f"{len(label_names)} labels")
             texts.append(row["text"])
             labels.append(index[row["label"]])
     if not texts:
