@@ -27,6 +27,7 @@ CREATE INDEX IF NOT EXISTS window_events_key_at ON window_events (key, at);
 CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS spends (key TEXT PRIMARY KEY, total REAL NOT NULL);
 """
+REDIS_PREFIX = "fl-gateway:"  # every key the gateway keeps in Redis starts with it: fl-backup copies those alone
 LEGACY_BUDGET_PREFIX = "budget:"  # query counts, kept before spend was stored as what each query cost
 
 
@@ -154,7 +155,7 @@ class RedisLimitStore:
     """Several gateway replicas: each take is one Lua script, which Redis runs atomically."""
 
     def __init__(self, url: str, password: str | None = None, ca_file: str | None = None,
-                 prefix: str = "fl-gateway:") -> None:
+                 prefix: str = REDIS_PREFIX) -> None:
         tls = {"ssl_ca_certs": ca_file} if ca_file else {}
         self._redis = redis.Redis.from_url(url, password=password, socket_timeout=5, socket_connect_timeout=2, **tls)
         self._redis.ping()

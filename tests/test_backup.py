@@ -1,23 +1,32 @@
 """fl-backup against real stores: a copy taken while the ledger and the audit log are written, restored into a
 fresh folder and checked by their own tools; a damaged backup refused; a restore that never overwrites; MLflow's
-store and artifacts back after they were lost."""
+store and artifacts back after they were lost; the gateways' limits and privacy spend in a real redis-server, copied
+while they are charged and restored into a fresh one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import redis
 from cryptography.fernet import Fernet
+from servers import free_port, redis_server
 
 from fl_core.backup_cli import main
+from fl_core.backup_redis import read_snapshot
 from gateway.audit import AuditKeys, AuditLog
+from gateway.limits import REDIS_PREFIX, RedisLimitStore
 from privacy.ledger import Ledger, balance_of
+from scripts.federation import init
 
 CHAIN, TEXT = Fernet.generate_key().decode(), Fernet.generate_key().decode()
 BIN = Path(sys.executable).parent
@@ -158,15 +167,27 @@ def test_a_damaged_backup_is_refused_and_a_restore_never_overwrites(tmp_path: Pa
     (["create", "--to", "B", "--file", "x=/etc/hostname", "--folder", "x=/etc"], "--folder x: the name is given twice"),
     (["create", "--to", "B", "--file", "x=/etc/hostname", "--keep", "0"], "--keep: must be >= 1"),
     (["verify", "/no/such/backup"], "no manifest.json"),
+    (["create", "--to", "B", "--redis", "x=http://127.0.0.1:6379/0"], "--redis x: expected redis://HOST:PORT/DB"),
+    (["create", "--to", "B", "--redis", "x=redis://127.0.0.1:6379/0?ssl_cert_reqs=none"], "--redis x: expected"),
+    (["create", "--to", "B", "--redis", "x=redis://:hunter2-in-the-url@127.0.0.1:6379/0"], "--redis x: holds a "
+     "password: pass it in the environment variable --redis-password-env names"),
+    (["create", "--to", "B", "--redis", "redis://:hunter2-in-the-url@127.0.0.1:6379/0"], "--redis: expected NAME=URL"),
+    (["create", "--to", "B", "--redis", "x=redis://127.0.0.1:6379/0"], "--redis-password-env: environment variable "
+     "FL_GATEWAY_REDIS_PASSWORD must hold a secret"),
+    (["create", "--to", "B", "--redis", "x=redis://127.0.0.1:6379/0", "--redis-ca", "/no/such.crt"],
+     "--redis-ca: no such file: /no/such.crt"),
 ])
 def test_bad_input_is_one_line_naming_it_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                             args: list[str], message: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FL_GATEWAY_REDIS_PASSWORD", raising=False)
+    monkeypatch.delenv("FL_GATEWAY_REDIS_PASSWORD_FILE", raising=False)
     with pytest.raises(SystemExit) as failed:
         main(args)
     err = capsys.readouterr().err
     assert failed.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert "hunter2" not in err  # a URL that holds a password is never repeated
     assert not (tmp_path / "B").exists() or not any((tmp_path / "B").iterdir())
 
 
@@ -238,3 +259,199 @@ def test_mlflow_store_and_artifacts_lost_come_back_from_a_backup(tmp_path: Path)
     assert restored.get_metric_history(run.info.run_id, "epsilon")[0].value == 7.99
     local = restored.download_artifacts(run.info.run_id, "adapter/README.md", str(tmp_path / "dl"))
     assert Path(local).read_text() == "adapter"
+
+
+REDIS_PASSWORD = "redis-password-of-32-characters!"
+USERS = 5
+
+
+def verify(backup: Path) -> int | str | None:
+    """`fl-backup verify`'s exit code."""
+    with pytest.raises(SystemExit) as done:
+        main(["verify", str(backup)])
+    return done.value.code
+
+
+def gateway_keys(client: redis.Redis) -> dict[bytes, bytes]:
+    """Each of the gateway's keys in a Redis, with its value as DUMP gives it."""
+    return {key: client.dump(key) for key in client.scan_iter(match=REDIS_PREFIX + "*")}  # type: ignore[misc]
+
+
+def consistent(client: redis.Redis) -> float:
+    """Check the invariants every state the gateway leaves holds, and return the hospital model's total: each query
+    is charged to one user and to the model together, and each take in a window counts it and adds it at once."""
+    spends = [float(client.get(f"{REDIS_PREFIX}spend:u{i}") or 0) for i in range(USERS)]
+    total = float(client.get(f"{REDIS_PREFIX}deployment-spend:h0") or 0)
+    assert total == sum(spends) and total > 0
+    for i in range(USERS):
+        window = f"{REDIS_PREFIX}rate:u{i}"
+        assert int(client.get(window + ":seq") or 0) == client.zcard(window)
+    return total
+
+
+def test_redis_copied_while_budgets_are_charged_restores_a_state_that_existed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "redis-password"
+    secret.write_text(REDIS_PASSWORD + "\n")
+    monkeypatch.setenv("FL_GATEWAY_REDIS_PASSWORD_FILE", str(secret))  # as Docker and Kubernetes secrets give it
+    monkeypatch.delenv("FL_GATEWAY_REDIS_PASSWORD", raising=False)
+    with ExitStack() as servers:
+        live, fresh = (servers.enter_context(redis_server(REDIS_PASSWORD)) for _ in range(2))
+        live_url, fresh_url = f"redis://127.0.0.1:{live}/0", f"redis://127.0.0.1:{fresh}/0"
+        source = redis.Redis(port=live, password=REDIS_PASSWORD)
+        source.set("other-app:session", "not the gateway's")  # another application's keys in the same Redis
+        store, stop, charged = RedisLimitStore(live_url, REDIS_PASSWORD), threading.Event(), [0]
+
+        def charge() -> None:  # the gateways: one query after another, to a user and the hospital model together
+            while not stop.is_set():
+                user = f"u{charged[0] % USERS}"
+                store.take_window(f"rate:{user}", 10**9, 3600.0)
+                assert store.take_spends([f"spend:{user}", "deployment-spend:h0"], 0.5, [1e9, 1e9]).allowed
+                charged[0] += 1
+
+        writer = threading.Thread(target=charge)
+        writer.start()
+        try:
+            while charged[0] < 50:
+                time.sleep(0.01)
+            before = charged[0]
+            main(["create", "--to", str(tmp_path / "backups"), "--redis", f"limits={live_url}"])
+            after = charged[0]
+            while charged[0] < after + 20:  # still charging after the copy
+                assert writer.is_alive()
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            writer.join(timeout=30)
+        backup = Path(capsys.readouterr().out.strip())
+        assert verify(backup) == 0
+        main(["restore", str(backup), "--to", f"limits={fresh_url}"])
+        out = capsys.readouterr().out
+        assert out.splitlines()[-1] == f"limits: restored to {fresh_url}"
+
+        restored = redis.Redis(port=fresh, password=REDIS_PASSWORD)
+        snapshot = read_snapshot(backup / "limits")
+        # Every key the copy holds is there, and nothing else: the other application's key was not copied.
+        assert set(gateway_keys(restored)) == {k.key for k in snapshot.keys} and restored.dbsize() == len(
+            snapshot.keys) == 3 * USERS + 1
+        manifest = json.loads((backup / "manifest.json").read_text())
+        assert manifest["items"][0]["keys"] == len(snapshot.keys)
+        # One state that existed: the invariants hold, and it lies between the charges before and after the copy.
+        assert before * 0.5 <= consistent(restored) <= after * 0.5
+        # Each window keeps the moment it ends; the spends keep none.
+        for key in snapshot.keys:
+            expected = snapshot.time_ms + key.pttl if key.pttl > 0 else -1
+            assert restored.pexpiretime(key.key.decode()) == expected, key.key
+        assert sum(k.pttl > 0 for k in snapshot.keys) == 2 * USERS
+        assert source.get("other-app:session") == b"not the gateway's"
+        for text in (out, (backup / "manifest.json").read_text(), (backup / "limits").read_text()):
+            assert REDIS_PASSWORD not in text
+
+
+def test_a_redis_restore_refuses_to_overwrite_and_keeps_what_it_replaces(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FL_GATEWAY_REDIS_PASSWORD", REDIS_PASSWORD)
+    with redis_server(REDIS_PASSWORD) as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis(port=port, password=REDIS_PASSWORD)
+        store = RedisLimitStore(url, REDIS_PASSWORD)
+        store.take_spends(["spend:ann", "deployment-spend:h0"], 0.5, [9.0, 9.0])
+        store.take_window("rate:ann", 100, 3600.0)
+        window = f"{REDIS_PREFIX}rate:ann"
+        ends = client.pexpiretime(window)
+        anonymous = f"{REDIS_PREFIX}anon:10.0.0.9".encode()
+        client.set(anonymous, "1", px=300)  # a window about to end
+        client.set("other-app:x", "1")
+        main(["create", "--to", str(tmp_path / "backups"), "--redis", f"limits={url}"])
+        backup = Path(capsys.readouterr().out.strip())
+        backed_up = gateway_keys(client)
+        assert anonymous in backed_up
+        del backed_up[anonymous]
+        time.sleep(0.4)  # it has ended since the copy: not brought back, nor counted in the way
+        store.take_spends(["spend:ann", "deployment-spend:h0"], 0.5, [9.0, 9.0])  # spent after the copy
+        store.take_spends(["spend:bob"], 0.5, [9.0])  # a user the copy does not know
+        client.set("other-app:x", "2")
+        changed = gateway_keys(client)
+
+        with pytest.raises(SystemExit) as refused:
+            main(["restore", str(backup), "--in-place"])
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and err.strip() == (
+            f"fl-backup: limits: 4 of its 4 keys are in {url} (restore elsewhere with --to limits=URL, or --replace "
+            "to back them up and write over them)")
+        assert gateway_keys(client) == changed and not list(tmp_path.glob("backups/*.replaced"))
+
+        main(["restore", str(backup), "--in-place", "--replace"])
+        out = capsys.readouterr().out
+        (kept,) = (tmp_path / "backups" / f"{backup.name}.replaced").iterdir()
+        assert out.strip() == f"limits: restored to {url} (what was there is kept in {kept})"
+        now = gateway_keys(client)
+        assert {k: now[k] for k in backed_up} == backed_up  # the copy's keys are back as they were
+        assert anonymous not in now
+        assert abs(client.pexpiretime(window) - ends) <= 2  # and the window ends when it did (ms, the copy's clock)
+        assert now[f"{REDIS_PREFIX}spend:bob".encode()] == changed[f"{REDIS_PREFIX}spend:bob".encode()]
+        assert client.get("other-app:x") == b"2"  # never the gateway's to touch
+        # What was replaced is a backup of its own, and putting it back undoes the restore.
+        assert verify(kept) == 0
+        main(["restore", str(kept), "--to", f"limits={url}", "--replace"])
+        assert gateway_keys(client) == changed
+
+        # A changed byte, or a copy whose keys the manifest does not count (its hashes made to match): both found.
+        capsys.readouterr()
+        copy = backup / "limits"
+        original = copy.read_text()
+        copy.write_text(original.replace('"pttl": -1', '"pttl": -2', 1))
+        with pytest.raises(SystemExit) as bad:
+            main(["verify", str(backup)])
+        assert bad.value.code == 1 and "BAD: limits: changed since the backup was made" in capsys.readouterr().out
+        snapshot = json.loads(original)
+        snapshot["keys"].pop()
+        copy.write_text(json.dumps(snapshot))
+        manifest = json.loads((backup / "manifest.json").read_text())
+        manifest["items"][0]["files"][0].update(bytes=copy.stat().st_size, sha256=hashlib.sha256(
+            copy.read_bytes()).hexdigest())
+        (backup / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(SystemExit) as bad:
+            main(["verify", str(backup)])
+        assert bad.value.code == 1 and "BAD: limits: holds 4 keys, the manifest 5" in capsys.readouterr().out
+        with pytest.raises(SystemExit) as refused:
+            main(["restore", str(backup), "--in-place", "--replace"])
+        assert refused.value.code == 2 and "does not verify" in capsys.readouterr().err
+        assert gateway_keys(client) == changed
+
+        # A wrong password, or no Redis there: one line naming the option, never the password.
+        nobody = f"redis://127.0.0.1:{free_port()}/0"
+        for env, target, message in (("x" * 40, url, "--redis limits: redis refused the password"),
+                                     (REDIS_PASSWORD, nobody, "--redis limits: redis at")):
+            monkeypatch.setenv("FL_GATEWAY_REDIS_PASSWORD", env)
+            with pytest.raises(SystemExit) as failed:
+                main(["create", "--to", str(tmp_path / "other"), "--redis", f"limits={target}"])
+            err = capsys.readouterr().err
+            assert failed.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+            assert REDIS_PASSWORD not in err and env not in err
+        assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+
+
+def test_an_empty_redis_over_tls_is_a_backup_too(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new deployment's Redis holds none of the gateway's keys yet: still a backup, and it restores to none."""
+    init(tmp_path / "certs", [], [], days=1)  # the federation's CA and a server certificate for 127.0.0.1
+    ca = tmp_path / "certs" / "ca.crt"
+    monkeypatch.setenv("FL_GATEWAY_REDIS_PASSWORD", REDIS_PASSWORD)
+    with redis_server(REDIS_PASSWORD, tmp_path / "certs") as port:
+        url = f"rediss://127.0.0.1:{port}/0"
+        client = redis.Redis(host="127.0.0.1", port=port, password=REDIS_PASSWORD, ssl=True, ssl_ca_certs=str(ca))
+        client.set("other-app:x", "1")
+        for args, message in ((["--redis", f"limits={url}"], "--redis limits: redis at"),  # not the system's CA
+                              (["--redis", f"limits=redis://127.0.0.1:{port}/0", "--redis-ca", str(ca)],
+                               "--redis-ca: --redis limits is plain redis://")):
+            with pytest.raises(SystemExit) as failed:
+                main(["create", "--to", str(tmp_path / "backups"), *args])
+            assert failed.value.code == 2 and message in capsys.readouterr().err
+        main(["create", "--to", str(tmp_path / "backups"), "--redis", f"limits={url}", "--redis-ca", str(ca)])
+        backup = Path(capsys.readouterr().out.strip())
+        assert json.loads((backup / "manifest.json").read_text())["items"][0]["keys"] == 0
+        assert verify(backup) == 0
+        main(["restore", str(backup), "--to", f"limits={url}", "--redis-ca", str(ca)])
+        assert capsys.readouterr().out.splitlines()[-1] == f"limits: restored to {url}"
+        assert client.keys("*") == [b"other-app:x"]

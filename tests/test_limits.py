@@ -4,15 +4,13 @@ cost is added to its user's and to each voting hospital model's spend together, 
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import redis
-from servers import accepts_connections, free_port, kill_group, wait_until
+from servers import redis_server
 
 from gateway.limits import LimitStore, RedisLimitStore, SQLiteLimitStore
 from scripts.federation import init
@@ -27,18 +25,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LimitStore
     if request.param == "sqlite":
         yield SQLiteLimitStore(tmp_path / "limits.sqlite")
         return
-    port, tls = free_port(), request.param == "redis-tls"
+    tls = request.param == "redis-tls"
     if tls:
         init(tmp_path / "certs", [], [], days=1)  # the federation's CA and a server certificate for 127.0.0.1
     certs = tmp_path / "certs"
-    listen = (["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certs / "superlink.crt"),
-               "--tls-key-file", str(certs / "superlink.key"), "--tls-ca-cert-file", str(certs / "ca.crt"),
-               "--tls-auth-clients", "no"] if tls else ["--port", str(port)])
-    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", *listen, "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no", "--requirepass", PASSWORD],
-                              stdout=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_until(lambda: accepts_connections(port), 30, "redis-server", poll=0.1)
+    with redis_server(PASSWORD, certs if tls else None) as port:
         if tls:
             with pytest.raises(redis.ConnectionError):  # plaintext is not spoken
                 RedisLimitStore(f"redis://127.0.0.1:{port}/0", PASSWORD)
@@ -47,8 +38,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LimitStore
             with pytest.raises(redis.AuthenticationError):
                 RedisLimitStore(f"redis://127.0.0.1:{port}/0")
             yield RedisLimitStore(f"redis://127.0.0.1:{port}/0", PASSWORD)
-    finally:
-        kill_group(server)
 
 
 def test_a_charge_goes_to_every_key_or_to_none(store: LimitStore) -> None:

@@ -323,8 +323,11 @@ def test_every_component_admits_only_the_traffic_its_role_needs() -> None:
 
 
 def test_redis_requires_a_password_from_a_secret_and_speaks_tls_when_asked(tmp_path: Path) -> None:
+    from fl_core.backup_cli import _parser
+
     for tls in (False, True):
-        values = {"serving": {**SERVING["serving"], "redis": {"tls": {"enabled": tls}}}}
+        values = {"serving": {**SERVING["serving"], "redis": {"tls": {"enabled": tls}}},
+                  "backup": {"enabled": True, "claim": "backups"}}
         manifests = render(values)
         version = kubernetes_validate.latest_version()
         for manifest in manifests:
@@ -340,6 +343,16 @@ def test_redis_requires_a_password_from_a_secret_and_speaks_tls_when_asked(tmp_p
         assert "requirepass" in script and ("--tls-port 6379" in script) == tls and ("--port 0" in script) == tls
         assert "--appendfsync always" in script  # a charge acknowledged is a charge kept, crash included
         args = gateway_container["command"][gateway_container["command"].index("serve") + 1:]
+        # Its backup job reaches it as the gateway does: the same URL and, with TLS, the same CA from the same Secret.
+        (job,) = [m["spec"]["jobTemplate"]["spec"]["template"]["spec"] for m in manifests
+                  if m["metadata"]["name"] == "fed-federated-dp-llm-backup-redis"]
+        backup = _parser().parse_args(job["containers"][0]["command"][1:])
+        assert f"limits.redis_url={backup.items[0].source}" in args
+        assert (f"limits.redis_ca={backup.redis_ca}" in args) == tls and (backup.redis_ca is not None) == tls
+        gateway_ca = [v for v in pods["fed-federated-dp-llm-gateway"]["volumes"] if v["name"] == "redis-ca"]
+        assert [v for v in job["volumes"] if v["name"] == "redis-ca"] == gateway_ca
+        assert [m["mountPath"] for m in job["containers"][0]["volumeMounts"] if m["name"] == "redis-ca"] == (
+            [str(backup.redis_ca.parent)] if tls else [])
         for name in ("tls.crt", "tls.key", "ca.crt"):
             (tmp_path / name).write_text("")
         args = [a.replace("/run/secrets/tls", str(tmp_path)).replace("/run/secrets/redis-tls", str(tmp_path))
@@ -443,7 +456,7 @@ def test_every_store_is_backed_up_beside_its_pod_with_commands_fl_backup_takes()
     jobs = {m["metadata"]["name"]: m["spec"]["jobTemplate"]["spec"]["template"]["spec"]
             for m in manifests if m["kind"] == "CronJob"}
     prefix = "fed-federated-dp-llm-"
-    stores = ("superlink", "mlflow", *(f"hospital-{h}" for h in "abc"))
+    stores = ("superlink", "mlflow", "redis", *(f"hospital-{h}" for h in "abc"))
     assert sorted(jobs) == sorted(f"{prefix}backup-{store}" for store in stores)
 
     def args_of(container: dict[str, Any]) -> list[str]:
@@ -491,8 +504,28 @@ def test_every_store_is_backed_up_beside_its_pod_with_commands_fl_backup_takes()
         assert not any(selected.items() <= o["spec"]["template"]["metadata"]["labels"].items() for o in others)
         assert {"name": "backups", "persistentVolumeClaim": {"claimName": "backups"}} in job["volumes"]
         assert {"name": "backups", "mountPath": "/backups", "subPath": short} in container["volumeMounts"]
-    # Every gateway pod backs up its own log and head, the head first, as the gateway names them.
+    # The gateways' limits and privacy spend: copied from the Redis they use, with the password they use (from its
+    # Secret, in the variable fl-backup reads by default), over the network from any node, more often than the rest;
+    # the Redis admits this job and no other backup job.
     gateway = owners[f"{prefix}gateway"]["spec"]["template"]["spec"]
+    (copier,) = jobs[f"{prefix}backup-redis"]["containers"]
+    command = args_of(copier)
+    parsed = _parser().parse_args(command[1:])
+    (item,) = parsed.items
+    assert item.kind == "redis" and f"limits.redis_url={item.source}" in args_of(gateway["containers"][0])
+    password = next(e for e in gateway["containers"][0]["env"] if e["name"] == "FL_GATEWAY_REDIS_PASSWORD")
+    assert copier["env"] == [{**password, "name": parsed.redis_password_env}]
+    assert not SECRETISH.search(" ".join(command).replace("--redis-password-env", ""))
+    assert "affinity" not in jobs[f"{prefix}backup-redis"]  # not bound beside the pod: it reads over the network
+    assert [m["name"] for m in copier["volumeMounts"]] == ["backups"]
+    crons = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "CronJob"}
+    assert crons[f"{prefix}backup-redis"]["spec"]["schedule"] == "7 * * * *"  # hourly: what a restore gives back
+    redis_policy = next(m for m in manifests if m["kind"] == "NetworkPolicy" and m["metadata"]["name"] ==
+                        f"{prefix}redis")
+    assert admitted(redis_policy, crons[f"{prefix}backup-redis"]["spec"]["jobTemplate"]["spec"]["template"], 6379)
+    assert not any(admitted(redis_policy, cron["spec"]["jobTemplate"]["spec"]["template"], 6379)
+                   for name, cron in crons.items() if name != f"{prefix}backup-redis")
+    # Every gateway pod backs up its own log and head, the head first, as the gateway names them.
     serve, sidecar = gateway["containers"]
     script = " ".join(args_of(sidecar))
     head = next(a.split("=", 1)[1] for a in args_of(serve) if a.startswith("audit.head_path="))
@@ -650,7 +683,8 @@ def test_blue_green_releases_share_redis_and_mlflow_and_one_service_selects_the_
         assert {"name": "backups", "mountPath": "/backups", "subPathExpr": "gateway/$(POD_NAME)"} in \
             sidecar["volumeMounts"]
     assert {m["metadata"]["name"] for m in blue if m["kind"] == "CronJob"} == {
-        "blue-federated-dp-llm-backup-superlink", "blue-federated-dp-llm-backup-mlflow"}
+        "blue-federated-dp-llm-backup-superlink", "blue-federated-dp-llm-backup-mlflow",
+        "blue-federated-dp-llm-backup-redis"}  # the Redis both slots use: blue's, backed up by blue
 
 
 def test_a_retired_slot_keeps_redis_and_the_service_and_cannot_be_the_live_one() -> None:
