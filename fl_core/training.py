@@ -34,6 +34,7 @@ from privacy.dp_sgd import PoissonBatches, PrivateTraining, SecureNoise, Shuffle
 from privacy.loss import IGNORE_INDEX, PerSequenceLMLoss, SequenceClassificationLoss, TokenLoss
 from privacy.secure_random import SecureRandom
 
+from .allocator import keep_freed_buffers
 from .chat import ChatDataset
 from .config import AppConfig
 from .data import TextDataset
@@ -389,6 +390,7 @@ def train_epochs(
     private = noise_multiplier is not None
     if private and accountant is None:
         raise ValueError("train_epochs: a private run needs the hospital's accountant state")
+    keep_freed_buffers()  # each step's large activations reused, not mapped and zeroed afresh
     num_examples = len(dataset)  # type: ignore[arg-type]
     if num_examples != plan.num_examples:
         raise ValueError(f"train_epochs: the plan is for {plan.num_examples} examples, the dataset has {num_examples}")

@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fl_core.allocator import keep_freed_buffers  # noqa: E402
 from fl_core.config import compose_config, to_app_config  # noqa: E402
 from fl_core.data import load_splits  # noqa: E402
 from fl_core.entry import quiet_libraries  # noqa: E402
@@ -105,6 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     torch.set_num_threads(1)
+    keep_freed_buffers()  # as every training step does (fl_core.training.train_epochs)
     job, default_batch, marker, title, what = JOBS[args.model]
     batch = args.batch or default_batch
     examples = batch * 8

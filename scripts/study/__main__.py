@@ -152,6 +152,7 @@ class Study:
                 arms.append(self.federated_arm(f"arm-{len(arms)}", epsilon, seed, p.lora.setting, lora=True))
         for record in recorders:
             record()
+        self.pool.shutdown()  # the workers' memory back before the simulation's hospitals load theirs
         self.run_federated(arms)
 
 
