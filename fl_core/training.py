@@ -34,7 +34,7 @@ from privacy.dp_sgd import PoissonBatches, PrivateTraining, SecureNoise, Shuffle
 from privacy.loss import IGNORE_INDEX, PerSequenceLMLoss, SequenceClassificationLoss, TokenLoss
 from privacy.secure_random import SecureRandom
 
-from .allocator import keep_freed_buffers
+from .allocator import keep_freed_buffers, release_freed_buffers
 from .chat import ChatDataset
 from .config import AppConfig
 from .data import TextDataset
@@ -452,6 +452,7 @@ def train_epochs(
     finally:
         if session is not None:
             session.close()
+        release_freed_buffers()
     state = accountant.then(noise_multiplier, plan.sample_rate, steps) \
         if accountant is not None and noise_multiplier is not None else None
     epsilon = state.epsilon(cfg.privacy.delta) if state is not None else math.inf
