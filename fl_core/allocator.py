@@ -21,22 +21,22 @@ REUSE_BELOW = 1 << 28  # buffers up to 256 MiB come from the heap and go back to
 
 
 @cache
-def _glibc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library, where it is glibc (whose mallopt parameters these are)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    path = ctypes.util.find_library("c")
-    return ctypes.CDLL(path) if path is not None else None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")  # images without ldconfig find no path
 
 
 def keep_freed_buffers() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; False (and nothing changed) elsewhere."""
-    libc = _glibc()
+    libc = glibc()
     return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, REUSE_BELOW)) and \
         bool(libc.mallopt(M_TRIM_THRESHOLD, REUSE_BELOW))
 
 
 def release_freed_buffers() -> None:
     """Return the heap's free pages to the kernel: once a round ends, what its steps kept is garbage."""
-    libc = _glibc()
+    libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)

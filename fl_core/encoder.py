@@ -29,13 +29,16 @@ def require_frozen_prefix(owner: str, modules: list[nn.Module]) -> None:
                          f"(first: {trainable[0]}); the frozen prefix would be stale")
 
 
-def packed_linear(module: nn.Module, tokens: torch.Tensor, padded: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """`module` applied to each kept token ([tokens, in], `padded[keep]`), for [tokens, out]. A LoRA layer's frozen
-    weight, its cost, sees those tokens alone; its low-rank path (r/in of that cost) runs on the padded batch
-    [batch, width, in], where the padding contributes nothing and Opacus's hooks find one row per example for the
-    per-sample gradients."""
+def packed_linear(module: nn.Module, tokens: torch.Tensor, keep: torch.Tensor,
+                  padded: torch.Tensor | None = None) -> torch.Tensor:
+    """`module` applied to each kept token ([tokens, in], in `padded[keep]`'s order), for [tokens, out]. A LoRA
+    layer's frozen weight, its cost, sees those tokens alone; its low-rank path (r/in of that cost) runs on the padded
+    batch [batch, width, in] (`padded`, or the tokens scattered back), where the padding contributes nothing and
+    Opacus's hooks find one row per example for the per-sample gradients."""
     if not isinstance(module, LoraLinear):
         return module(tokens)
+    if padded is None:
+        padded = scatter_tokens(tokens, keep)
     if module.merged or module.lora_variant:
         raise ValueError("packed_linear: only plain, unmerged LoRA adapters run packed")
     out = module.base_layer(tokens)
@@ -73,9 +76,19 @@ class MeanPooledClassifier(nn.Module):
 
     def settle_prefix(self) -> None:
         """Once adapters are attached: take the lowest adapted layer's self-attention into the prefix if it has no
-        trainable parameter, and check that nothing in the prefix trains (a stale cache would be a wrong model)."""
-        self.attention_in_prefix = not any(p.requires_grad for p in self._first_adapted().attention.parameters())
+        trainable parameter, and check that nothing in the prefix trains (a stale cache would be a wrong model).
+        Then the block runs packed: only LoRA's A and B may train in it, as only they see one row per example."""
+        layer = self._first_adapted()
+        self.attention_in_prefix = not any(p.requires_grad for p in layer.attention.parameters())
         require_frozen_prefix(type(self).__name__, self.prefix_modules())
+        if self.attention_in_prefix:
+            blocks = {"intermediate": layer.intermediate, "output": layer.output}
+            packed = [f"{where}.{name}" for where, block in blocks.items() for name, p in block.named_parameters()
+                      if p.requires_grad and not name.startswith(("dense.lora_A.", "dense.lora_B."))]
+            if packed:
+                raise ValueError(f"{type(self).__name__}: {packed[0]} trains in the feed-forward block that runs on "
+                                 "packed tokens, where per-sample gradients would be per token; only LoRA's A and B "
+                                 "may (lora.bias none, no modules_to_save there)")
 
     @property
     def prefix_dtype(self) -> torch.dtype:
@@ -146,11 +159,9 @@ class MeanPooledClassifier(nn.Module):
         layer = self._first_adapted()
         tokens = attention_output[keep]
         intermediate = layer.intermediate.intermediate_act_fn(
-            packed_linear(layer.intermediate.dense, tokens, attention_output, keep))
+            packed_linear(layer.intermediate.dense, tokens, keep, attention_output))
         out = layer.output
-        dense = packed_linear(out.dense, intermediate,
-                              scatter_tokens(intermediate, keep) if isinstance(out.dense, LoraLinear) else intermediate,
-                              keep)
+        dense = packed_linear(out.dense, intermediate, keep)
         result: torch.Tensor = out.LayerNorm(out.dropout(dense) + tokens)
         return result
 

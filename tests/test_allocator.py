@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fl_core.allocator import keep_freed_buffers
+from fl_core.allocator import glibc
 
 CYCLES = """
 import json, resource, sys, torch
@@ -34,7 +34,7 @@ def _run(mode: str) -> dict[str, int]:
     return result
 
 
-@pytest.mark.skipif(not keep_freed_buffers(), reason="glibc's mallopt only")
+@pytest.mark.skipif(glibc() is None, reason="glibc's mallopt only")
 def test_a_freed_64_mb_buffer_is_reused_not_faulted_in_again_and_returned_after_the_round() -> None:
     default, kept = _run("default"), _run("keep")
     buffer = 64 << 20

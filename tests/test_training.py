@@ -206,6 +206,7 @@ def _randomise_trainable(model: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize(("overrides", "attention_in_prefix"), [
     ((), True),  # the main job: the top layer's feed-forward block, its attention in the prefix
+    (("lora.layers=2",), True),  # the same block packed, then a whole layer above it on the padded batch
     (("lora.layers=3", "lora.target_modules=null", "lora.exclude_modules=null"), False),  # whole layers
 ])
 def test_cached_prefix_gives_the_full_models_loss_and_gradients(overrides: tuple[str, ...],
@@ -241,12 +242,13 @@ def test_cached_prefix_gives_the_full_models_loss_and_gradients(overrides: tuple
         assert torch.allclose(grad, cached_grads[name], atol=1e-5), name
 
 
-def test_per_sample_gradients_on_the_packed_path_are_each_examples_own() -> None:
+@pytest.mark.parametrize("layers", [1, 2])
+def test_per_sample_gradients_on_the_packed_path_are_each_examples_own(layers: int) -> None:
     """The main job's top feed-forward block runs on the batch's real tokens only, not its padding; Opacus's hooks
     must still see one row per example: each per-sample gradient equals that example's gradient computed alone."""
     from opacus import GradSampleModule
 
-    cfg, splits, tok, model = _minilm()
+    cfg, splits, tok, model = _minilm(f"lora.layers={layers}")
     _randomise_trainable(model)
     view = training_view(cfg, model, tok, splits.train, CPU)
     by_length = sorted(range(len(view.dataset)), key=lambda i: len(view.dataset[i][0]))
@@ -264,6 +266,16 @@ def test_per_sample_gradients_on_the_packed_path_are_each_examples_own() -> None
         criterion(*view.forward(model, view.collate([view.dataset[i]]), CPU)).backward()
         for name, p in trainable:
             assert torch.allclose(per_sample[name][k], p.grad, atol=1e-6), (name, k)
+
+
+def test_only_loras_a_and_b_may_train_in_the_packed_block() -> None:
+    """Anything else trainable there (a bias, a LayerNorm) would get one gradient row per token, not per example:
+    Opacus's clipping would bound the wrong thing."""
+    _, _, _, model = _minilm()
+    base = model.get_base_model()
+    base.encoder.encoder.layer[-1].output.LayerNorm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"output\.LayerNorm\.weight trains in the feed-forward block"):
+        base.settle_prefix()
 
 
 def test_adapters_sit_on_the_top_layers_only_and_the_prefix_stays_frozen() -> None:
