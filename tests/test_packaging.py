@@ -342,6 +342,7 @@ def test_redis_requires_a_password_from_a_secret_and_speaks_tls_when_asked(tmp_p
         script = redis_container["command"][-1]
         assert "requirepass" in script and ("--tls-port 6379" in script) == tls and ("--port 0" in script) == tls
         assert "--appendfsync always" in script  # a charge acknowledged is a charge kept, crash included
+        assert "--sanitize-dump-payload yes" in script  # a restored copy's payloads are checked whole
         args = gateway_container["command"][gateway_container["command"].index("serve") + 1:]
         # Its backup job reaches it as the gateway does: the same URL and, with TLS, the same CA from the same Secret.
         (job,) = [m["spec"]["jobTemplate"]["spec"]["template"]["spec"] for m in manifests
@@ -478,7 +479,7 @@ def test_every_store_is_backed_up_beside_its_pod_with_commands_fl_backup_takes()
         (container,) = job["containers"]
         command = args_of(container)
         assert command[:2] == ["fl-backup", "create"] and command[2:-1] == ["--to=/backups", *items]
-        _parser().parse_args(command[1:])  # the command line fl-backup itself takes
+        assert _parser().parse_args(command[1:]).keep == 14  # the command line fl-backup itself takes
         owner_args = " ".join(args_of(owner["spec"]["template"]["spec"]["containers"][0]))
         for path in (p.split("=", 1)[1] for p in items[1::2]):
             if owner["metadata"]["name"] in state_dirs:
@@ -513,6 +514,7 @@ def test_every_store_is_backed_up_beside_its_pod_with_commands_fl_backup_takes()
     parsed = _parser().parse_args(command[1:])
     (item,) = parsed.items
     assert item.kind == "redis" and f"limits.redis_url={item.source}" in args_of(gateway["containers"][0])
+    assert parsed.keep == 14 * 24  # hourly copies: 14 days of them, as the other stores keep 14 daily ones
     password = next(e for e in gateway["containers"][0]["env"] if e["name"] == "FL_GATEWAY_REDIS_PASSWORD")
     assert copier["env"] == [{**password, "name": parsed.redis_password_env}]
     assert not SECRETISH.search(" ".join(command).replace("--redis-password-env", ""))
@@ -571,9 +573,10 @@ def test_rollouts_and_drains_take_down_one_serving_pod_at_a_time_and_wait_for_re
     assert {m["spec"]["maxUnavailable"] for m in two if m["kind"] == "PodDisruptionBudget"} == {2}
 
 
-# Blue-green (README "Rollouts"): blue has the federation, Redis, MLflow and the clients' Service; green is the other
-# slot, serving under blue's Service on blue's Redis and MLflow.
-BLUE = {"serving": {**SERVING["serving"], "gateway": {**SERVING["serving"]["gateway"], "slot": "blue"}},
+# Blue-green (README "Rollouts"): blue has the federation, Redis, MLflow and the clients' Service, and names green's
+# release; green is the other slot, serving under blue's Service on blue's Redis and MLflow.
+BLUE = {"serving": {**SERVING["serving"], "gateway": {**SERVING["serving"]["gateway"], "slot": "blue",
+                                                      "service": {"otherRelease": "green"}}},
         "backup": {"enabled": True, "claim": "backups"}}
 GREEN = {"superlink": {"enabled": False},
          "mlflow": {"enabled": False, "url": "http://blue-federated-dp-llm-mlflow:5000"},
@@ -624,12 +627,16 @@ def test_blue_green_releases_share_redis_and_mlflow_and_one_service_selects_the_
 
     # The Service sends clients to blue's gateway pods alone; `--set serving.gateway.service.liveSlot=green` on blue
     # moves its selector to green's, and changes nothing else in blue.
+    # A third release in the green slot under the same Service name is never served: the selector names the release.
+    (stray_gateway,), (stray_replica,) = (pods_of(render(GREEN, "green-2"), c) for c in ("gateway", "replica"))
+    assert service["spec"]["selector"]["app.kubernetes.io/instance"] == "blue"
     assert selects(service["spec"]["selector"], blue_gateway)
-    assert not any(selects(service["spec"]["selector"], pod) for pod in [green_gateway, *pods])
+    assert not any(selects(service["spec"]["selector"], pod) for pod in [green_gateway, stray_gateway, *pods])
     live_green = render(switched(BLUE, live_slot="green"), "blue")
     (moved,) = [m for m in live_green if m["kind"] == "Service" and m["metadata"] == service["metadata"]]
+    assert moved["spec"]["selector"]["app.kubernetes.io/instance"] == "green"
     assert selects(moved["spec"]["selector"], green_gateway)
-    assert not any(selects(moved["spec"]["selector"], pod) for pod in [blue_gateway, *pods])
+    assert not any(selects(moved["spec"]["selector"], pod) for pod in [blue_gateway, stray_gateway, *pods])
     assert [m for m in live_green if m is not moved] == [m for m in blue if m is not service]
 
     # Green's gateway speaks to blue's Redis with the password blue's Redis requires; its replicas load from blue's
@@ -669,6 +676,8 @@ def test_blue_green_releases_share_redis_and_mlflow_and_one_service_selects_the_
     assert not admitted(policies["green-federated-dp-llm-replica"], blue_gateway, 9000)
     assert not admitted(policies["blue-federated-dp-llm-redis"], {"metadata": {"labels": {
         "app.kubernetes.io/component": "gateway", "federated-dp-llm/gateway-service": "other-gateway"}}}, 6379)
+    assert not admitted(policies["blue-federated-dp-llm-redis"], stray_gateway, 6379)
+    assert not admitted(policies["blue-federated-dp-llm-mlflow"], stray_replica, 5000)
 
     # Each release keeps its own: budgets for its own pods, and each gateway pod its own audit volumes and backups.
     for release, others in ((blue, green), (green, blue)):
@@ -706,6 +715,15 @@ def test_a_retired_slot_keeps_redis_and_the_service_and_cannot_be_the_live_one()
      "serving.gateway.slot"),
     (switched(GREEN, gateway={"slot": "green", "service": {"enabled": False}}), "serving.gateway.service.name"),
     (switched(GREEN, live_slot="green"), "serving.gateway.service.liveSlot"),
+    (switched(GREEN, redis={"passwordSecret": "gateway-redis"}), "serving.redis.address"),  # budgets from zero
+    (switched(GREEN, retired=True), "serving.retired"),  # only blue sees whether green is live
+    (switched(GREEN, gateway={**GREEN["serving"]["gateway"], "service": {
+        **GREEN["serving"]["gateway"]["service"], "otherRelease": "blue"}}), "serving.gateway.service.otherRelease"),
+    (switched(BLUE, gateway={**BLUE["serving"]["gateway"], "service": {"liveSlot": "green"}}),
+     "serving.gateway.service.otherRelease"),
+    (switched(BLUE, gateway={**BLUE["serving"]["gateway"], "service": {"otherRelease": "fed"}}),
+     "serving.gateway.service.otherRelease"),
+    (switched(SERVING, gateway={"service": {"otherRelease": "green"}}), "serving.gateway.service.otherRelease"),
     (switched(SERVING, gateway={"service": {"liveSlot": "green"}}), "serving.gateway.service.liveSlot"),
     (switched(BLUE, retired=True), "serving.retired"),
     ({**GREEN, "mlflow": {"enabled": False}}, "mlflow.url"),

@@ -81,22 +81,24 @@ exec:
 {{- end -}}
 
 {{/* Blue-green (README "Rollouts"): the clients' Service, and the labels by which it, and the Redis and MLflow that
-both slots share, find each slot's pods across the two releases. */}}
+both slots share, find each slot's pods across the two releases (with the release's own instance label, so a third
+release under the same Service name is neither served nor admitted). */}}
 {{- define "fdl.gatewayService" -}}
 {{- .Values.serving.gateway.service.name | default (printf "%s-gateway" (include "fdl.fullname" .)) -}}
 {{- end -}}
 
 {{- define "fdl.slotLabels" -}}
 {{- with .Values.serving.gateway.slot -}}
-federated-dp-llm/slot: {{ . }}
-federated-dp-llm/gateway-service: {{ include "fdl.gatewayService" $ }}
+federated-dp-llm/slot: {{ . | quote }}
+federated-dp-llm/gateway-service: {{ include "fdl.gatewayService" $ | quote }}
 {{- end }}
 {{- end -}}
 
-{{/* Pods of either slot's release serving under this release's Service: a NetworkPolicy peer; none without slots. */}}
+{{/* Pods of the other slot's release (serving.gateway.service.otherRelease) under this release's Service: a
+NetworkPolicy peer; none without one. */}}
 {{- define "fdl.slotPeers" -}}
-{{- if .root.Values.serving.gateway.slot -}}
-{{- toYaml (list (dict "podSelector" (dict "matchLabels" (dict "app.kubernetes.io/component" .component "federated-dp-llm/gateway-service" (include "fdl.gatewayService" .root))))) -}}
+{{- with .root.Values.serving.gateway.service.otherRelease -}}
+{{- toYaml (list (dict "podSelector" (dict "matchLabels" (dict "app.kubernetes.io/instance" . "app.kubernetes.io/component" $.component "federated-dp-llm/gateway-service" (include "fdl.gatewayService" $.root))))) -}}
 {{- else -}}
 []
 {{- end -}}
