@@ -45,6 +45,10 @@ def test_the_quick_study_writes_tables_plots_and_raw_results(tmp_path: Path) -> 
     assert all(r["epsilon_spent"] <= r["epsilon"] for r in raw["results"])
     traffic = raw["traffic_per_hospital_per_round"]["3"]
     assert traffic["bytes_down"] > 0 and traffic["bytes_up"] > 0
+    alone = {r["setting"]: r for r in raw["results"] if r["arm"] == "alone-mean" and r["epsilon"] == float("inf")}
+    shared, own = alone["3 hospitals, IID, FedProx mu=0.001"], \
+        alone["3 hospitals, IID, FedProx mu=0.001, server lr 1.5 momentum 0.7"]
+    assert shared["accuracy"] == own["accuracy"] and shared["seconds"] == 0 < own["seconds"]  # only the server differs
     lora = {(r["arm"], r["setting"]) for r in raw["results"] if r["setting"].startswith("LoRA adapters, ")}
     assert {arm for arm, _ in lora} == {"pooled", "federated", "alone-mean", "alone-best"}  # the product's model too
     assert "## The product's model: LoRA adapters" in report

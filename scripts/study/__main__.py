@@ -47,7 +47,7 @@ class Study:
         self.data: StudyData = head_learner(plan).data
         lora_data(plan)  # the LoRA model's prefixes, computed here once before the workers read them
         self.results = StudyResults(plan, self.data.num_labels)
-        self._sigmas: dict[tuple[float, int, int], float | None] = {}
+        self._sigmas: dict[tuple[object, ...], float | None] = {}
         self._rows: dict[tuple[Setting, int], list[list[int]]] = {}
         self._alone: dict[tuple[Setting, float, int, bool], list[PartyRun]] = {}
 
@@ -57,19 +57,21 @@ class Study:
             self._rows[setting, seed] = hospital_rows(self.plan, setting, seed)
         return self._rows[setting, seed]
 
-    def sigma(self, cfg: AppConfig, epsilon: float, num_examples: int) -> float | None:
-        """Calibrated once per (epsilon, dataset size, rounds): every arm of a model plans the same epochs and
-        batch."""
-        key = (epsilon, num_examples, cfg.federation.num_rounds)
+    def sigma(self, cfg: AppConfig, num_examples: int) -> float | None:
+        """Calibrated once per dataset size and everything else `privacy_plan` reads (the arm's privacy, batch,
+        epochs and federation), shared by the arms and seeds that plan alike."""
+        key = (num_examples, cfg.task.name, cfg.train.batch_size, cfg.train.local_epochs, repr(cfg.federation),
+               repr(cfg.privacy))
         if key not in self._sigmas:
             self._sigmas[key] = privacy_plan(cfg, num_examples)[1]
         return self._sigmas[key]
 
-    def train_party(self, cfg: AppConfig, epsilon: float, rows: list[int], lora: bool) -> PartyRun:
+    def train_party(self, cfg: AppConfig, rows: list[int], lora: bool) -> PartyRun:
         """One party trained alone, in a worker process."""
-        return self.pool.submit(train_party, self.plan, cfg, rows, self.sigma(cfg, epsilon, len(rows)), lora)
+        return self.pool.submit(train_party, self.plan, cfg, rows, self.sigma(cfg, len(rows)), lora)
 
     def label(self, setting_label: str, lora: bool) -> str:
+        """A result's setting as the report names it: the LoRA arms' carry their model."""
         return self.plan.lora.label(setting_label) if lora else setting_label
 
     def add(self, arm: str, setting: str, epsilon: float, seed: int, scores: dict[str, float], spent: float,
@@ -82,7 +84,7 @@ class Study:
     def run_pooled(self, epsilon: float, seed: int, lora: bool = False) -> Callable[[], None]:
         """Starts the pooled party; the returned call waits for it and records it."""
         cfg = self.plan.config(epsilon, seed, self.plan.lora.setting if lora else self.plan.baseline, lora)
-        run = self.train_party(cfg, epsilon, list(range(len(self.data.train_y))), lora)
+        run = self.train_party(cfg, list(range(len(self.data.train_y))), lora)
 
         def record() -> None:
             scores, spent, seconds = run.result()
@@ -93,11 +95,11 @@ class Study:
         """Starts each hospital on its own share; the returned call waits for them and records them. Training alone
         involves neither FedProx's mu nor the server, so a setting that differs from one already started only there
         shares its hospitals' runs (and is recorded with 0 seconds)."""
-        split = (Setting(setting.hospitals, setting.partitioning, setting.alpha), epsilon, seed, lora)
+        split = (setting.split, epsilon, seed, lora)
         shared = split in self._alone
         if not shared:
             cfg = self.plan.config(epsilon, seed, setting, lora)
-            self._alone[split] = [self.train_party(cfg, epsilon, rows, lora) for rows in self.rows(setting, seed)]
+            self._alone[split] = [self.train_party(cfg, rows, lora) for rows in self.rows(setting, seed)]
         runs = self._alone[split]
 
         def record() -> None:
@@ -116,7 +118,7 @@ class Study:
         cfg = self.plan.config(epsilon, seed, setting, lora)
         rows = self.rows(setting, seed)
         return FederatedArm(key, cfg, epsilon, seed, setting, tuple(tuple(r) for r in rows),
-                            tuple(self.sigma(cfg, epsilon, len(r)) for r in rows), lora)
+                            tuple(self.sigma(cfg, len(r)) for r in rows), lora)
 
     def run_federated(self, arms: Sequence[FederatedArm]) -> None:
         """Per hospital count, one simulation runs all its arms."""
@@ -124,7 +126,7 @@ class Study:
             group = [arm for arm in arms if arm.setting.hospitals == count]
             self.log(f"study: {len(group)} federated runs with {count} hospitals (Flower, SecAgg+)")
             with tempfile.TemporaryDirectory(prefix="study-") as work:
-                outcomes = run_federated_arms(group, self.plan, self.data, Path(work))
+                outcomes = run_federated_arms(group, self.plan, Path(work))
             for arm in group:
                 o = outcomes[arm.key]
                 self.add("federated", self.label(arm.setting.label, arm.lora), arm.epsilon, arm.seed, o,

@@ -1,10 +1,11 @@
-"""The study's model and data: a DP-SGD linear head over frozen all-MiniLM-L6-v2 embeddings of ICD-10-CM texts.
+"""The study's first model and its data: a DP-SGD linear head over frozen all-MiniLM-L6-v2 embeddings of ICD-10-CM
+texts, and the interface both of the study's models share (`Learner`; the other is `lora.LoraData`).
 
-LoRA fine-tuning of MiniLM costs about a second per DP step on one core here, so the full grid (hundreds of arms)
-would take most of a day; the encoder's forward pass is the cost. Embedding every text once and training only a
-classifier on top keeps the question (what federation and DP do to a model trained on split hospital data) and
-fits the grid in under an hour. Training still goes through `fl_core.training.train_epochs` (Opacus, the
-hospital's accountant carried across rounds, FedProx's proximal term after the noise).
+A DP step of the product's LoRA model costs hundreds of times the head's, so only the head runs the whole grid of
+settings (hundreds of arms): embedding every text once and training a classifier on top keeps the question (what
+federation and DP do to a model trained on split hospital data). Training still goes through
+`fl_core.training.train_epochs` (Opacus, the hospital's accountant carried across rounds, FedProx's proximal term
+after the noise).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -50,16 +50,6 @@ class StudyData:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
-
-    def save(self, path: Path) -> Path:
-        np.savez(path, train_x=self.train_x, train_y=self.train_y, test_x=self.test_x, test_y=self.test_y,
-                 label_names=np.array(self.label_names))
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> StudyData:
-        with np.load(path) as f:
-            return cls(f["train_x"], f["train_y"], f["test_x"], f["test_y"], tuple(str(n) for n in f["label_names"]))
 
 
 def cached_embeddings(texts: tuple[str, ...], log_progress: bool = True) -> np.ndarray:

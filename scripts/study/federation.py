@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,7 @@ import numpy as np
 from fl_core.config import AppConfig
 from fl_core.protocol import RUN_ID
 
-from .features import HeadLearner, Learner, StudyData
-from .lora import lora_data
+from .parties import learner as model_data
 from .plan import Setting, StudyPlan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,17 +47,7 @@ def _quiet_flower() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
-@lru_cache(maxsize=2)
-def _data(path: str) -> StudyData:
-    return StudyData.load(Path(path))
-
-
-def _learner(arm: FederatedArm, plan: StudyPlan, data_path: Path) -> Learner:
-    """The arm's model, loaded once per process (a simulated hospital's worker or the server)."""
-    return lora_data(plan) if arm.lora else HeadLearner(_data(str(data_path)))
-
-
-def build_client_app(arms: Sequence[FederatedArm], plan: StudyPlan, data_path: Path, work: Path) -> Any:
+def build_client_app(arms: Sequence[FederatedArm], plan: StudyPlan, work: Path) -> Any:
     from flwr.client import Client, ClientApp, NumPyClient
     from flwr.client.mod import secaggplus_mod
     from flwr.clientapp.typing import ClientAppCallable
@@ -76,7 +64,7 @@ def build_client_app(arms: Sequence[FederatedArm], plan: StudyPlan, data_path: P
 
         def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
             arm = by_key[str(config[RUN_ID])]
-            learner = _learner(arm, plan, data_path)
+            learner = model_data(plan, arm.lora)
             model = learner.new_model(arm.cfg)
             learner.load_arrays(model, parameters)
             sigma = arm.sigmas[self.partition]
@@ -112,15 +100,15 @@ def build_client_app(arms: Sequence[FederatedArm], plan: StudyPlan, data_path: P
 def _traffic(work: Path, rounds: int, count: int) -> tuple[float, float]:
     """Bytes a hospital received and sent per round over the arm that just ended, averaged over hospitals and
     rounds; the counts are cleared for the next arm."""
-    lines = []
+    totals = np.zeros(2)
     for log in work.glob("bytes-*.txt"):
-        lines += log.read_text().splitlines()
+        totals += np.array([[int(v) for v in line.split()] for line in log.read_text().splitlines()]).sum(axis=0)
         log.unlink()
-    totals = np.array([[int(v) for v in line.split()] for line in lines]).sum(axis=0) / (rounds * count)
-    return float(totals[0]), float(totals[1])
+    per_round = totals / (rounds * count)
+    return float(per_round[0]), float(per_round[1])
 
 
-def build_server_app(arms: Sequence[FederatedArm], plan: StudyPlan, data_path: Path, work: Path) -> Any:
+def build_server_app(arms: Sequence[FederatedArm], plan: StudyPlan, work: Path) -> Any:
     from flwr.server import LegacyContext, ServerApp, ServerConfig
     from flwr.serverapp import Grid
 
@@ -136,7 +124,7 @@ def build_server_app(arms: Sequence[FederatedArm], plan: StudyPlan, data_path: P
         outcomes = {}
         for arm in arms:
             started = time.perf_counter()
-            learner = _learner(arm, plan, data_path)
+            learner = model_data(plan, arm.lora)
             strategy = RecordingFedProx(proximal_mu=arm.setting.mu, min_participants=arm.setting.hospitals,
                                         initial_arrays=learner.to_arrays(learner.new_model(arm.cfg)),
                                         run_id=arm.key, federated_evaluation=False)
@@ -163,8 +151,7 @@ def build_server_app(arms: Sequence[FederatedArm], plan: StudyPlan, data_path: P
     return app
 
 
-def run_federated_arms(arms: Sequence[FederatedArm], plan: StudyPlan, data: StudyData,
-                       work: Path) -> dict[str, dict[str, float]]:
+def run_federated_arms(arms: Sequence[FederatedArm], plan: StudyPlan, work: Path) -> dict[str, dict[str, float]]:
     """Every arm (all with one hospital count) in one Flower simulation; returns each arm's scores and spend,
     plus `bytes_down`/`bytes_up`: a hospital's traffic per round, averaged over the arm's hospitals and rounds."""
     from flwr.simulation import run_simulation
@@ -176,12 +163,11 @@ def run_federated_arms(arms: Sequence[FederatedArm], plan: StudyPlan, data: Stud
         raise ValueError(f"one simulation runs one hospital count, got {sorted(hospitals)}")
     count = hospitals.pop()
     work.mkdir(parents=True, exist_ok=True)
-    data_path = data.save(work / "data.npz")
     _quiet_flower()
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray listens on loopback only
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    run_simulation(server_app=build_server_app(arms, plan, data_path, work),
-                   client_app=build_client_app(arms, plan, data_path, work), num_supernodes=count,
+    run_simulation(server_app=build_server_app(arms, plan, work),
+                   client_app=build_client_app(arms, plan, work), num_supernodes=count,
                    backend_config=backend_config(arms[0].cfg))
     done = work / "federated.json"
     if not done.exists():

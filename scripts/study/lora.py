@@ -35,9 +35,8 @@ from fl_core.training import (
 from privacy.accountant import AccountantState
 from privacy.calibration import sampling_plan
 
+from .features import CPU
 from .plan import INF, StudyPlan
-
-CPU = torch.device("cpu")
 
 
 class LoraData:

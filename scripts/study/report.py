@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .features import StudyData, head_to_arrays, new_head
-from .plan import StudyPlan
+from .plan import LoraPlan, StudyPlan
 
 POOLED = "all data in one place"
 
@@ -166,13 +166,15 @@ def _epsilon_findings(results: Sequence[Result], epsilons: Sequence[float], pool
             gap = f"it closes {100 * (fed - mean) / (pooled - mean):.0f}% of the gap from alone to pooled data"
         else:
             gap = f"it trails the average hospital alone by {mean - fed:.3f}"
-        lines.append(f"- {model}ε {_eps(epsilon)}: federated {fed:.3f} against alone {mean:.3f} (mean) / {best:.3f} "
-                     f"(best) and pooled {pooled:.3f}: the federation {_verdict(fed, mean, best)}; {gap}.")
+        model_at = f"{model}, " if model else ""
+        lines.append(f"- {model_at}ε {_eps(epsilon)}: federated {fed:.3f} against alone {mean:.3f} (mean) / "
+                     f"{best:.3f} (best) and pooled {pooled:.3f}: the federation {_verdict(fed, mean, best)}; {gap}.")
     strict, loose = min(epsilons), max(epsilons)
     arms = (("pooled", pooled_label), ("federated", label), ("alone-mean", label)) if strict < loose else ()
     for arm, arm_label in arms:
         cost = _compare(_select(results, arm, arm_label, strict), _select(results, arm, arm_label, loose))
-        lines.append(f"- {model}Privacy cost, {arm} from ε {_eps(loose)} to ε {_eps(strict)}: accuracy {cost}.")
+        lines.append(f"- Privacy cost{f' ({model})' if model else ''}, {arm} from ε {_eps(loose)} to ε {_eps(strict)}: "
+                     f"accuracy {cost}.")
     return lines
 
 
@@ -264,19 +266,21 @@ def write_report(study: StudyResults, out: Path, seconds: float, quick: bool) ->
                          f"{_cell(_select(results, 'alone-best', setting.label, e), 'accuracy')} | "
                          f"{_cell(_select(results, 'alone-mean', setting.label, e), 'macro_f1')} |")
     lora, lora_base = plan.lora, plan.lora.label(plan.lora.setting.label)
+    lora_cfg = plan.config(math.inf, plan.seeds[0], lora.setting, lora=True)
     lines += ["", f"![settings](results/{images[2].name})", "",
               "## The product's model: LoRA adapters", "",
-              "The same texts, splits, seeds and test set, with the model the product federates: the main job's "
-              "(`conf/model/minilm.yaml`: LoRA on MiniLM's top feed-forward block, the lower layers run once per text, "
-              "a zero-initialised head clipped apart from the adapters, Adam at lr 0.001 for the adapters and 0.1 for "
-              f"the head, expected batch {plan.batch_size}), for the main job's {lora.rounds} rounds of "
-              f"{plan.local_epochs} local epoch(s), pooled and alone for as many epochs. The federation is the main "
-              f"job's too: {lora.setting.label}, plain aggregation (no server optimiser), over Flower with SecAgg+. "
-              "Fewer epsilons and one setting than the head, to keep the study within the hour: a DP step of this "
-              "model costs about 0.4 s at batch 256 against milliseconds for the head.", "",
+              "The same texts, splits, seeds and test set, with the model the product federates, trained as the main "
+              "job trains it (`conf/model/minilm.yaml`: LoRA on MiniLM's top feed-forward block, the lower layers run "
+              "once per text, a zero-initialised head clipped apart from the adapters, Adam at lr "
+              f"{lora_cfg.train.lr:g} for the adapters and {lora_cfg.train.head_lr:g} for the head, expected batch "
+              f"{lora_cfg.train.batch_size}) for {lora.rounds} rounds of {lora_cfg.train.local_epochs} local epoch(s), "
+              "pooled and alone for as many epochs, and federated with the main job's strategy (FedProx, plain "
+              f"aggregation, no server optimiser) over Flower with SecAgg+, in one setting: {lora.setting.label}. "
+              "Fewer epsilons and settings than the head's grid, to keep the study within the hour: a DP step of "
+              "this model costs hundreds of times the head's.", "",
               f"### {lora_base}", "",
               *_epsilon_rows(results, lora.epsilons, lora.label(POOLED), lora_base), "",
-              *_epsilon_findings(results, lora.epsilons, lora.label(POOLED), lora_base, "LoRA adapters, "), "",
+              *_epsilon_findings(results, lora.epsilons, lora.label(POOLED), lora_base, LoraPlan.LABEL), "",
               "## Communication", "", *traffic_lines(study), "",
               "## What the figures show", "", *findings(study), ""]
     path = out / "results.md"
