@@ -320,14 +320,16 @@ class Restored:
 def restore_backup(backup: Path, targets: Mapping[str, str] | None = None, in_place: bool = False,
                    replace: bool = False, now: datetime | None = None,
                    redis_access: RedisAccess | None = None) -> list[Restored]:
-    """Put each item of a verified backup at its target: `targets[name]`, or, with `in_place`, where the manifest
-    says it was backed up from (trust that only for a backup volume nobody else writes: a manifest is not signed).
+    """Put each item of a verified backup at its target: `targets[name]`, or, with `in_place`, a file or folder
+    where the manifest says it was backed up from (trust that only for a backup volume nobody else writes: a
+    manifest is not signed). A Redis item needs its target: the password would go to whatever URL a manifest names.
     Everything is checked before anything is written: the backup whole, every item given a target, no target in
-    the way unless `replace`, and then what is replaced (a SQLite file with its WAL) is moved aside, not deleted.
-    Restored files are the owner's alone (0600, folders 0700). Stop the services that write these files first: a
-    running one would keep its open file. A Redis item writes its keys only, all in one transaction; when some are
-    there already, all of the gateway's keys there are first backed up into BACKUP.replaced/, a backup like any
-    other. Keys there that the backup lacks are left as they are."""
+    the way unless `replace`, every Redis payload accepted by its target, and then what is replaced (a SQLite file
+    with its WAL) is moved aside, not deleted. Restored files are the owner's alone (0600, folders 0700). Stop the
+    services that write these files first: a running one would keep its open file. A Redis item writes its keys
+    only, all or none; when some are there already, all of the gateway's keys there are first backed up into
+    BACKUP.replaced/, a backup like any other. Keys there that the backup lacks are left as they are."""
+    backup = backup.resolve()  # `restore .` keeps what it replaces beside the folder's own name
     problems = verify_backup(backup)
     if problems:
         raise BackupError(f"{backup}: does not verify: {problems[0]}")
@@ -337,10 +339,13 @@ def restore_backup(backup: Path, targets: Mapping[str, str] | None = None, in_pl
     for name in targets:
         if name not in names:
             raise BackupError(f"--to {name}: no such item in the backup (it has {', '.join(names)})")
-    missing = [name for name in names if name not in targets and not in_place]
+    missing = [item for item in items if item.name not in targets and (not in_place or item.kind == "redis")]
+    if missing and missing[0].kind == "redis" and in_place:
+        raise BackupError(f"--to {missing[0].name}: a redis item is restored only to --to {missing[0].name}=URL, "
+                          "never --in-place (the manifest is not signed: the password would go to the URL it names)")
     if missing:
-        raise BackupError(f"--to {missing[0]}: no target (give --to NAME=PATH for every item, or --in-place to "
-                          "restore where the manifest says each came from)")
+        raise BackupError(f"--to {missing[0].name}: no target (give --to NAME=PATH for every item, or --in-place to "
+                          "restore files and folders where the manifest says each came from)")
     plan = [(item, targets.get(item.name, item.source)) for item in items]
     for item, target in plan:
         if item.kind == "redis":
@@ -385,7 +390,8 @@ def restore_backup(backup: Path, targets: Mapping[str, str] | None = None, in_pl
 
 def _check_redis_target(backup: Path, item: BackedUpItem, url: str, replace: bool,
                         access: RedisAccess | None) -> None:
-    """A Redis target: a URL without a password, reachable, and holding none of the backup's keys unless `replace`."""
+    """A Redis target: a URL without a password, reachable, accepting every payload, and holding none of the
+    backup's keys unless `replace`."""
     problem = backup_redis.url_problem(url)
     if problem:
         raise BackupError(f"--to {item.name}: {problem}")
@@ -393,8 +399,12 @@ def _check_redis_target(backup: Path, item: BackedUpItem, url: str, replace: boo
     with _redis(f"--to {item.name}", url, access) as client:
         keys = backup_redis.to_write(client, snapshot)
         there = backup_redis.existing(client, keys)
-    if there and not replace:
-        raise _keys_in_the_way(item.name, there, len(keys), url)
+        if there and not replace:
+            raise _keys_in_the_way(item.name, there, len(keys), url)
+        try:
+            backup_redis.check_payloads(client, keys)
+        except backup_redis.Refused as err:
+            raise BackupError(f"{item.name}: {err}; nothing was restored") from None
 
 
 def _keys_in_the_way(name: str, there: int, total: int, url: str) -> BackupError:
@@ -405,13 +415,20 @@ def _keys_in_the_way(name: str, there: int, total: int, url: str) -> BackupError
 def _restore_redis(backup: Path, item: BackedUpItem, url: str, replace: bool, access: RedisAccess | None) -> Restored:
     snapshot = backup_redis.read_snapshot(backup / item.name)
 
+    folder = backup.with_name(backup.name + ".replaced")
+
     def keep_aside() -> Path:
-        return create_backup([BackupItem(item.name, "redis", url)], backup.with_name(backup.name + ".replaced"),
-                             redis_access=access)
+        try:
+            return create_backup([BackupItem(item.name, "redis", url)], folder, redis_access=access)
+        except OSError as err:  # a read-only backup volume, say: refused before anything is written
+            raise BackupError(f"--replace {item.name}: cannot back up what it replaces into {folder} "
+                              f"({err.strerror or type(err).__name__}); nothing was restored") from None
 
     with _redis(f"--to {item.name}", url, access) as client:
         try:
             kept = backup_redis.put_back(client, snapshot, replace, keep_aside)
+        except backup_redis.Refused as err:  # a payload the check accepted, refused now
+            raise BackupError(f"{item.name}: {err}; nothing was restored") from None
         except backup_redis.InTheWay:  # written there since the check
             keys = backup_redis.to_write(client, snapshot)
             raise _keys_in_the_way(item.name, backup_redis.existing(client, keys), len(keys), url) from None

@@ -21,7 +21,16 @@ from pathlib import Path
 
 from gateway.config import LimitsConfig, secret_from_env
 
-from .backup import BackupError, BackupItem, create_backup, parse_item, read_manifest, restore_backup, verify_backup
+from .backup import (
+    NAME,
+    BackupError,
+    BackupItem,
+    create_backup,
+    parse_item,
+    read_manifest,
+    restore_backup,
+    verify_backup,
+)
 from .backup_redis import RedisAccess
 from .config import ConfigError
 from .entry import OneLineParser, quiet_on_closed_pipe
@@ -36,8 +45,9 @@ def _item(kind: str, spec: str) -> BackupItem:
 
 def _target(spec: str) -> tuple[str, str]:
     name, sep, target = spec.partition("=")
-    if not sep or not name or not target:
-        raise argparse.ArgumentTypeError(f"--to {name!r}: expected NAME=PATH (or NAME=URL for a redis item)")
+    if not sep or not NAME.match(name) or not target:
+        shown = f" {name}" if NAME.match(name) else ""  # anything else might be a URL that holds a password
+        raise argparse.ArgumentTypeError(f"--to{shown}: expected NAME=PATH (or NAME=URL for a redis item)")
     return name, target
 
 
@@ -79,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="where item NAME goes, a Redis URL for a redis item (one for every item, unless "
                               "--in-place)")
     restore.add_argument("--in-place", action="store_true",
-                         help="items without --to go where the manifest says they came from (only for a backup "
-                              "volume nobody else writes: a manifest is not signed)")
+                         help="files and folders without --to go where the manifest says they came from (only for "
+                              "a backup volume nobody else writes: a manifest is not signed); a redis item always "
+                              "needs --to NAME=URL")
     restore.add_argument("--replace", action="store_true",
                          help="move what is at a target aside (NAME.replaced-TIME; a Redis's keys into a backup in "
                               "BACKUP.replaced/) instead of refusing")

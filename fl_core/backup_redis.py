@@ -1,21 +1,29 @@
 """Redis items for fl-backup: the limits and privacy spend that gateway replicas share in Redis, copied as of one
 instant and put back all at once or not at all. A lost Redis would hand every user their spent epsilon back.
 
-Only the gateway's keys (`REDIS_PREFIX`) are read or written: a Redis may hold other applications' keys. A copy is
-one read-only Lua script, which Redis runs atomically, so no take interleaves: it SCANs for the prefix and DUMPs
-each key with its PTTL, stamped with Redis's own clock (a MULTI could not: it cannot DUMP keys a SCAN in it has yet
-to find, and a SCAN before it misses keys made in between). Expiry is kept as that absolute time, so a restored rate
-window ends when it would have, and a key that has expired since is not brought back. A restore is one MULTI/EXEC
-under WATCH of its keys: a write to any of them in between aborts it, so what was kept aside before it is exactly
-what it replaced.
+Only the gateway's keys (`REDIS_PREFIX`) are read or written, and a restore's own temporary ones (`STAGING_PREFIX`):
+a Redis may hold other applications' keys. A copy is one read-only Lua script, which Redis runs atomically, so no
+take interleaves: it SCANs for the prefix and DUMPs each key with its PTTL, stamped with Redis's own clock (a MULTI
+could not: it cannot DUMP keys a SCAN in it has yet to find, and a SCAN before it misses keys made in between). The
+script blocks Redis for as long as it takes over the whole keyspace (SCAN visits every key), which is why the
+gateways should have a Redis of their own; EVAL_RO needs Redis 7. Expiry is kept as that absolute time, so a
+restored rate window ends when it would have, and a key that has expired since is not brought back.
+
+A restore is all or none: MULTI/EXEC rolls nothing back when one command in it fails, and a RESTORE fails on a
+payload Redis refuses, so each payload is first RESTOREd under a temporary name outside the gateway's keys (where no
+copy reads it), and only once Redis has accepted them all are they RENAMEd over the gateway's keys in one MULTI/EXEC,
+which cannot fail part way. The transaction runs under WATCH of every key it writes and of the temporary ones: a
+write to any of them in between aborts it, so what was kept aside before it is exactly what it replaced.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +36,8 @@ from gateway.limits import REDIS_PREFIX
 
 FORMAT = 1
 ATTEMPTS = 5  # restores aborted by a write in between before giving up: the gateways should be stopped
+STAGING_PREFIX = "fl-backup:restoring:"  # a restore's payloads before they are renamed over the gateway's keys
+STAGING_TTL_MS = 3_600_000  # what a restore that died half way staged is gone within the hour
 SNAPSHOT_SCRIPT = """
 local out, cursor = {redis.call('TIME')}, '0'
 repeat
@@ -44,6 +54,10 @@ return out
 
 class InTheWay(Exception):
     """Some of the keys a restore would write are in the target, and replacing them was not asked for."""
+
+
+class Refused(Exception):
+    """Redis refused a key's payload: nothing of the restore was written."""
 
 
 @dataclass(frozen=True)
@@ -135,29 +149,69 @@ def existing(client: redis.Redis, keys: list[Key]) -> int:
     return int(client.exists(*(k.key for k in keys))) if keys else 0
 
 
+def stage(client: redis.Redis, keys: list[Key]) -> list[bytes]:
+    """RESTORE each key's payload under a temporary name of its own, in one round trip; returns the names. When
+    Redis refuses any payload, removes them all and raises Refused naming the first key refused."""
+    token = uuid.uuid4().hex
+    staged = [f"{STAGING_PREFIX}{token}:{i}".encode() for i in range(len(keys))]
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for k, name in zip(keys, staged, strict=True):
+                pipe.restore(name, STAGING_TTL_MS, k.dump)
+            results = pipe.execute(raise_on_error=False)
+        for k, result in zip(keys, results, strict=True):
+            if isinstance(result, redis.ResponseError):
+                first = str(result).splitlines()[0] if str(result) else ""
+                raise Refused(f"redis refused the copy of key {k.key.decode(errors='replace')!r} ({first})")
+    except BaseException:
+        unstage(client, staged)
+        raise
+    return staged
+
+
+def unstage(client: redis.Redis, staged: list[bytes]) -> None:
+    """Remove what `stage` left; on a lost connection, their expiry removes them."""
+    with contextlib.suppress(redis.RedisError):
+        client.delete(*staged)
+
+
+def check_payloads(client: redis.Redis, keys: list[Key]) -> None:
+    """Refused, before anything is written, when Redis would refuse any key's payload."""
+    if keys:
+        unstage(client, stage(client, keys))
+
+
 def put_back(client: redis.Redis, snapshot: Snapshot, replace: bool, keep_aside: Callable[[], Path]) -> Path | None:
-    """Restore the snapshot's unexpired keys, all in one transaction. When some exist already: without `replace`,
-    InTheWay; with it, `keep_aside` first backs up what is there, and that backup is returned."""
+    """Restore the snapshot's unexpired keys, all or none (Refused when Redis refuses a payload). When some exist
+    already: without `replace`, InTheWay; with it, `keep_aside` first backs up what is there, and that backup is
+    returned."""
     for _ in range(ATTEMPTS):
         keys = to_write(client, snapshot)
         if not keys:
             return None
-        with client.pipeline() as pipe:
-            pipe.watch(*(k.key for k in keys))
-            kept = None
-            if existing(pipe, keys):  # a watching pipeline runs it at once
-                if not replace:
-                    raise InTheWay
-                kept = keep_aside()
-            pipe.multi()
-            for k in keys:
-                expires = snapshot.time_ms + k.pttl if k.pttl > 0 else 0
-                pipe.restore(k.key, expires, k.dump, replace=replace, absttl=expires > 0)
-            try:
-                pipe.execute()
-                return kept
-            except redis.WatchError:
-                if kept is not None:
-                    shutil.rmtree(kept)  # it no longer holds what a retry would replace
+        staged = stage(client, keys)
+        try:
+            with client.pipeline() as pipe:
+                pipe.watch(*(k.key for k in keys), *staged)
+                kept = None
+                if existing(pipe, keys):  # a watching pipeline runs it at once
+                    if not replace:
+                        raise InTheWay
+                    kept = keep_aside()
+                pipe.multi()
+                for k, name in zip(keys, staged, strict=True):
+                    pipe.rename(name, k.key)  # the staged key is there (watched): RENAME cannot fail
+                    if k.pttl > 0:
+                        pipe.pexpireat(k.key, snapshot.time_ms + k.pttl)  # one that has ended since is removed
+                    else:
+                        pipe.persist(k.key)
+                try:
+                    pipe.execute()
+                    return kept
+                except redis.WatchError:
+                    if kept is not None:
+                        shutil.rmtree(kept)  # it no longer holds what a retry would replace
+        finally:
+            unstage(client, staged)
     raise redis.WatchError(f"its keys kept changing over {ATTEMPTS} tries: stop the gateways that use it first")
 

@@ -43,15 +43,16 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def redis_server(password: str, certs: Path | None = None) -> Iterator[int]:
     """A real redis-server on 127.0.0.1 that requires `password` (given on its stdin, never in its arguments),
-    keeps nothing on disk, and speaks only TLS with `certs` (a folder `scripts.federation.init` made: its CA and
-    the server certificate for 127.0.0.1); killed at the end. Yields its port."""
+    keeps nothing on disk, checks a restored payload whole (as the chart's does), and speaks only TLS with `certs`
+    (a folder `scripts.federation.init` made: its CA and the server certificate for 127.0.0.1); killed at the end.
+    Yields its port."""
     port = free_port()
     listen = (["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certs / "superlink.crt"),
                "--tls-key-file", str(certs / "superlink.key"), "--tls-ca-cert-file", str(certs / "ca.crt"),
                "--tls-auth-clients", "no"] if certs else ["--port", str(port)])
     server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "-", *listen, "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                              start_new_session=True)
+                               "--save", "", "--appendonly", "no", "--sanitize-dump-payload", "yes"],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
     try:
         assert server.stdin is not None
         server.stdin.write(f'requirepass "{password}"\n'.encode())

@@ -5,16 +5,20 @@ while they are charged and restored into a fresh one."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -22,7 +26,7 @@ from cryptography.fernet import Fernet
 from servers import free_port, redis_server
 
 from fl_core.backup_cli import main
-from fl_core.backup_redis import read_snapshot
+from fl_core.backup_redis import Refused, put_back, read_snapshot
 from gateway.audit import AuditKeys, AuditLog
 from gateway.limits import REDIS_PREFIX, RedisLimitStore
 from privacy.ledger import Ledger, balance_of
@@ -172,6 +176,8 @@ def test_a_damaged_backup_is_refused_and_a_restore_never_overwrites(tmp_path: Pa
     (["create", "--to", "B", "--redis", "x=redis://:hunter2-in-the-url@127.0.0.1:6379/0"], "--redis x: holds a "
      "password: pass it in the environment variable --redis-password-env names"),
     (["create", "--to", "B", "--redis", "redis://:hunter2-in-the-url@127.0.0.1:6379/0"], "--redis: expected NAME=URL"),
+    (["restore", "B", "--to", "redis://:hunter2-in-the-url@127.0.0.1:6379/0"], "--to: expected NAME=PATH"),
+    (["restore", "B", "--to", "redis://:hunter2-in-the-url@127.0.0.1:6379/0?db=0"], "--to: expected NAME=PATH"),
     (["create", "--to", "B", "--redis", "x=redis://127.0.0.1:6379/0"], "--redis-password-env: environment variable "
      "FL_GATEWAY_REDIS_PASSWORD must hold a secret"),
     (["create", "--to", "B", "--redis", "x=redis://127.0.0.1:6379/0", "--redis-ca", "/no/such.crt"],
@@ -374,14 +380,14 @@ def test_a_redis_restore_refuses_to_overwrite_and_keeps_what_it_replaces(
         changed = gateway_keys(client)
 
         with pytest.raises(SystemExit) as refused:
-            main(["restore", str(backup), "--in-place"])
+            main(["restore", str(backup), "--to", f"limits={url}"])
         err = capsys.readouterr().err
         assert refused.value.code == 2 and err.strip() == (
             f"fl-backup: limits: 4 of its 4 keys are in {url} (restore elsewhere with --to limits=URL, or --replace "
             "to back them up and write over them)")
         assert gateway_keys(client) == changed and not list(tmp_path.glob("backups/*.replaced"))
 
-        main(["restore", str(backup), "--in-place", "--replace"])
+        main(["restore", str(backup), "--to", f"limits={url}", "--replace"])
         out = capsys.readouterr().out
         (kept,) = (tmp_path / "backups" / f"{backup.name}.replaced").iterdir()
         assert out.strip() == f"limits: restored to {url} (what was there is kept in {kept})"
@@ -404,18 +410,13 @@ def test_a_redis_restore_refuses_to_overwrite_and_keeps_what_it_replaces(
         with pytest.raises(SystemExit) as bad:
             main(["verify", str(backup)])
         assert bad.value.code == 1 and "BAD: limits: changed since the backup was made" in capsys.readouterr().out
-        snapshot = json.loads(original)
-        snapshot["keys"].pop()
-        copy.write_text(json.dumps(snapshot))
-        manifest = json.loads((backup / "manifest.json").read_text())
-        manifest["items"][0]["files"][0].update(bytes=copy.stat().st_size, sha256=hashlib.sha256(
-            copy.read_bytes()).hexdigest())
-        (backup / "manifest.json").write_text(json.dumps(manifest))
+        copy.write_text(original)
+        forge(backup, lambda snapshot: snapshot["keys"].pop(), recount=False)
         with pytest.raises(SystemExit) as bad:
             main(["verify", str(backup)])
         assert bad.value.code == 1 and "BAD: limits: holds 4 keys, the manifest 5" in capsys.readouterr().out
         with pytest.raises(SystemExit) as refused:
-            main(["restore", str(backup), "--in-place", "--replace"])
+            main(["restore", str(backup), "--to", f"limits={url}", "--replace"])
         assert refused.value.code == 2 and "does not verify" in capsys.readouterr().err
         assert gateway_keys(client) == changed
 
@@ -455,3 +456,142 @@ def test_an_empty_redis_over_tls_is_a_backup_too(tmp_path: Path, capsys: pytest.
         main(["restore", str(backup), "--to", f"limits={url}", "--redis-ca", str(ca)])
         assert capsys.readouterr().out.splitlines()[-1] == f"limits: restored to {url}"
         assert client.keys("*") == [b"other-app:x"]
+
+
+def forge(backup: Path, change: Callable[[dict[str, Any]], object], recount: bool = True) -> None:
+    """Change a backup's Redis copy and make its manifest match (size, hash and, with `recount`, its count of keys),
+    as anyone who can write the backup volume could: only what the copy holds can give it away."""
+    copy = backup / "limits"
+    snapshot = json.loads(copy.read_text())
+    change(snapshot)
+    copy.write_text(json.dumps(snapshot))
+    manifest = json.loads((backup / "manifest.json").read_text())
+    (item,) = [i for i in manifest["items"] if i["name"] == "limits"]
+    item["files"][0].update(bytes=copy.stat().st_size, sha256=hashlib.sha256(copy.read_bytes()).hexdigest())
+    if recount:
+        item["keys"] = len(snapshot["keys"])
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+
+
+def backed_up_redis(tmp_path: Path, port: int, capsys: pytest.CaptureFixture[str], *items: str) -> Path:
+    """A backup of three of the gateway's keys in the Redis at `port`, after the other `items` (as --file NAME=PATH)."""
+    client = redis.Redis(port=port, password=REDIS_PASSWORD)
+    for user in ("ann", "bob", "cy"):
+        client.set(f"{REDIS_PREFIX}spend:{user}", "0.5")
+    main(["create", "--to", str(tmp_path / "backups"), *(a for i in items for a in ("--file", i)),
+          "--redis", f"limits=redis://127.0.0.1:{port}/0"])
+    return Path(capsys.readouterr().out.strip())
+
+
+def refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line `fl-backup` refuses `args` with."""
+    with pytest.raises(SystemExit) as failed:
+        main(args)
+    err = capsys.readouterr().err
+    assert failed.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert REDIS_PASSWORD not in err
+    return err.strip()
+
+
+def test_a_copy_forged_with_another_applications_key_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup volume may be written by someone else: a key outside the gateway's is never restored."""
+    monkeypatch.setenv("FL_GATEWAY_REDIS_PASSWORD", REDIS_PASSWORD)
+    with redis_server(REDIS_PASSWORD) as port:
+        backup = backed_up_redis(tmp_path, port, capsys)
+        client = redis.Redis(port=port, password=REDIS_PASSWORD)
+        before = gateway_keys(client)
+
+        def outside(snapshot: dict[str, Any]) -> None:
+            snapshot["keys"][0]["key"] = base64.b64encode(b"other-app:session").decode()
+
+        forge(backup, outside)
+        assert verify(backup) == 1
+        assert "BAD: limits: holds a key outside 'fl-gateway:'" in capsys.readouterr().out
+        assert "does not verify" in refused(["restore", str(backup), "--to", f"limits=redis://127.0.0.1:{port}/0",
+                                             "--replace"], capsys)
+        assert gateway_keys(client) == before and client.dbsize() == len(before)
+
+
+def test_a_copy_with_a_payload_redis_refuses_restores_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """MULTI/EXEC does not undo the commands before one that fails: the restore stages every payload first."""
+    monkeypatch.setenv("FL_GATEWAY_REDIS_PASSWORD", REDIS_PASSWORD)
+    (tmp_path / "head").write_text("sealed head")
+    with ExitStack() as servers:
+        live, fresh = (servers.enter_context(redis_server(REDIS_PASSWORD)) for _ in range(2))
+        backup = backed_up_redis(tmp_path, live, capsys, f"head={tmp_path / 'head'}")
+
+        def corrupt_the_last(snapshot: dict[str, Any]) -> None:  # its checksum no longer matches
+            dump = bytearray(base64.b64decode(snapshot["keys"][-1]["dump"]))
+            dump[-1] ^= 0xFF
+            snapshot["keys"][-1]["dump"] = base64.b64encode(bytes(dump)).decode()
+
+        forge(backup, corrupt_the_last)
+        assert verify(backup) == 0  # its hashes match: only Redis can tell
+        last = base64.b64decode(json.loads((backup / "limits").read_text())["keys"][-1]["key"]).decode()
+        restored, empty = tmp_path / "restored", redis.Redis(port=fresh, password=REDIS_PASSWORD)
+        err = refused(["restore", str(backup), "--to", f"head={restored / 'head'}",
+                       "--to", f"limits=redis://127.0.0.1:{fresh}/0"], capsys)
+        assert err.startswith(f"fl-backup: limits: redis refused the copy of key {last!r}")
+        assert not restored.exists() and empty.dbsize() == 0  # not the file before it, no key, nothing staged left
+        # Over the keys it would replace: nothing changed, nothing kept aside.
+        client = redis.Redis(port=live, password=REDIS_PASSWORD)
+        client.set(f"{REDIS_PREFIX}spend:ann", "1.0")
+        before = gateway_keys(client)
+        refused(["restore", str(backup), "--to", f"head={restored / 'head'}",
+                 "--to", f"limits=redis://127.0.0.1:{live}/0", "--replace"], capsys)
+        assert gateway_keys(client) == before and client.dbsize() == len(before)
+        assert not (tmp_path / "backups" / f"{backup.name}.replaced").exists()
+        # And where Redis refuses a payload only at the restore itself: still none of the keys.
+        with pytest.raises(Refused):
+            put_back(empty, read_snapshot(backup / "limits"), False, lambda: pytest.fail("nothing is in the way"))
+        assert empty.dbsize() == 0
+
+
+def test_a_redis_item_is_restored_only_where_the_operator_says(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest is not signed: --in-place would send the gateway's Redis password to any URL written in it."""
+    monkeypatch.setenv("FL_GATEWAY_REDIS_PASSWORD", REDIS_PASSWORD)
+    (tmp_path / "head").write_text("sealed head")
+    with redis_server(REDIS_PASSWORD) as port, socket.socket() as listener:
+        backup = backed_up_redis(tmp_path, port, capsys, f"head={tmp_path / 'head'}")
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        manifest = json.loads((backup / "manifest.json").read_text())
+        manifest["items"][1]["source"] = f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+        (backup / "manifest.json").write_text(json.dumps(manifest))
+        assert refused(["restore", str(backup), "--in-place", "--replace"], capsys) == (
+            "fl-backup: --to limits: a redis item is restored only to --to limits=URL, never --in-place (the "
+            "manifest is not signed: the password would go to the URL it names)")
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing ever connected
+        assert (tmp_path / "head").read_text() == "sealed head" and not list(tmp_path.glob("head.replaced-*"))
+        # Files in place, the Redis where --to says.
+        main(["restore", str(backup), "--in-place", "--replace", "--to", f"limits=redis://127.0.0.1:{port}/0"])
+        assert capsys.readouterr().out.splitlines()[-1].startswith(f"limits: restored to redis://127.0.0.1:{port}/0")
+        assert len(list(tmp_path.glob("head.replaced-*"))) == 1
+
+
+def test_a_restore_run_inside_the_backup_or_unable_to_keep_what_it_replaces(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FL_GATEWAY_REDIS_PASSWORD", REDIS_PASSWORD)
+    with redis_server(REDIS_PASSWORD) as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        backup = backed_up_redis(tmp_path, port, capsys)
+        client = redis.Redis(port=port, password=REDIS_PASSWORD)
+        client.set(f"{REDIS_PREFIX}spend:ann", "1.0")
+        before = gateway_keys(client)
+        monkeypatch.chdir(backup)
+        # Where what --replace replaces would be kept cannot be written (a file in the way, as a read-only volume).
+        aside = backup.with_name(f"{backup.name}.replaced")
+        aside.write_text("")
+        err = refused(["restore", ".", "--to", f"limits={url}", "--replace"], capsys)
+        assert err.startswith(f"fl-backup: --replace limits: cannot back up what it replaces into {aside} (")
+        assert gateway_keys(client) == before and client.dbsize() == len(before)
+        aside.unlink()
+        main(["restore", ".", "--to", f"limits={url}", "--replace"])
+        (kept,) = aside.iterdir()
+        assert capsys.readouterr().out.strip() == f"limits: restored to {url} (what was there is kept in {kept})"
+        assert client.get(f"{REDIS_PREFIX}spend:ann") == b"0.5"
