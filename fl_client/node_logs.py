@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TextIO
 
-from fl_core.logs import json_handler
+from fl_core.logs import json_handler, keep_text_out_of_logs
 
 from .node import NodeSettings
 
@@ -23,8 +23,7 @@ def node_logs(settings: NodeSettings, component: str, stream: TextIO) -> None:
 
     if settings.log_format == "json":
         handler = json_handler(stream, component, hospital=settings.hospital)
-        logging.captureWarnings(True)  # Python's warnings as records too, not text on stderr
-        logging.raiseExceptions = False  # a record that fails to format is dropped, never printed with its arguments
+        keep_text_out_of_logs()
     else:
         handler = logging.StreamHandler(stream)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

@@ -37,13 +37,13 @@ def packed_linear(module: nn.Module, tokens: torch.Tensor, keep: torch.Tensor,
     Opacus's hooks find one row per example for the per-sample gradients."""
     if not isinstance(module, LoraLinear):
         return module(tokens)
-    if padded is None:
-        padded = scatter_tokens(tokens, keep)
     if module.merged or module.lora_variant:
         raise ValueError("packed_linear: only plain, unmerged LoRA adapters run packed")
     out = module.base_layer(tokens)
     if module.disable_adapters:
         return out
+    if padded is None:
+        padded = scatter_tokens(tokens, keep)
     for name in module.active_adapters:
         if name in module.lora_A:
             low_rank = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](padded)))

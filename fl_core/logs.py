@@ -84,6 +84,14 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+def keep_text_out_of_logs() -> None:
+    """What a process whose log is JSON lines sets once: Python's warnings become records (whose text the
+    formatter drops) instead of text on stderr, and a record that fails to format is dropped, never printed with its
+    arguments."""
+    logging.captureWarnings(True)
+    logging.raiseExceptions = False
+
+
 def json_handler(stream: TextIO, component: str, **fixed: str) -> logging.Handler:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonLines(component, fixed))

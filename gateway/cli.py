@@ -16,7 +16,7 @@ import uvicorn
 from fl_core.config import ConfigError
 from fl_core.data import DataError
 from fl_core.entry import OneLineParser, quiet_on_closed_pipe
-from fl_core.logs import json_handler
+from fl_core.logs import json_handler, keep_text_out_of_logs
 from fl_core.tracing import configure_tracing
 
 from .audit import AuditKeyError
@@ -55,8 +55,7 @@ def structured_logs(cfg: GatewayConfig, component: str) -> dict[str, object] | N
     root.handlers[:] = [json_handler(sys.stderr, component)]
     root.setLevel(logging.WARNING)
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
-    logging.captureWarnings(True)  # Python's warnings as records too, not text on stderr
-    logging.raiseExceptions = False  # a record that fails to format is dropped, never printed with its arguments
+    keep_text_out_of_logs()
     return None
 
 
