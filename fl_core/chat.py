@@ -1,12 +1,16 @@
-"""The chat task: a diagnosis text as the user's turn, its label's name (an ICD-10-CM chapter title) as the
-assistant's, in the tokenizer's own chat template. Training's targets are the answer tokens alone, and the model is
-scored as a clinician would use it: the exact match of its greedy answer, and the perplexity of the true answer.
+"""The chat task: a diagnosis text as the user's turn, its label as the assistant's, in the tokenizer's own chat
+template. Training's targets are the answer tokens alone, and the model is scored as a clinician would use it: the
+exact match of its greedy answer, and the perplexity of the true answer.
 
-The answer is the label's name without a trailing code range ("Neoplasms", not "Neoplasms (C00-D49)": SmolLM2's
-tokenizer splits digits, so the range would double the answer's tokens), and the system turn is empty (the template
-would otherwise put in its default one): every token of a fixed prompt would be paid for on every DP-SGD step, and
-fine-tuning, not an instruction, teaches the task. A tokenizer without a chat template (the tests' tiny models read
-MiniLM's) gets a plain "Diagnosis: ... Chapter:" layout, so the same code runs on every model.
+The answer (`task.answer`) is the label's ICD-10-CM code range ("S00-T88"), or its name without that range
+("title": "Neoplasms"; SmolLM2's tokenizer splits digits, so name and range together would double the answer).
+A range's first token names its chapter (the second for the two H chapters); ten of the 22 titles begin "Diseases
+of the", and greedy decoding, which takes the likeliest first token, answers that prefix for other chapters' texts.
+
+The system turn is empty (the template would otherwise put in its default one): every token of a fixed prompt would
+be paid for on every DP-SGD step, and fine-tuning, not an instruction, teaches the task. A tokenizer without a chat
+template (the tests' tiny models read MiniLM's) gets a plain "Diagnosis: ... Chapter:" layout, so the same code runs
+on every model.
 """
 
 from __future__ import annotations
@@ -25,11 +29,17 @@ from .data import TextDataset
 
 SYSTEM_PROMPT = ""
 PLAIN_LAYOUT = {"system": "{}", "user": "Diagnosis: {}", "assistant": "Chapter: {}"}
-CODE_RANGE = re.compile(r"\s*\([A-Z0-9-]+\)$")
+CODE_RANGE = re.compile(r"\s*\(([A-Z0-9-]+)\)$")
 
 
-def answer_of(label_name: str) -> str:
-    """What the assistant says for a label: its name without a trailing code range."""
+def answer_of(label_name: str, answer: str = "title") -> str:
+    """What the assistant says for a label: its name without a trailing code range ("title"), or that range alone
+    ("code_range": "S00-T88", whose first token names the chapter)."""
+    if answer == "code_range":
+        found = CODE_RANGE.search(label_name)
+        if found is None:
+            raise ValueError(f"task.answer: label {label_name!r} has no code range")
+        return found.group(1)
     return CODE_RANGE.sub("", label_name)
 
 
@@ -81,16 +91,17 @@ class ChatDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Token ids of prompt and answer, and per-token labels: the answer's ids, IGNORE_INDEX on the prompt. The
     diagnosis text is cut to `max_text_tokens`; the answer never is."""
 
-    def __init__(self, data: TextDataset, tokenizer: PreTrainedTokenizerBase, max_text_tokens: int) -> None:
+    def __init__(self, data: TextDataset, tokenizer: PreTrainedTokenizerBase, max_text_tokens: int,
+                 answer: str = "title") -> None:
         self.input_ids: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.prompt_lengths: list[int] = []
-        answers = [answer_of(name) for name in data.label_names]
+        answers = [answer_of(name, answer) for name in data.label_names]
         for text, label in zip(data.texts, data.labels, strict=True):
             text = clipped(tokenizer, text, max_text_tokens)
             prompt = prompt_ids(tokenizer, text)
-            answer = answer_ids(tokenizer, prompt, text, answers[label])
-            ids = torch.tensor(prompt + answer, dtype=torch.long)
+            target = answer_ids(tokenizer, prompt, text, answers[label])
+            ids = torch.tensor(prompt + target, dtype=torch.long)
             self.input_ids.append(ids)
             self.labels.append(ids.masked_fill(torch.arange(len(ids)) < len(prompt), IGNORE_INDEX))
             self.prompt_lengths.append(len(prompt))

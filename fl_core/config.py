@@ -39,6 +39,7 @@ PRETRAINED_LAYERS = {"smollm2-135m": 30, "minilm": 6}  # transformer layers of t
 CLASSIFICATION_ONLY_MODELS = ("minilm",)
 DATASETS = ("icd10", "drugreview")
 TASKS = ("classification", "causal-lm", "chat")  # chat: a diagnosis in, its label's name out (fl_core.chat)
+ANSWERS = ("title", "code_range")
 ACCOUNTANTS = ("pld", "rdp")  # privacy.accountant.ACCOUNTANTS, without importing the accountants to check config
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
 OPTIMIZERS = ("sgd", "adam")
@@ -77,6 +78,9 @@ class DataConfig:
 @dataclass
 class TaskConfig:
     name: str = "classification"
+    # chat: what the assistant answers for a label (fl_core.chat.answer_of): its name without the code range
+    # ("title") or the code range alone ("code_range", ICD-10-CM only)
+    answer: str = "title"
 
 
 @dataclass
@@ -294,6 +298,9 @@ def validate(cfg: AppConfig) -> None:
     _one_of(cfg.model.name, MODELS, "model.name")
     _one_of(cfg.data.name, DATASETS, "data.name")
     _one_of(cfg.task.name, TASKS, "task.name")
+    _one_of(cfg.task.answer, ANSWERS, "task.answer")
+    require(cfg.task.answer != "code_range" or cfg.data.name == "icd10", "task.answer",
+            f"'code_range' needs ICD-10-CM labels; data {cfg.data.name!r} has none")
     require(
         not (cfg.task.name != "classification" and cfg.model.name in CLASSIFICATION_ONLY_MODELS),
         "task.name",

@@ -93,7 +93,7 @@ def stack_labels(labels: list[torch.Tensor], width: int) -> torch.Tensor:
 def tokenized(cfg: AppConfig, data: TextDataset, tokenizer: PreTrainedTokenizerBase) -> TokenizedDataset | ChatDataset:
     """The examples as token ids, as the task reads them."""
     if cfg.task.name == "chat":
-        return ChatDataset(data, tokenizer, cfg.train.max_seq_len)
+        return ChatDataset(data, tokenizer, cfg.train.max_seq_len, cfg.task.answer)
     return TokenizedDataset(data, tokenizer, cfg.train.max_seq_len)
 
 

@@ -49,6 +49,29 @@ def test_targets_are_the_answer_tokens_alone() -> None:
     assert answer_of("Neoplasms (C00-D49)") == "Neoplasms" and answer_of("Cardiology") == "Cardiology"
 
 
+def test_a_code_range_answer_is_the_chapters_range() -> None:
+    cfg, splits, tok, _ = _chat("task.answer=code_range")
+    data = tokenized(cfg, splits.train, tok)
+    assert isinstance(data, ChatDataset)
+    for i in range(20):
+        ids, labels = data[i]
+        answer = tok.decode(ids[labels != IGNORE_INDEX], skip_special_tokens=True).replace(" ", "")
+        name = splits.train.label_names[splits.train.labels[i]]
+        assert name.endswith(f"({answer.upper()})")
+    assert answer_of("Neoplasms (C00-D49)", "code_range") == "C00-D49"
+    with pytest.raises(ValueError, match=r"task\.answer"):
+        answer_of("Cardiology", "code_range")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("task.answer=chapter",), r"task\.answer"),
+    (("task.answer=code_range", "data=drugreview"), r"task\.answer: 'code_range' needs ICD-10-CM labels"),
+])
+def test_an_answer_that_cannot_be_given_is_refused_at_start(overrides: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config("task=chat", *overrides)
+
+
 def test_a_long_diagnosis_is_cut_and_its_answer_never_is() -> None:
     _, splits, tok, _ = _chat("train.max_seq_len=4")
     long = splits.train.subset([0])

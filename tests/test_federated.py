@@ -191,7 +191,8 @@ def test_a_chat_model_federates_and_reports_its_exact_match_every_round(tmp_path
     """`make demo-llm`'s path on the tiny Llama: the chat task over cached prefixes, SecAgg+ and DP-SGD; the
     server's exact match and answer perplexity in the round lines, MLflow and the summary, before and after."""
     run_dir = tmp_path / "run"
-    proc = fl_simulate(run_dir, "task=chat", "lora.layers=1", "federation.num_rounds=2", "train.lr=0.05")
+    proc = fl_simulate(run_dir, "task=chat", "task.answer=code_range", "lora.layers=1", "federation.num_rounds=2",
+                       "train.lr=0.05")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Secure aggregation completed" in (run_dir / "fl-simulate.log").read_text()
     rounds = [line for line in proc.stdout.splitlines() if line.startswith("[round ")]
