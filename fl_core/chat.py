@@ -25,20 +25,20 @@ from transformers import PreTrainedTokenizerBase
 
 from privacy.loss import IGNORE_INDEX
 
-from .data import TextDataset
+from .data import DataError, TextDataset
 
 SYSTEM_PROMPT = ""
 PLAIN_LAYOUT = {"system": "{}", "user": "Diagnosis: {}", "assistant": "Chapter: {}"}
 CODE_RANGE = re.compile(r"\s*\(([A-Z0-9-]+)\)$")
 
 
-def answer_of(label_name: str, answer: str = "title") -> str:
+def answer_of(label_name: str, answer: str) -> str:
     """What the assistant says for a label: its name without a trailing code range ("title"), or that range alone
     ("code_range": "S00-T88", whose first token names the chapter)."""
     if answer == "code_range":
         found = CODE_RANGE.search(label_name)
         if found is None:
-            raise ValueError(f"task.answer: label {label_name!r} has no code range")
+            raise DataError(f"task.answer: label {label_name!r} has no code range")
         return found.group(1)
     return CODE_RANGE.sub("", label_name)
 
@@ -92,7 +92,7 @@ class ChatDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     diagnosis text is cut to `max_text_tokens`; the answer never is."""
 
     def __init__(self, data: TextDataset, tokenizer: PreTrainedTokenizerBase, max_text_tokens: int,
-                 answer: str = "title") -> None:
+                 answer: str) -> None:
         self.input_ids: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.prompt_lengths: list[int] = []

@@ -299,7 +299,7 @@ def validate(cfg: AppConfig) -> None:
     _one_of(cfg.data.name, DATASETS, "data.name")
     _one_of(cfg.task.name, TASKS, "task.name")
     _one_of(cfg.task.answer, ANSWERS, "task.answer")
-    require(cfg.task.answer != "code_range" or cfg.data.name == "icd10", "task.answer",
+    require(cfg.task.name != "chat" or cfg.task.answer != "code_range" or cfg.data.name == "icd10", "task.answer",
             f"'code_range' needs ICD-10-CM labels; data {cfg.data.name!r} has none")
     require(
         not (cfg.task.name != "classification" and cfg.model.name in CLASSIFICATION_ONLY_MODELS),

@@ -33,7 +33,7 @@ def test_stop_sequences_cut_the_answer_and_a_possible_start_of_one_is_held_back(
 
 def test_a_conversation_is_laid_out_as_training_laid_out_its_examples() -> None:
     tok = load_tokenizer(tiny_config().model)  # MiniLM's: no chat template, the plain layout
-    trained = ChatDataset(TextDataset(("femur",), (0,), ("Injury (S00-T88)",)), tok, 32)
+    trained = ChatDataset(TextDataset(("femur",), (0,), ("Injury (S00-T88)",)), tok, 32, "title")
     assert conversation_ids(tok, [{"role": "user", "content": "femur"}]) == \
         trained.input_ids[0][:trained.prompt_lengths[0]].tolist() == tok("Diagnosis: femur\nChapter:")["input_ids"]
     turns = [{"role": "user", "content": "femur"}, {"role": "assistant", "content": "injury"},
