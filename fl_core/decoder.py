@@ -17,8 +17,9 @@ from torch import nn
 from transformers import Cache, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP
 
-from .encoder import require_frozen_prefix
+from .encoder import packed_linear, require_frozen_prefix, require_lora_only_in_packed, scatter_tokens
 
 
 class PrefixedLlama(LlamaForCausalLM):
@@ -34,8 +35,12 @@ class PrefixedLlama(LlamaForCausalLM):
         self.frozen_layers = layers - trainable_layers
 
     def settle_prefix(self) -> None:
-        """Once adapters are attached: nothing in the prefix may train (a stale cache would be a wrong model)."""
+        """Once adapters are attached: nothing in the prefix may train (a stale cache would be a wrong model), and
+        the adapted layers' feed-forward blocks, which run packed, train LoRA's A and B only."""
         require_frozen_prefix(type(self).__name__, self.prefix_modules())
+        require_lora_only_in_packed(type(self).__name__, {
+            f"model.layers.{i}.mlp": self.model.layers[i].mlp
+            for i in range(self.frozen_layers, self.config.num_hidden_layers)})
 
     @property
     def prefix_dtype(self) -> torch.dtype:
@@ -45,16 +50,33 @@ class PrefixedLlama(LlamaForCausalLM):
         """What `frozen_prefix` runs, in order (the rotary embedding has no weights, only its buffers)."""
         return [self.model.embed_tokens, self.model.rotary_emb, *self.model.layers[: self.frozen_layers]]
 
-    def _layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Decoder layers [start, stop) over right-padded rows: positions 0.. and the causal padding mask, as
-        `LlamaModel.forward` builds them."""
+    def _masks(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """What each decoder layer takes beside its input, for right-padded rows: positions 0.., the causal padding
+        mask and the rotary embedding, as `LlamaModel.forward` builds them."""
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   cache=None, position_ids=position_ids)
-        position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
+        return {"attention_mask": mask, "position_ids": position_ids,
+                "position_embeddings": self.model.rotary_emb(hidden, position_ids=position_ids)}
+
+    def _layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Decoder layers [start, stop) over right-padded rows."""
+        inputs = self._masks(hidden, attention_mask)
         for layer in self.model.layers[start:stop]:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                           position_ids=position_ids)
+            hidden = layer(hidden, **inputs)
+        return hidden
+
+    def _adapted_layers(self, prefix: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The top layers over a cached prefix, as `LlamaDecoderLayer.forward` runs them, except the feed-forward
+        block (three quarters of a layer's weights): it works on each token alone, so it runs on the batch's real
+        tokens, not on the padding up to the longest row (`packed_linear`)."""
+        inputs, keep, hidden = self._masks(prefix, attention_mask), attention_mask.bool(), prefix
+        for layer in self.model.layers[self.frozen_layers:]:
+            attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **inputs)
+            hidden = hidden + attended
+            assert isinstance(layer, LlamaDecoderLayer)
+            tokens = hidden[keep] + _packed_mlp(layer.mlp, layer.post_attention_layernorm(hidden), keep)
+            hidden = scatter_tokens(tokens, keep)
         return hidden
 
     @torch.no_grad()
@@ -79,8 +101,15 @@ class PrefixedLlama(LlamaForCausalLM):
             raise ValueError("PrefixedLlama needs the attention mask with a prefix")
         if labels is not None or cache is not None or input_ids is not None:
             raise ValueError("PrefixedLlama: a prefix replaces input_ids, and its loss and cache are the caller's")
-        hidden = self._layers(prefix, attention_mask, self.frozen_layers, self.config.num_hidden_layers)
-        hidden = self.model.norm(hidden)
+        hidden = self.model.norm(self._adapted_layers(prefix, attention_mask))
         if positions is not None:
             hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return CausalLMOutputWithPast(logits=self.lm_head(hidden))
+
+
+def _packed_mlp(mlp: LlamaMLP, normed: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`LlamaMLP` over the kept tokens of `normed` [batch, width, hidden]: [tokens, hidden]."""
+    tokens = normed[keep]
+    gate = packed_linear(mlp.gate_proj, tokens, keep, normed)
+    up = packed_linear(mlp.up_proj, tokens, keep, normed)
+    return packed_linear(mlp.down_proj, mlp.act_fn(gate) * up, keep)

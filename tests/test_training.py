@@ -274,7 +274,7 @@ def test_only_loras_a_and_b_may_train_in_the_packed_block() -> None:
     _, _, _, model = _minilm()
     base = model.get_base_model()
     base.encoder.encoder.layer[-1].output.LayerNorm.weight.requires_grad_(True)
-    with pytest.raises(ValueError, match=r"output\.LayerNorm\.weight trains in the feed-forward block"):
+    with pytest.raises(ValueError, match=r"output\.LayerNorm\.weight trains in a block that runs on packed tokens"):
         base.settle_prefix()
 
 
