@@ -59,22 +59,15 @@ class PrefixedLlama(LlamaForCausalLM):
         return {"attention_mask": mask, "position_ids": position_ids,
                 "position_embeddings": self.model.rotary_emb(hidden, position_ids=position_ids)}
 
-    def _layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Decoder layers [start, stop) over right-padded rows."""
-        inputs = self._masks(hidden, attention_mask)
-        for layer in self.model.layers[start:stop]:
-            hidden = layer(hidden, **inputs)
-        return hidden
-
     def _adapted_layers(self, prefix: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The top layers over a cached prefix, as `LlamaDecoderLayer.forward` runs them, except the feed-forward
         block (three quarters of a layer's weights): it works on each token alone, so it runs on the batch's real
         tokens, not on the padding up to the longest row (`packed_linear`)."""
         inputs, keep, hidden = self._masks(prefix, attention_mask), attention_mask.bool(), prefix
         for layer in self.model.layers[self.frozen_layers:]:
+            assert isinstance(layer, LlamaDecoderLayer)
             attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **inputs)
             hidden = hidden + attended
-            assert isinstance(layer, LlamaDecoderLayer)
             tokens = hidden[keep] + _packed_mlp(layer.mlp, layer.post_attention_layernorm(hidden), keep)
             hidden = scatter_tokens(tokens, keep)
         return hidden
@@ -82,7 +75,11 @@ class PrefixedLlama(LlamaForCausalLM):
     @torch.no_grad()
     def frozen_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the frozen layers: [batch, tokens, hidden]."""
-        return self._layers(self.model.embed_tokens(input_ids), attention_mask, 0, self.frozen_layers)
+        hidden = self.model.embed_tokens(input_ids)
+        inputs = self._masks(hidden, attention_mask)
+        for layer in self.model.layers[: self.frozen_layers]:
+            hidden = layer(hidden, **inputs)
+        return hidden
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: Cache | None = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .config import ConfigError
@@ -15,3 +17,17 @@ def resolve_device(name: str, field_path: str = "train.device") -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(field_path, "'mps' requested but not available here (use auto or cpu)")
     return torch.device(name)
+
+
+def computes_bf16_natively(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether `device` has bfloat16 arithmetic in hardware (a CUDA GPU from Ampere on; a CPU with AVX512-BF16 or
+    AMX), where `train.precision=bf16` pays; elsewhere it is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type != "cpu":
+        return False
+    try:
+        flags = cpuinfo.read_text(errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

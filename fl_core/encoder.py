@@ -58,7 +58,8 @@ def packed_linear(module: nn.Module, tokens: torch.Tensor, keep: torch.Tensor,
     result = out
     for name in module.active_adapters:
         if name in module.lora_A:
-            low_rank_in = padded.to(module.lora_A[name].weight.dtype)  # type: ignore[arg-type]  # fp32 over bf16
+            # fp32 adapters over bf16 weights compute in fp32, as peft's own forward: Opacus sees fp32 activations
+            low_rank_in = module._cast_input_dtype(padded, module.lora_A[name].weight.dtype)  # type: ignore[arg-type]
             low_rank = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](low_rank_in)))
             result = result + low_rank[keep] * module.scaling[name]
     return result.to(out.dtype)

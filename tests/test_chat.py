@@ -2,6 +2,7 @@
 and gradients at the answer positions only, and greedy answers scored by exact match."""
 
 import collections
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from fl_core.chat import ChatDataset, answer_of, generate_answers, prompt_ids
 from fl_core.config import ConfigError
 from fl_core.data import DataError, icd10_examples, load_splits
 from fl_core.decoder import PrefixedLlama
+from fl_core.device import computes_bf16_natively
 from fl_core.model import build_model, load_tokenizer, packaged_smollm2_tokenizer
 from fl_core.training import (
     Collator,
@@ -24,7 +26,7 @@ from fl_core.training import (
 )
 from privacy.accountant import AccountantState
 from privacy.calibration import sampling_plan
-from privacy.loss import IGNORE_INDEX
+from privacy.loss import IGNORE_INDEX, TokenLoss
 from privacy.secure_random import SecureRandom
 from tests.conftest import tiny_config
 
@@ -174,6 +176,46 @@ def test_bf16_runs_the_frozen_weights_in_bf16_and_trains_in_fp32() -> None:
     after = evaluate(cfg, model, tok, splits.test, CPU, test_view)
     assert result.steps == plan.steps_per_round and after["loss"] < before["loss"] - 0.1
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_per_sample_gradients_on_the_packed_path_are_each_examples_own(precision: str, tolerance: float) -> None:
+    """The adapted layers' feed-forward blocks run on the batch's real tokens only; Opacus's hooks must still see one
+    row per example: each per-sample gradient equals that example's gradient computed alone (in bf16, up to its
+    rounding, which depends on the batch's shape: the relative error stays within `tolerance`)."""
+    from opacus import GradSampleModule
+
+    cfg, splits, tok, model = _chat("lora.layers=1", MLP_TOO, f"train.precision={precision}")
+    with torch.no_grad():  # B starts at zero, which would hide a wrong path in A's per-sample gradients
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    view = training_view(cfg, model, tok, splits.train, CPU)
+    rows = sorted(range(len(view.dataset)), key=lambda i: len(view.dataset[i][0]))[::24]  # type: ignore[arg-type]
+    assert len({len(view.dataset[i][0]) for i in rows}) >= 4  # a batch with padding, rows of many widths
+    criterion = TokenLoss(reduction="sum")
+    sampled = GradSampleModule(model, loss_reduction="sum")
+    criterion(*view.forward(sampled, view.collate([view.dataset[i] for i in rows]), CPU)).backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    per_sample = {n: p.grad_sample.clone() for n, p in trainable}
+    assert len(per_sample) == 14 and all(g.shape[0] == len(rows) and g.dtype == torch.float32
+                                         for g in per_sample.values())
+    sampled._close()
+    for k, i in enumerate(rows):
+        model.zero_grad(set_to_none=True)
+        criterion(*view.forward(model, view.collate([view.dataset[i]]), CPU)).backward()
+        for name, p in trainable:
+            assert float((per_sample[name][k] - p.grad).norm()) <= tolerance * float(p.grad.norm()), (name, k)
+
+
+def test_bf16_pays_only_where_the_hardware_computes_it(tmp_path: Path) -> None:
+    """A CPU's bfloat16 arithmetic is in its flags; without them (or without /proc) bf16 is emulated."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert computes_bf16_natively(CPU, cpuinfo)
+    cpuinfo.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_vnni\n")
+    assert not computes_bf16_natively(CPU, cpuinfo)
+    assert not computes_bf16_natively(CPU, tmp_path / "missing")
 
 
 def test_bf16_is_refused_for_a_classifier() -> None:
