@@ -57,9 +57,9 @@ FP32 = ("+experiment=llm", "train.precision=fp32")
 SMOLLM2 = (
     ("LoRA on all 30 layers (q, k, v, o), logits at every position", (*FP32, "lora.layers=null"), False),
     ("the top 2 layers over cached prefixes", (*FP32, "lora.layers=2"), True),
-    ("the top 4 layers over cached prefixes", (*FP32, "lora.layers=4"), True),
+    ("the top 4 layers over cached prefixes (demo-llm)", (*FP32, "lora.layers=4"), True),
     ("the top 8 layers over cached prefixes", (*FP32, "lora.layers=8"), True),
-    ("the top 4 layers, frozen weights and prefixes in bf16 (demo-llm: `train.precision=bf16`)",
+    ("the top 4 layers, frozen weights and prefixes in bf16 (`train.precision=bf16`)",
      ("+experiment=llm", "lora.layers=4", "train.precision=bf16"), True),
 )
 # model: (variants, default batch, markers in docs/benchmarks.md, section title, what the table measures)
@@ -68,8 +68,8 @@ JOBS = {
                "MiniLM classification, batch {batch} real ICD-10-CM texts (padded to the batch's longest, at most 32 "
                "tokens; the main job's feed-forward block runs on the real tokens alone), LoRA r=8"),
     "smollm2": (SMOLLM2, 16, "frozen-prefix-llm", "SmolLM2 chat: adapters on the top layers over cached prefixes",
-                "SmolLM2-135M-Instruct chat task, batch {batch} real ICD-10-CM texts in its chat template (about 34 "
-                "tokens, 9 of them the answer), LoRA r=8 on q, k, v, o"),
+                "SmolLM2-135M-Instruct chat task, batch {batch} real ICD-10-CM texts in its chat template (about 33 "
+                "tokens, 7 or 8 of them the answer), LoRA r=8 on q, k, v, o"),
 }
 
 
