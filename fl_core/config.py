@@ -146,8 +146,9 @@ class TrainConfig:
     max_seq_len: int = 32
     device: str = "auto"  # auto picks CUDA when present
     # bf16: a causal LM's frozen weights (embeddings, layers, output layer) and its cached prefixes in bfloat16, for
-    # about twice the matmul speed; the adapters, their per-sample gradients, clipping, noise and Adam stay fp32.
-    precision: str = "fp32"
+    # about twice the matmul speed; the adapters and Adam stay fp32. Runs without DP only: bf16's rounding depends on
+    # the batch's shape, so one record moves the others' gradients (README, "What this does not protect").
+    precision: str = "fp32"  # one of PRECISIONS, whose dtypes are fl_core.model.PRECISION_DTYPES
     seed: int = 0
     num_threads: int | None = None  # None: torch's default; simulations set one thread per simulated hospital
 
@@ -370,6 +371,9 @@ def validate(cfg: AppConfig) -> None:
     _one_of(t.precision, PRECISIONS, "train.precision")
     require(t.precision == "fp32" or cfg.task.name != "classification",
             "train.precision", "bf16 is for a causal LM (task chat or causal-lm); classifiers train in fp32")
+    require(t.precision == "fp32" or not (cfg.privacy.enabled or cfg.strategy.federated_evaluation),
+            "train.precision", "bf16 is for runs without DP (privacy.enabled=false, no strategy.federated_evaluation): "
+            "its rounding lets one record move the others' gradients and scores beyond what the accountant assumes")
     require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None, "train.device",
              f"must be auto, cpu, cuda, cuda:N or mps (got {t.device!r})")
     require(t.num_threads is None or t.num_threads >= 1, "train.num_threads",

