@@ -50,7 +50,7 @@ class PrefixedLlama(LlamaForCausalLM):
         """What `frozen_prefix` runs, in order (the rotary embedding has no weights, only its buffers)."""
         return [self.model.embed_tokens, self.model.rotary_emb, *self.model.layers[: self.frozen_layers]]
 
-    def _masks(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+    def _layer_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
         """What each decoder layer takes beside its input, for right-padded rows: positions 0.., the causal padding
         mask and the rotary embedding, as `LlamaModel.forward` builds them."""
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
@@ -63,7 +63,7 @@ class PrefixedLlama(LlamaForCausalLM):
         """The top layers over a cached prefix, as `LlamaDecoderLayer.forward` runs them, except the feed-forward
         block (three quarters of a layer's weights): it works on each token alone, so it runs on the batch's real
         tokens, not on the padding up to the longest row (`packed_linear`)."""
-        inputs, keep, hidden = self._masks(prefix, attention_mask), attention_mask.bool(), prefix
+        inputs, keep, hidden = self._layer_inputs(prefix, attention_mask), attention_mask.bool(), prefix
         for layer in self.model.layers[self.frozen_layers:]:
             assert isinstance(layer, LlamaDecoderLayer)
             attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **inputs)
@@ -76,7 +76,7 @@ class PrefixedLlama(LlamaForCausalLM):
     def frozen_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the frozen layers: [batch, tokens, hidden]."""
         hidden = self.model.embed_tokens(input_ids)
-        inputs = self._masks(hidden, attention_mask)
+        inputs = self._layer_inputs(hidden, attention_mask)
         for layer in self.model.layers[: self.frozen_layers]:
             hidden = layer(hidden, **inputs)
         return hidden

@@ -124,6 +124,7 @@ def minilm_classifier(num_labels: int, trainable_layers: int) -> MeanPooledClass
 def build_base_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_labels: int) -> torch.nn.Module:
     classification = cfg.task.name == "classification"
     name = cfg.model.name
+    dtype = PRECISION_DTYPES[cfg.train.precision]  # a causal LM's; classifiers are refused bf16 at start
     model: PreTrainedModel
     if name == "minilm":
         return minilm_classifier(num_labels, adapted_layers(cfg))
@@ -134,13 +135,13 @@ def build_base_model(cfg: AppConfig, tokenizer: PreTrainedTokenizerBase, num_lab
             model = LlamaForSequenceClassification(config)
         else:
             # as from_pretrained loads SmolLM2: weights in the dtype, the rotary embedding's buffers in fp32
-            model = PrefixedLlama._from_config(config, dtype=PRECISION_DTYPES[cfg.train.precision])
+            model = PrefixedLlama._from_config(config, dtype=dtype)
     else:
         if classification:
             model = AutoModelForSequenceClassification.from_pretrained(
                 smollm2_dir(), num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32)
         else:
-            model = PrefixedLlama.from_pretrained(smollm2_dir(), dtype=PRECISION_DTYPES[cfg.train.precision])
+            model = PrefixedLlama.from_pretrained(smollm2_dir(), dtype=dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
     if isinstance(model, PrefixedLlama):
         model.split(adapted_layers(cfg))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -27,3 +28,37 @@ def tiny_config(*overrides: str) -> AppConfig:
 @pytest.fixture
 def tiny_cfg() -> AppConfig:
     return tiny_config()
+
+
+def randomise_trainable(model: torch.nn.Module) -> None:
+    """LoRA's B and a head start at zero, where a wrong path could still give the right loss or hide A's gradients."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def per_sample_gradients(model: torch.nn.Module, view: object, rows: Sequence[int],
+                         criterion: Callable[..., torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Opacus's per-sample gradients of the trainable parameters over one batch of `view`'s `rows` (a
+    `fl_core.training.TrainingView`; `criterion` sums over examples), as DP-SGD's hooks compute them."""
+    from opacus import GradSampleModule
+
+    sampled = GradSampleModule(model, loss_reduction="sum")
+    criterion(*view.forward(sampled, view.collate([view.dataset[i] for i in rows]),  # type: ignore[attr-defined]
+                            torch.device("cpu"))).backward()
+    grads = {n: p.grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
+    sampled._close()
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.grad_sample = None  # type: ignore[attr-defined]
+    return grads
+
+
+def gradient_alone(model: torch.nn.Module, view: object, row: int,
+                   criterion: Callable[..., torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trainable parameters' gradients of one example of `view` run alone, in a batch of its own."""
+    model.zero_grad(set_to_none=True)
+    criterion(*view.forward(model, view.collate([view.dataset[row]]), torch.device("cpu"))).backward()  # type: ignore[attr-defined]
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}

@@ -28,7 +28,7 @@ from privacy.accountant import AccountantState
 from privacy.calibration import sampling_plan
 from privacy.loss import IGNORE_INDEX, TokenLoss
 from privacy.secure_random import SecureRandom
-from tests.conftest import tiny_config
+from tests.conftest import gradient_alone, per_sample_gradients, randomise_trainable, tiny_config
 
 CPU = torch.device("cpu")
 
@@ -112,10 +112,7 @@ def test_cached_prefix_gives_the_full_models_loss_and_gradients(task: str, targe
     cfg, splits, tok, model = _chat(f"task={task}", "lora.layers=1", *targets)
     base = model.get_base_model()
     assert isinstance(base, PrefixedLlama) and base.frozen_layers == 2
-    with torch.no_grad():  # LoRA's B starts at zero, which would hide a wrong path in the gradients of A
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
+    randomise_trainable(model)
     view = training_view(cfg, model, tok, splits.train, CPU)
     assert isinstance(view.dataset, FrozenPrefixes)
     examples = tokenized(cfg, splits.train, tok)
@@ -184,29 +181,20 @@ def test_per_sample_gradients_on_the_packed_path_are_each_examples_own(precision
     """The adapted layers' feed-forward blocks run on the batch's real tokens only; Opacus's hooks must still see one
     row per example: each per-sample gradient equals that example's gradient computed alone (in bf16, up to its
     rounding, which depends on the batch's shape: the relative error stays within `tolerance`)."""
-    from opacus import GradSampleModule
-
     cfg, splits, tok, model = _chat("lora.layers=1", MLP_TOO, f"train.precision={precision}", *NO_DP[precision])
-    with torch.no_grad():  # B starts at zero, which would hide a wrong path in A's per-sample gradients
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
+    randomise_trainable(model)
     view = training_view(cfg, model, tok, splits.train, CPU)
     rows = sorted(range(len(view.dataset)), key=lambda i: len(view.dataset[i][0]))[::24]  # type: ignore[arg-type]
     assert len({len(view.dataset[i][0]) for i in rows}) >= 4  # a batch with padding, rows of many widths
     criterion = TokenLoss(reduction="sum")
-    sampled = GradSampleModule(model, loss_reduction="sum")
-    criterion(*view.forward(sampled, view.collate([view.dataset[i] for i in rows]), CPU)).backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    per_sample = {n: p.grad_sample.clone() for n, p in trainable}
+    per_sample = per_sample_gradients(model, view, rows, criterion)
     assert len(per_sample) == 14 and all(g.shape[0] == len(rows) and g.dtype == torch.float32
                                          for g in per_sample.values())
-    sampled._close()
     for k, i in enumerate(rows):
-        model.zero_grad(set_to_none=True)
-        criterion(*view.forward(model, view.collate([view.dataset[i]]), CPU)).backward()
-        for name, p in trainable:
-            assert float((per_sample[name][k] - p.grad).norm()) <= tolerance * float(p.grad.norm()), (name, k)
+        alone = gradient_alone(model, view, i, criterion)
+        assert alone.keys() == per_sample.keys()
+        for name, grad in alone.items():
+            assert float((per_sample[name][k] - grad).norm()) <= tolerance * float(grad.norm()), (name, k)
 
 
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("bf16", 1e-2)])
@@ -215,28 +203,16 @@ def test_replacing_one_example_barely_moves_the_others_per_sample_gradients(prec
     replaced. On the packed path the batch's shape (its padding, its packed token count) changes with that record:
     in fp32 the others move at rounding level only; in bf16 by up to about 3e-3 of their norm (README, "What this
     does not protect"), why bf16 is opt-in."""
-    from opacus import GradSampleModule
-
     cfg, splits, tok, model = _chat("lora.layers=1", MLP_TOO, f"train.precision={precision}", *NO_DP[precision])
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
+    randomise_trainable(model)
     view = training_view(cfg, model, tok, splits.train, CPU)
     by_length = sorted(range(len(view.dataset)), key=lambda i: len(view.dataset[i][0]))  # type: ignore[arg-type]
     kept = by_length[10:190:12]
     for replacement in (by_length[0], by_length[-1]):  # the shortest and the longest text: the batch's shape moves
         grads = []
         for rows in ([*kept, by_length[100]], [*kept, replacement]):
-            sampled = GradSampleModule(model, loss_reduction="sum")
-            TokenLoss(reduction="sum")(*view.forward(sampled, view.collate([view.dataset[i] for i in rows]),
-                                                     CPU)).backward()
-            grads.append(torch.cat([p.grad_sample[: len(kept)].flatten(1) for p in model.parameters()
-                                    if p.requires_grad], dim=1))
-            sampled._close()
-            model.zero_grad(set_to_none=True)
-            for p in model.parameters():
-                p.grad_sample = None  # type: ignore[attr-defined]
+            per_sample = per_sample_gradients(model, view, rows, TokenLoss(reduction="sum"))
+            grads.append(torch.cat([g[: len(kept)].flatten(1) for g in per_sample.values()], dim=1))
         moved = (grads[0] - grads[1]).norm(dim=1) / grads[0].norm(dim=1)
         assert float(moved.max()) <= tolerance
 

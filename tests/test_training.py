@@ -42,7 +42,7 @@ from privacy.calibration import SamplingPlan, sampling_plan
 from privacy.dp_sgd import PoissonBatches, make_private
 from privacy.loss import SequenceClassificationLoss
 from privacy.secure_random import SecureRandom
-from tests.conftest import tiny_config
+from tests.conftest import gradient_alone, per_sample_gradients, randomise_trainable, tiny_config
 
 CPU = torch.device("cpu")
 
@@ -195,15 +195,6 @@ def _minilm(*overrides: str):  # type: ignore[no-untyped-def]
     return cfg, splits, tok, build_model(cfg, tok, len(splits.train.label_names), CPU)
 
 
-def _randomise_trainable(model: torch.nn.Module) -> None:
-    """LoRA's B and the head start at zero, where a wrong top-layer path could still give the right loss."""
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-
-
 @pytest.mark.parametrize(("overrides", "attention_in_prefix"), [
     ((), True),  # the main job: the top layer's feed-forward block, its attention in the prefix
     (("lora.layers=2",), True),  # the same block packed, then a whole layer above it on the padded batch
@@ -214,7 +205,7 @@ def test_cached_prefix_gives_the_full_models_loss_and_gradients(overrides: tuple
     """Training reads MiniLM's frozen lower layers from a cache computed once; it must be the same function."""
     cfg, splits, tok, model = _minilm(*overrides)
     assert model.get_base_model().attention_in_prefix is attention_in_prefix
-    _randomise_trainable(model)
+    randomise_trainable(model)
     view = training_view(cfg, model, tok, splits.train, CPU)
     assert isinstance(view.dataset, FrozenPrefixes)
     rows = list(range(16))
@@ -246,26 +237,20 @@ def test_cached_prefix_gives_the_full_models_loss_and_gradients(overrides: tuple
 def test_per_sample_gradients_on_the_packed_path_are_each_examples_own(layers: int) -> None:
     """The main job's top feed-forward block runs on the batch's real tokens only, not its padding; Opacus's hooks
     must still see one row per example: each per-sample gradient equals that example's gradient computed alone."""
-    from opacus import GradSampleModule
-
     cfg, splits, tok, model = _minilm(f"lora.layers={layers}")
-    _randomise_trainable(model)
+    randomise_trainable(model)
     view = training_view(cfg, model, tok, splits.train, CPU)
     by_length = sorted(range(len(view.dataset)), key=lambda i: len(view.dataset[i][0]))
     rows = by_length[::6]
     assert len({len(view.dataset[i][0]) for i in rows}) >= 4  # a batch with padding, rows of many widths
     criterion = SequenceClassificationLoss(reduction="sum")
-    sampled = GradSampleModule(model, loss_reduction="sum")
-    criterion(*view.forward(sampled, view.collate([view.dataset[i] for i in rows]), CPU)).backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    per_sample = {n: p.grad_sample.clone() for n, p in trainable}
+    per_sample = per_sample_gradients(model, view, rows, criterion)
     assert len(per_sample) > 2 and all(g.shape[0] == len(rows) for g in per_sample.values())
-    sampled._close()
     for k, i in enumerate(rows):
-        model.zero_grad(set_to_none=True)
-        criterion(*view.forward(model, view.collate([view.dataset[i]]), CPU)).backward()
-        for name, p in trainable:
-            assert torch.allclose(per_sample[name][k], p.grad, atol=1e-6), (name, k)
+        alone = gradient_alone(model, view, i, criterion)
+        assert alone.keys() == per_sample.keys()
+        for name, grad in alone.items():
+            assert torch.allclose(per_sample[name][k], grad, atol=1e-6), (name, k)
 
 
 def test_only_loras_a_and_b_may_train_in_the_packed_block() -> None:
@@ -345,8 +330,8 @@ def test_dp_sgd_on_cached_prefixes_without_noise_or_clipping_is_plain_training()
                  "train.local_epochs=3", "privacy.max_grad_norm=1e6")
     cfg, splits, tok, plain = _minilm(*overrides)
     _, _, _, private = _minilm(*overrides)
-    _randomise_trainable(plain)
-    _randomise_trainable(private)
+    randomise_trainable(plain)
+    randomise_trainable(private)
     plan = sampling_plan(len(splits.train), 40, 3, 1)
     assert plan.sample_rate == 1.0
     start = adapter_to_arrays(plain)
