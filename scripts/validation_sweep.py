@@ -47,15 +47,15 @@ CPU = torch.device("cpu")
 SCORED = {"classification": ("accuracy", "macro_f1"), "chat": ("exact_match", "perplexity"),
           "causal-lm": ("perplexity",)}
 GRID = (
-    (),  # the main job's settings (conf/)
+    (),  # the main job's settings (conf/): a server learning rate of 1.5
+    ("strategy.server_optimizer.name=none",),  # plain FedProx averaging
+    ("strategy.server_optimizer.lr=2",),
+    ("strategy.server_optimizer.lr=1.5", "strategy.server_optimizer.momentum=0.7"),  # the study's head
     ("privacy.head_clip_share=null",),  # one flat clipping bound
     ("privacy.head_clip_share=0.5",),
     ("privacy.head_clip_share=null", "train.lr=0.003"),
     ("strategy.proximal_mu=0.01",),
     ("strategy.proximal_mu=0",),
-    ("strategy.server_optimizer.name=momentum", "strategy.server_optimizer.momentum=0.9"),
-    ("strategy.server_optimizer.name=momentum", "strategy.server_optimizer.lr=2",
-     "strategy.server_optimizer.momentum=0"),
 )
 
 

@@ -7,7 +7,8 @@ release and cost no privacy) and because their state belongs in the run's checkp
 the same trajectory. With `name="none"` the aggregate is the new model, as in plain FedAvg/FedProx.
 
 Plain averaging under-steps: the mean of a few hospitals' local moves is shorter than each of them, so it needs more
-rounds for the same progress (a server learning rate above 1 or momentum makes that up; the study measures which).
+rounds for the same progress (a server learning rate above 1 or momentum makes that up: the main job takes lr 1.5,
+chosen by `scripts/validation_sweep.py`; the study's head takes momentum, chosen by `scripts.study.tune`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ class ServerOptimizer:
     """One run's server optimiser: `step(current, aggregate)` gives the next global model.
 
     `bound`, when set, projects the stepped model onto [-bound, bound] (projected heavy-ball or Adam: the moments
-    are kept unprojected): SecAgg+ clips what hospitals send to its `clipping_range`, and a server learning rate above
-    1 with momentum can walk the model out of it. It equals Flower's trajectory only while no weight reaches it.
+    are kept unprojected): SecAgg+ clips what hospitals send to its `clipping_range`, and a server learning rate
+    above 1, with or without momentum, can walk the model out of it. It equals Flower's trajectory only while no
+    weight reaches it.
     """
 
     settings: ServerOptimizerConfig
@@ -98,7 +100,9 @@ class ServerOptimizer:
         if steps and not saved_settings:
             raise ServerOptimizerError("strategy.server_optimizer: the checkpoint does not record the settings that "
                                        "took its server steps; it cannot be resumed with a server optimiser")
-        if steps and saved_settings != current:
+        # A plain-averaging run takes no steps, yet resuming it with a server step would change its trajectory
+        # midway; with `none` the other settings are unused, so two `none`s match whatever they hold.
+        if saved_settings and _in_effect(saved_settings) != _in_effect(current):
             raise ServerOptimizerError(f"strategy.server_optimizer: the checkpoint was written with {saved_settings}, "
                                        f"this run asks for {current}; resume with the checkpoint's settings")
         kept = [first_moment, second_moment][:self.moments_needed]
@@ -109,3 +113,8 @@ class ServerOptimizer:
                                            "damaged or does not fit the model; it cannot be resumed")
         self.steps, self.first_moment, self.second_moment = steps, *(list(m) for m in (first_moment,
                                                                                       second_moment))
+
+
+def _in_effect(settings: dict[str, object]) -> dict[str, object]:
+    """The settings that shape the trajectory: all of them, or only the name when it is `none`."""
+    return {"name": "none"} if settings.get("name") == "none" else settings

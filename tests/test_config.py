@@ -57,6 +57,7 @@ def test_production_preset_carries_reference_values() -> None:
     assert (cfg.privacy.delta, cfg.privacy.noise_multiplier, cfg.privacy.accountant) == (1e-6, 1.5, "rdp")
     assert cfg.federation.min_participants >= 3 and cfg.federation.num_rounds == 100
     assert cfg.strategy.name == "fedprox" and cfg.strategy.convergence_threshold == 0.001
+    assert cfg.strategy.server_optimizer.name == "none"  # the main job's server step is for its 3 rounds
 
 
 def test_cli_bad_config_fails_in_one_line_before_loading_anything() -> None:

@@ -125,6 +125,16 @@ def test_a_checkpoint_state_that_does_not_fit_is_refused(saved: dict[str, object
     assert optimizer.steps == 0 and optimizer.first_moment == []
 
 
+def test_a_plain_averaging_checkpoint_resumes_only_as_plain_averaging() -> None:
+    """It took no server steps, yet a server step from its middle on would be another run's trajectory."""
+    plain = asdict(ServerOptimizerConfig("none"))
+    with pytest.raises(ServerOptimizerError, match=r"^strategy\.server_optimizer: the checkpoint was written with"):
+        ServerOptimizer(ServerOptimizerConfig("momentum", lr=1.5, momentum=0.0)).restore(plain, 0, [], [], model())
+    resumed = ServerOptimizer(ServerOptimizerConfig("none", lr=1.5, momentum=0.0))  # unused by `none`
+    resumed.restore(plain, 0, [], [], model())
+    assert resumed.steps == 0
+
+
 def test_a_step_that_is_not_finite_changes_nothing_and_the_bound_holds_the_model() -> None:
     optimizer = ServerOptimizer(ServerOptimizerConfig("momentum", lr=3.0, momentum=0.9), bound=1.0)
     first = optimizer.step(model(), [np.full((3, 4), 0.5), np.full(4, -0.2)])

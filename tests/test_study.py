@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from fl_core.config import compose_config, to_app_config
 from fl_core.model import sentence_embeddings
+from scripts.study.plan import FULL, QUICK
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +29,14 @@ def test_sentence_embeddings_are_unit_rows_in_input_order_whatever_the_batching(
     np.testing.assert_allclose(one_batch, one_by_one, atol=1e-5)
     assert np.array_equal(one_batch[1], one_batch[2])
     assert one_batch[0] @ one_batch[3] < one_batch[1] @ one_batch[2]
+
+
+def test_the_study_federates_the_product_model_with_the_main_jobs_strategy() -> None:
+    """The LoRA arms stand for what `make demo` runs: FedProx's mu and the server's step are the main job's."""
+    main_job = to_app_config(compose_config([])).strategy
+    for plan in (FULL, QUICK):
+        arm = plan.config(8.0, 0, plan.lora.setting, lora=True).strategy
+        assert (arm.proximal_mu, arm.server_optimizer) == (main_job.proximal_mu, main_job.server_optimizer)
 
 
 @pytest.mark.slow

@@ -33,6 +33,8 @@ class Setting:
     def label(self) -> str:
         split = "IID" if self.partitioning == "iid" else f"Dirichlet a={self.alpha}"
         label = f"{self.hospitals} hospitals, {split}, {'FedAvg' if self.mu == 0 else f'FedProx mu={self.mu}'}"
+        if self.server == "momentum" and self.server_momentum == 0:
+            return f"{label}, server lr {self.server_lr}"
         if self.server == "momentum":
             return f"{label}, server lr {self.server_lr} momentum {self.server_momentum}"
         return label if self.server == "none" else f"{label}, server {self.server} lr {self.server_lr}"
@@ -42,7 +44,8 @@ class Setting:
 class LoraPlan:
     """The product's own model as the main job trains it (`conf/model/minilm.yaml`: LoRA on MiniLM's top
     feed-forward block over cached prefixes, a zero-initialised head clipped apart, its learning rates) and federates
-    it (`setting`: the main job's FedProx with plain aggregation), for `rounds` rounds, at `epsilons`."""
+    it (`setting`: the main job's strategy, FedProx's mu and the server's learning rate), for `rounds` rounds, at
+    `epsilons`."""
 
     rounds: int
     epsilons: tuple[float, ...]
@@ -97,16 +100,19 @@ class StudyPlan:
 # FedProx's mu (the product's) and the server's momentum were chosen on validation texts (`python -m
 # scripts.study.tune`): plain averaging under-steps, and mu 0.01 held every federation back.
 BASELINE = Setting(server="momentum", server_lr=1.5, server_momentum=0.7)
+# The LoRA model's three rounds take the main job's strategy (`conf/model/minilm.yaml`, chosen on validation texts by
+# `scripts/validation_sweep.py`): a server learning rate of 1.5 without momentum.
+MAIN_JOB = Setting(server="momentum", server_lr=1.5, server_momentum=0.0)
 FULL = StudyPlan(train_examples=20000, test_examples=4000, rounds=10, local_epochs=1, batch_size=256, lr=0.01,
                  epsilons=(1.0, 2.0, 4.0, 8.0, INF), seeds=(0, 1, 2), baseline=BASELINE,
                  ablations=(replace(BASELINE, server="none"), replace(BASELINE, partitioning="iid"),
                             replace(BASELINE, mu=0.0), replace(BASELINE, hospitals=10)),
                  ablation_epsilons=(1.0, 8.0, INF),
-                 lora=LoraPlan(rounds=3, epsilons=(1.0, 8.0, INF), setting=Setting()))
+                 lora=LoraPlan(rounds=3, epsilons=(1.0, 8.0, INF), setting=MAIN_JOB))
 # The smoke run CI does: every kind of arm on a few hundred texts; its numbers mean nothing. DP only in the IID
 # baseline, whose equal shares need one calibration (seconds each at these sizes). The IID ablation differs from the
 # baseline only in the server: it shares the baseline's alone arms.
 QUICK = StudyPlan(train_examples=600, test_examples=200, rounds=2, local_epochs=1, batch_size=64, lr=0.01,
                   epsilons=(8.0, INF), seeds=(0,), baseline=replace(BASELINE, partitioning="iid"),
                   ablations=(Setting(), Setting(partitioning="iid")), ablation_epsilons=(INF,),
-                  lora=LoraPlan(rounds=2, epsilons=(8.0,), setting=Setting(partitioning="iid")))
+                  lora=LoraPlan(rounds=2, epsilons=(8.0,), setting=replace(MAIN_JOB, partitioning="iid")))

@@ -274,8 +274,8 @@ def write_report(study: StudyResults, out: Path, seconds: float, quick: bool) ->
               "once per text, a zero-initialised head clipped apart from the adapters, Adam at lr "
               f"{lora_cfg.train.lr:g} for the adapters and {lora_cfg.train.head_lr:g} for the head, expected batch "
               f"{lora_cfg.train.batch_size}) for {lora.rounds} rounds of {lora_cfg.train.local_epochs} local epoch(s), "
-              "pooled and alone for as many epochs, and federated with the main job's strategy (FedProx, plain "
-              f"aggregation, no server optimiser) over Flower with SecAgg+, in one setting: {lora.setting.label}. "
+              "pooled and alone for as many epochs, and federated with the main job's strategy over Flower with "
+              f"SecAgg+, in one setting: {lora.setting.label}. "
               "Fewer epsilons and settings than the head's grid, to keep the study within the hour: a DP step of "
               "this model costs hundreds of times the head's.", "",
               f"### {lora_base}", "",
