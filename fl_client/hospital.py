@@ -45,6 +45,7 @@ from privacy.run_plan import RunPlan
 from privacy.secure_random import SecureRandom
 
 from .node import NodeSettings
+from .optimizer_state import load_optimizer_state, remove_optimizer_state, save_optimizer_state
 from .plan import privacy_plan, run_plan
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ class HospitalClient(NumPyClient):
             elif action in (COMMITTED, ABORTED):
                 entry, balance = self.governance.close(run_id, self.flower_run, action)
                 remove_prefix_cache(self.node.state_dir / PREFIX_CACHE)
+                remove_optimizer_state(self.node.state_dir, run_id)
                 props = {"hospital": self.hospital, "status": entry.status, "epsilon": entry.epsilon,
                          "accountant": entry.spent.to_json(), **balance_properties(balance)}
             else:
@@ -213,9 +215,14 @@ class HospitalClient(NumPyClient):
         res = hospital_resources(self.cfg, self.node)
         load_adapter_arrays(res.model, parameters)
         before = AccountantState(entry.spent.history[:-1], entry.spent.kind) if plan.private else None
+        keep_state = self.cfg.train.keep_optimizer_state
         result = train_local(self.cfg, res.model, res.tokenizer, planned.data.train, res.device,
                              plan=planned.sampling, noise_multiplier=planned.noise_multiplier, accountant=before,
-                             proximal_mu=plan.proximal_mu, view=view)
+                             proximal_mu=plan.proximal_mu, view=view,
+                             optimizer_state=load_optimizer_state(self.node.state_dir, run_id, res.model)
+                             if keep_state else None)
+        if keep_state:
+            save_optimizer_state(self.node.state_dir, run_id, result.optimizer_state)
         if result.steps != plan.steps_per_round:
             raise self.governance.refuse(run_id, self.flower_run, f"training took {result.steps} steps, the plan "
                                          f"{plan.steps_per_round}; the update does not leave the hospital")

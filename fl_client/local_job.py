@@ -94,13 +94,17 @@ def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
         print(f"before: {before}", flush=True)
         view = training_view(cfg, model, tokenizer, data.train, device, cache_dir=node.state_dir / PREFIX_CACHE)
         status = ABORTED
+        optimizer_state = None  # in this one process, as a node keeps it between a federation's rounds
         try:
             for epoch_round in range(1, cfg.federation.num_rounds + 1):
                 start = time.perf_counter()
                 entry = governance.begin_round(run_id, LOCAL_RUN, plan)
                 history = AccountantState(entry.spent.history[:-1]) if sigma is not None else None
                 result = train_local(cfg, model, tokenizer, data.train, device, plan=sampling,
-                                     noise_multiplier=sigma, accountant=history, view=view)
+                                     noise_multiplier=sigma, accountant=history, view=view,
+                                     optimizer_state=optimizer_state)
+                if cfg.train.keep_optimizer_state:
+                    optimizer_state = result.optimizer_state
                 # only what a federated run releases too: the training loss is no DP release, and the tracking
                 # URI may name a server off the node
                 tracker.log_metrics({f"epsilon/{node.hospital}": entry.epsilon,

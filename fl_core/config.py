@@ -143,6 +143,9 @@ class TrainConfig:
     lr: float = 5e-3
     head_lr: float | None = None  # the classifier head's learning rate (None: lr); the adapters take lr
     optimizer: str = "adam"
+    # Each hospital's optimiser state (Adam's moments) carried from its round to its next, kept in its node's state
+    # folder, instead of a fresh optimiser every round: under DP a fresh Adam's first steps are the noise's signs.
+    keep_optimizer_state: bool = False
     max_seq_len: int = 32
     device: str = "auto"  # auto picks CUDA when present
     # bf16: a causal LM's frozen weights (embeddings, layers, output layer) and its cached prefixes in bfloat16, for

@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from .config import AppConfig
 from .data import TextDataset
 from .decoder import PrefixedLlama
 from .encoder import MeanPooledClassifier
+from .node_files import mark_used, save_owner_only
 
 PrefixModel = MeanPooledClassifier | PrefixedLlama  # models that run in two halves over a cached frozen prefix
 
@@ -104,6 +103,7 @@ class LocalTrainResult:
     steps: int
     accountant: AccountantState | None  # None when privacy is disabled
     epsilon: float  # spent so far by this hospital (inf without DP)
+    optimizer_state: dict[str, Any]  # the local optimiser's state after the round (`train.keep_optimizer_state`)
 
 
 def make_criterion(cfg: AppConfig) -> nn.Module:
@@ -196,38 +196,17 @@ class FrozenPrefixes(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def _save(self, path: Path) -> None:
         """Best effort: a cache that cannot be written (full disk, a run closing beside this one) costs a recompute
         in a later process, never the round."""
-        staging: Path | None = None
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(path.parent, 0o700)
-            handle, name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # owner-only, unique
-            staging = Path(name)
-            with os.fdopen(handle, "wb") as out:
-                torch.save({"states": torch.cat(self.states).cpu(),
-                            "lengths": torch.tensor([len(s) for s in self.states])}, out)
-            staging.replace(path)  # atomic: a concurrent process never reads half a file
-            staging = None
-            kept = sorted(path.parent.glob("*.pt"), key=_mtime, reverse=True)
-            for old in kept[self.KEEP:]:
-                old.unlink(missing_ok=True)
+            save_owner_only(path, {"states": torch.cat(self.states).cpu(),
+                                   "lengths": torch.tensor([len(s) for s in self.states])}, self.KEEP)
         except OSError as err:
             log.warning("prefix cache not written (%s): later processes will recompute it", type(err).__name__)
-        finally:
-            if staging is not None:
-                staging.unlink(missing_ok=True)
 
     def __len__(self) -> int:
         return len(self.states)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.states[i], self.labels[i]
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:  # pruned by a process beside this one
-        return 0.0
 
 
 def _load_prefixes(path: Path, tokenized: TokenizedDataset | ChatDataset, hidden_size: int, dtype: torch.dtype,
@@ -245,7 +224,7 @@ def _load_prefixes(path: Path, tokenized: TokenizedDataset | ChatDataset, hidden
     except Exception:  # whatever a damaged or foreign file raises, the answer is to recompute it
         path.unlink(missing_ok=True)
         return None
-    os.utime(path)  # in use: the last to be pruned
+    mark_used(path)
     return list(states.split(expected))
 
 
@@ -357,6 +336,7 @@ def train_local(
     proximal_mu: float = 0.0,
     rng: SecureRandom | None = None,
     view: TrainingView | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> LocalTrainResult:
     """Train `model`'s adapter in place for one round of `plan` from its current (global) state, reading the
     examples through `view` (built from `dataset` when not given)."""
@@ -364,7 +344,7 @@ def train_local(
         view = training_view(cfg, model, tokenizer, dataset, device)
     return train_epochs(cfg, model, view.dataset, view.collate, view.forward, device, plan=plan,
                         noise_multiplier=noise_multiplier, accountant=accountant, proximal_mu=proximal_mu, rng=rng,
-                        criterion=view.criterion)
+                        criterion=view.criterion, optimizer_state=optimizer_state)
 
 
 def train_epochs(
@@ -381,12 +361,15 @@ def train_epochs(
     proximal_mu: float,
     rng: SecureRandom | None = None,
     criterion: nn.Module | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> LocalTrainResult:
     """One round of `plan` over `dataset`, training the model's trainable parameters in place.
 
     With `noise_multiplier` set, runs DP-SGD on Poisson batches at the plan's rate for exactly the plan's steps,
     resuming `accountant`; FedProx's proximal gradient mu * (w - w_global) is added after clipping and noise, since
     it does not depend on patient data. Without it, `train.local_epochs` shuffled passes of the same step count.
+    The local optimiser starts from `optimizer_state` (an earlier round's, `LocalTrainResult.optimizer_state`) when
+    given, else afresh.
     """
     private = noise_multiplier is not None
     if private and accountant is None:
@@ -408,6 +391,8 @@ def train_epochs(
 
     model.train()
     base_optimizer = make_optimizer(cfg, model)
+    if optimizer_state is not None:
+        base_optimizer.load_state_dict(optimizer_state)
     optimizer: torch.optim.Optimizer | SecureNoise = base_optimizer
     loss_module = criterion if criterion is not None else make_criterion(cfg)
     loss_fn: Callable[..., torch.Tensor] = loss_module
@@ -457,7 +442,8 @@ def train_epochs(
     state = accountant.then(noise_multiplier, plan.sample_rate, steps) \
         if accountant is not None and noise_multiplier is not None else None
     epsilon = state.epsilon(cfg.privacy.delta) if state is not None else math.inf
-    return LocalTrainResult(num_examples, float(np.mean(losses)) if losses else math.nan, steps, state, epsilon)
+    return LocalTrainResult(num_examples, float(np.mean(losses)) if losses else math.nan, steps, state, epsilon,
+                            base_optimizer.state_dict())
 
 
 def classification_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

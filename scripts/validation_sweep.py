@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +76,7 @@ def score(overrides: tuple[str, ...]) -> dict[str, object]:
         training_view(cfg, model, tokenizer, validation, CPU, cache)
     plans = [privacy_plan(cfg, len(share)) for share in shares]
     accountants: list[AccountantState | None] = [AccountantState((), cfg.privacy.accountant) for _ in shares]
+    optimizer_states: list[dict[str, Any] | None] = [None for _ in shares]  # as each node keeps it, if it does
     rounds, epsilon = [], 0.0
     server = server_optimizer_for(cfg)
     for _ in range(cfg.federation.num_rounds):
@@ -84,8 +86,11 @@ def score(overrides: tuple[str, ...]) -> dict[str, object]:
             load_adapter_arrays(model, global_adapter)
             result = train_local(cfg, model, tokenizer, share, CPU, plan=sampling, noise_multiplier=sigma,
                                  accountant=accountants[k] if sigma is not None else None,
-                                 proximal_mu=cfg.strategy.proximal_mu, view=view)
+                                 proximal_mu=cfg.strategy.proximal_mu, view=view,
+                                 optimizer_state=optimizer_states[k])
             accountants[k], epsilon = result.accountant, max(epsilon, result.epsilon)
+            if cfg.train.keep_optimizer_state:
+                optimizer_states[k] = result.optimizer_state
             for total, array in zip(summed, adapter_to_arrays(model), strict=True):
                 total += len(share) * array
         aggregate = [(total / sum(map(len, shares))).astype(np.float32) for total in summed]

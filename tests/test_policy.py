@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from fl_client.hospital import HospitalClient, hospital_plan, hospital_resources
 from fl_client.node import NodeSettings, NodeSettingsError
+from fl_client.optimizer_state import OPTIMIZER_STATE, load_optimizer_state, save_optimizer_state
 from fl_core.model import adapter_to_arrays
 from fl_core.protocol import ADMIT, LEDGER_ACTION, RUN_ID
 from privacy.governance import Refused
@@ -270,3 +272,44 @@ def test_a_policy_the_node_would_not_read_stops_it_before_it_connects(tmp_path: 
         NodeSettings.from_node_config({"state-dir": str(tmp_path), "approved-bundles": str(tmp_path / "a.txt")})
     with pytest.raises(NodeSettingsError, match="node setting state-dir: required"):
         NodeSettings.from_node_config({"hospital-id": "h0"})
+
+
+def test_a_hospitals_optimiser_state_is_kept_on_its_node_between_rounds_and_removed_with_the_run(
+        tmp_path: Path) -> None:
+    """A deployed node starts a process per message: Adam's moments go through its state folder, owner-only, and
+    nothing derived from the records outlives the run."""
+    client = client_for(tmp_path, "train.keep_optimizer_state=true", "train.optimizer=adam")
+    assert admit(client)["admitted"] is True
+    folder = client.node.state_dir / OPTIMIZER_STATE
+    model = hospital_resources(client.cfg, client.node).model
+    steps = hospital_plan(client.cfg, client.node).plan.steps_per_round
+    for done in (1, 2):
+        client.fit(arrays_of(client), round_config(client))
+        kept = load_optimizer_state(client.node.state_dir, "run-a", model)
+        assert kept is not None and {int(s["step"]) for s in kept["state"].values()} == {done * steps}
+    (saved,) = folder.glob("*.pt")
+    assert folder.stat().st_mode & 0o777 == 0o700 and saved.stat().st_mode & 0o077 == 0
+    assert "run-a" not in saved.name  # named by a digest of the run id, which the server chose
+    client.get_properties({LEDGER_ACTION: COMMITTED, RUN_ID: "run-a"})
+    assert list(folder.glob("*.pt")) == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign shape"])
+def test_an_optimiser_state_that_does_not_fit_is_removed_and_the_round_starts_afresh(tmp_path: Path,
+                                                                                    damage: str) -> None:
+    client = client_for(tmp_path, "train.keep_optimizer_state=true")
+    model = hospital_resources(client.cfg, client.node).model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    state = {"state": {i: {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p),
+                           "exp_avg_sq": torch.zeros_like(p)} for i, p in enumerate(trainable)},
+             "param_groups": [{"params": list(range(len(trainable))), "lr": 0.1}]}
+    save_optimizer_state(client.node.state_dir, "run-a", state)
+    assert load_optimizer_state(client.node.state_dir, "run-a", model) is not None
+    (path,) = (client.node.state_dir / OPTIMIZER_STATE).glob("*.pt")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        state["state"][0]["exp_avg"] = torch.zeros(3, 3)
+        save_optimizer_state(client.node.state_dir, "run-a", state)
+    assert load_optimizer_state(client.node.state_dir, "run-a", model) is None
+    assert not path.exists()

@@ -84,6 +84,26 @@ def test_dp_without_noise_or_clipping_matches_plain_training(task: str) -> None:
     assert moved > len(start) // 2  # the adapter did train
 
 
+def test_a_carried_optimiser_state_makes_two_rounds_one_round_of_their_steps() -> None:
+    """`train.keep_optimizer_state`: Adam resumed from the last round's state is Adam run on, through Opacus's
+    optimiser too; restarted, its bias-corrected first step is the gradient's sign, a different trajectory."""
+    base = ("train.lr=0.05", "data.max_train_examples=32", "train.batch_size=32", "privacy.max_grad_norm=1e6")
+    whole_cfg, splits, tok, whole = _setup(*base, "train.local_epochs=4")
+    half_cfg, _, _, carried = _setup(*base, "train.local_epochs=2")
+    _, _, _, restarted = _setup(*base, "train.local_epochs=2")
+    private = {"noise_multiplier": 0.0, "accountant": AccountantState()}  # rate 1, no noise: the same full batches
+    train_local(whole_cfg, whole, tok, splits.train, CPU, plan=_plan(whole_cfg, splits), **private)
+    state = None
+    for _ in range(2):
+        state = train_local(half_cfg, carried, tok, splits.train, CPU, plan=_plan(half_cfg, splits),
+                            optimizer_state=state, **private).optimizer_state
+        train_local(half_cfg, restarted, tok, splits.train, CPU, plan=_plan(half_cfg, splits), **private)
+    assert state is not None and {int(s["step"]) for s in state["state"].values()} == {4}
+    pairs = list(zip(adapter_to_arrays(whole), adapter_to_arrays(carried), adapter_to_arrays(restarted), strict=True))
+    assert all(torch.allclose(torch.from_numpy(a), torch.from_numpy(b), atol=1e-5, rtol=1e-4) for a, b, _ in pairs)
+    assert not all(torch.allclose(torch.from_numpy(a), torch.from_numpy(c), atol=1e-3) for a, _, c in pairs)
+
+
 def test_only_adapter_and_head_parameters_change() -> None:
     cfg, splits, tok, model = _setup()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
