@@ -42,7 +42,9 @@ def load_optimizer_state(state_dir: Path, run_id: str, model: nn.Module) -> dict
             raise ValueError("another model's state")
         for i, moments in saved["state"].items():
             for name, value in moments.items():
-                if name != "step" and (value.shape != trainable[i].shape or not bool(torch.isfinite(value).all())):
+                fits = value.numel() == 1 and value.item() >= 1 if name == "step" else \
+                    value.shape == trainable[i].shape and not ("sq" in name and bool((value < 0).any()))
+                if not fits or not bool(torch.isfinite(value).all()):  # a bad step or moment makes Adam's step NaN
                     raise ValueError(f"{name} of parameter {i} does not fit")
     except Exception as err:  # whatever a damaged file raises, the answer is a fresh optimiser
         log.warning("optimiser state of run %s not used (%s): this round starts it afresh", run_id, err)

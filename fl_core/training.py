@@ -391,8 +391,9 @@ def train_epochs(
 
     model.train()
     base_optimizer = make_optimizer(cfg, model)
-    if optimizer_state is not None:
-        base_optimizer.load_state_dict(optimizer_state)
+    if optimizer_state is not None:  # the moments carry over; learning rates and betas are this round's config
+        base_optimizer.load_state_dict({"state": optimizer_state["state"],
+                                        "param_groups": base_optimizer.state_dict()["param_groups"]})
     optimizer: torch.optim.Optimizer | SecureNoise = base_optimizer
     loss_module = criterion if criterion is not None else make_criterion(cfg)
     loss_fn: Callable[..., torch.Tensor] = loss_module

@@ -294,7 +294,7 @@ def test_a_hospitals_optimiser_state_is_kept_on_its_node_between_rounds_and_remo
     assert list(folder.glob("*.pt")) == []
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign shape"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign shape", "negative second moment", "step 0"])
 def test_an_optimiser_state_that_does_not_fit_is_removed_and_the_round_starts_afresh(tmp_path: Path,
                                                                                     damage: str) -> None:
     client = client_for(tmp_path, "train.keep_optimizer_state=true")
@@ -309,7 +309,10 @@ def test_an_optimiser_state_that_does_not_fit_is_removed_and_the_round_starts_af
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:100])
     else:
-        state["state"][0]["exp_avg"] = torch.zeros(3, 3)
+        moments = state["state"][0]
+        changed = {"foreign shape": ("exp_avg", torch.zeros(3, 3)), "step 0": ("step", torch.tensor(0.0)),
+                   "negative second moment": ("exp_avg_sq", -torch.ones_like(moments["exp_avg_sq"]))}[damage]
+        moments[changed[0]] = changed[1]
         save_optimizer_state(client.node.state_dir, "run-a", state)
     assert load_optimizer_state(client.node.state_dir, "run-a", model) is None
     assert not path.exists()

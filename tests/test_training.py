@@ -85,7 +85,7 @@ def test_dp_without_noise_or_clipping_matches_plain_training(task: str) -> None:
 
 
 def test_a_carried_optimiser_state_makes_two_rounds_one_round_of_their_steps() -> None:
-    """`train.keep_optimizer_state`: Adam resumed from the last round's state is Adam run on, through Opacus's
+    """`train.keep_optimizer_state`: Adam resumed from the last round's moments is Adam run on, through Opacus's
     optimiser too; restarted, its bias-corrected first step is the gradient's sign, a different trajectory."""
     base = ("train.lr=0.05", "data.max_train_examples=32", "train.batch_size=32", "privacy.max_grad_norm=1e6")
     whole_cfg, splits, tok, whole = _setup(*base, "train.local_epochs=4")
@@ -97,6 +97,8 @@ def test_a_carried_optimiser_state_makes_two_rounds_one_round_of_their_steps() -
     for _ in range(2):
         state = train_local(half_cfg, carried, tok, splits.train, CPU, plan=_plan(half_cfg, splits),
                             optimizer_state=state, **private).optimizer_state
+        for group in state["param_groups"]:
+            group["lr"] = 1e3  # only the moments carry over: the learning rate is the round's config
         train_local(half_cfg, restarted, tok, splits.train, CPU, plan=_plan(half_cfg, splits), **private)
     assert state is not None and {int(s["step"]) for s in state["state"].values()} == {4}
     pairs = list(zip(adapter_to_arrays(whole), adapter_to_arrays(carried), adapter_to_arrays(restarted), strict=True))
