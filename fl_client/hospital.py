@@ -45,7 +45,7 @@ from privacy.run_plan import RunPlan
 from privacy.secure_random import SecureRandom
 
 from .node import NodeSettings
-from .optimizer_state import load_optimizer_state, remove_optimizer_state, save_optimizer_state
+from .optimizer_state import load_optimizer_state, remove_optimizer_state, save_optimizer_state, state_path
 from .plan import privacy_plan, run_plan
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class HospitalClient(NumPyClient):
             elif action in (COMMITTED, ABORTED):
                 entry, balance = self.governance.close(run_id, self.flower_run, action)
                 remove_prefix_cache(self.node.state_dir / PREFIX_CACHE)
-                remove_optimizer_state(self.node.state_dir, run_id)
+                remove_optimizer_state(self.node.state_dir)
                 props = {"hospital": self.hospital, "status": entry.status, "epsilon": entry.epsilon,
                          "accountant": entry.spent.to_json(), **balance_properties(balance)}
             else:
@@ -210,19 +210,21 @@ class HospitalClient(NumPyClient):
                                                                   f"the admitted plan has {plan.proximal_mu:g}")
         self.check_global(run_id, parameters)
         view = self.training_view(run_id)
+        res = hospital_resources(self.cfg, self.node)
+        # the node's own files are read before the round is charged: a bad one costs a fresh optimiser, not a round
+        kept_state = state_path(self.node.state_dir, f"{run_id}\0{self.hospital}\0{self.cfg.data.name}\0"
+                                                     f"{plan.to_json()}")
+        optimizer_state = load_optimizer_state(self.cfg, res.model, kept_state) \
+            if self.cfg.train.keep_optimizer_state else None
         entry = self.governance.begin_round(run_id, self.flower_run, plan)  # charged before training
         policy = self.governance.policy(run_id, self.flower_run)
-        res = hospital_resources(self.cfg, self.node)
         load_adapter_arrays(res.model, parameters)
         before = AccountantState(entry.spent.history[:-1], entry.spent.kind) if plan.private else None
-        keep_state = self.cfg.train.keep_optimizer_state
         result = train_local(self.cfg, res.model, res.tokenizer, planned.data.train, res.device,
                              plan=planned.sampling, noise_multiplier=planned.noise_multiplier, accountant=before,
-                             proximal_mu=plan.proximal_mu, view=view,
-                             optimizer_state=load_optimizer_state(self.node.state_dir, run_id, res.model)
-                             if keep_state else None)
-        if keep_state:
-            save_optimizer_state(self.node.state_dir, run_id, result.optimizer_state)
+                             proximal_mu=plan.proximal_mu, view=view, optimizer_state=optimizer_state)
+        if result.optimizer_state is not None:
+            save_optimizer_state(kept_state, result.optimizer_state)
         if result.steps != plan.steps_per_round:
             raise self.governance.refuse(run_id, self.flower_run, f"training took {result.steps} steps, the plan "
                                          f"{plan.steps_per_round}; the update does not leave the hospital")

@@ -94,7 +94,7 @@ def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
         print(f"before: {before}", flush=True)
         view = training_view(cfg, model, tokenizer, data.train, device, cache_dir=node.state_dir / PREFIX_CACHE)
         status = ABORTED
-        optimizer_state = None  # in this one process, as a node keeps it between a federation's rounds
+        optimizer_state = None  # kept in this one process (`train.keep_optimizer_state`); no file outlives it
         try:
             for epoch_round in range(1, cfg.federation.num_rounds + 1):
                 start = time.perf_counter()
@@ -103,8 +103,7 @@ def run_local(cfg: AppConfig, node: NodeSettings) -> dict[str, object]:
                 result = train_local(cfg, model, tokenizer, data.train, device, plan=sampling,
                                      noise_multiplier=sigma, accountant=history, view=view,
                                      optimizer_state=optimizer_state)
-                if cfg.train.keep_optimizer_state:
-                    optimizer_state = result.optimizer_state
+                optimizer_state = result.optimizer_state
                 # only what a federated run releases too: the training loss is no DP release, and the tracking
                 # URI may name a server off the node
                 tracker.log_metrics({f"epsilon/{node.hospital}": entry.epsilon,

@@ -143,8 +143,8 @@ class TrainConfig:
     lr: float = 5e-3
     head_lr: float | None = None  # the classifier head's learning rate (None: lr); the adapters take lr
     optimizer: str = "adam"
-    # Each hospital's optimiser state (Adam's moments) carried from its round to its next, kept in its node's state
-    # folder, instead of a fresh optimiser every round: under DP a fresh Adam's first steps are the noise's signs.
+    # Each hospital's Adam moments carried from its round to its next, kept in its node's state folder, instead of a
+    # fresh Adam every round, whose bias-corrected first steps under DP-SGD are mostly the noise's signs.
     keep_optimizer_state: bool = False
     max_seq_len: int = 32
     device: str = "auto"  # auto picks CUDA when present
@@ -371,6 +371,8 @@ def validate(cfg: AppConfig) -> None:
     require(4 <= t.max_seq_len <= 512, "train.max_seq_len",
             f"must be between 4 and 512, the packaged models' positions (got {t.max_seq_len})")
     _one_of(t.optimizer, OPTIMIZERS, "train.optimizer")
+    require(t.optimizer == "adam" or not t.keep_optimizer_state, "train.keep_optimizer_state",
+            "needs train.optimizer=adam: plain SGD keeps no state between steps")
     _one_of(t.precision, PRECISIONS, "train.precision")
     require(t.precision == "fp32" or cfg.task.name != "classification",
             "train.precision", "bf16 is for a causal LM (task chat or causal-lm); classifiers train in fp32")

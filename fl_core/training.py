@@ -103,7 +103,8 @@ class LocalTrainResult:
     steps: int
     accountant: AccountantState | None  # None when privacy is disabled
     epsilon: float  # spent so far by this hospital (inf without DP)
-    optimizer_state: dict[str, Any]  # the local optimiser's state after the round (`train.keep_optimizer_state`)
+    # Adam's state after the round, with `train.keep_optimizer_state` (else None), for the hospital's next round
+    optimizer_state: dict[str, Any] | None
 
 
 def make_criterion(cfg: AppConfig) -> nn.Module:
@@ -133,6 +134,30 @@ def make_optimizer(cfg: AppConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.train.lr)
     return torch.optim.Adam(param_groups, lr=cfg.train.lr)
+
+
+ADAM_MOMENTS = {"step", "exp_avg", "exp_avg_sq"}  # what torch's Adam keeps per parameter (no amsgrad)
+
+
+def check_optimizer_state(cfg: AppConfig, model: nn.Module, state: dict[str, Any]) -> None:
+    """Raises ValueError unless `state` (an earlier round's `LocalTrainResult.optimizer_state`) is Adam's state for
+    `model`'s trainable parameters in `make_optimizer`'s order, one Adam can step from: a step of at least 1, finite
+    moments, a second moment >= 0 (anything else makes the step NaN or fail after the round is charged)."""
+    params = [p for group in make_optimizer(cfg, model).param_groups for p in group["params"]]
+    moments_of = state["state"]
+    if not set(moments_of) <= set(range(len(params))):
+        raise ValueError("another model's optimiser state")
+    for i, moments in moments_of.items():
+        if set(moments) != ADAM_MOMENTS:
+            raise ValueError(f"parameter {i} has {sorted(moments)}, not Adam's {sorted(ADAM_MOMENTS)}")
+        step, first, second = (moments[k] for k in ("step", "exp_avg", "exp_avg_sq"))
+        if step.numel() != 1 or not float(step) >= 1 or not math.isfinite(float(step)):
+            raise ValueError(f"parameter {i}'s step count {step} is not a count of steps")
+        if first.shape != params[i].shape or second.shape != params[i].shape:
+            raise ValueError(f"parameter {i}'s moments do not fit its shape {tuple(params[i].shape)}")
+        if not (bool(torch.isfinite(first).all()) and bool(torch.isfinite(second).all()) and
+                bool((second >= 0).all())):
+            raise ValueError(f"parameter {i}'s moments are not finite, or its second moment is negative")
 
 
 def head_and_rest(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -368,8 +393,8 @@ def train_epochs(
     With `noise_multiplier` set, runs DP-SGD on Poisson batches at the plan's rate for exactly the plan's steps,
     resuming `accountant`; FedProx's proximal gradient mu * (w - w_global) is added after clipping and noise, since
     it does not depend on patient data. Without it, `train.local_epochs` shuffled passes of the same step count.
-    The local optimiser starts from `optimizer_state` (an earlier round's, `LocalTrainResult.optimizer_state`) when
-    given, else afresh.
+    The local optimiser starts from `optimizer_state` (an earlier round's `LocalTrainResult.optimizer_state`, checked
+    by `check_optimizer_state`; this round updates its tensors in place) when given, else afresh.
     """
     private = noise_multiplier is not None
     if private and accountant is None:
@@ -444,7 +469,7 @@ def train_epochs(
         if accountant is not None and noise_multiplier is not None else None
     epsilon = state.epsilon(cfg.privacy.delta) if state is not None else math.inf
     return LocalTrainResult(num_examples, float(np.mean(losses)) if losses else math.nan, steps, state, epsilon,
-                            base_optimizer.state_dict())
+                            base_optimizer.state_dict() if cfg.train.keep_optimizer_state else None)
 
 
 def classification_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

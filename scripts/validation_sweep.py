@@ -89,8 +89,7 @@ def score(overrides: tuple[str, ...]) -> dict[str, object]:
                                  proximal_mu=cfg.strategy.proximal_mu, view=view,
                                  optimizer_state=optimizer_states[k])
             accountants[k], epsilon = result.accountant, max(epsilon, result.epsilon)
-            if cfg.train.keep_optimizer_state:
-                optimizer_states[k] = result.optimizer_state
+            optimizer_states[k] = result.optimizer_state
             for total, array in zip(summed, adapter_to_arrays(model), strict=True):
                 total += len(share) * array
         aggregate = [(total / sum(map(len, shares))).astype(np.float32) for total in summed]

@@ -116,5 +116,6 @@ class ServerOptimizer:
 
 
 def _in_effect(settings: dict[str, object]) -> dict[str, object]:
-    """The settings that shape the trajectory: all of them, or only the name when it is `none`."""
+    """The settings compared on a resume: only the name for `none`, which uses no other; otherwise all of them, those
+    a name does not use too (resume with the checkpoint's settings as they were written)."""
     return {"name": "none"} if settings.get("name") == "none" else settings

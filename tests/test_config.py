@@ -35,6 +35,11 @@ def test_bad_value_names_its_field(override: str, field: str) -> None:
     assert "\n" not in str(err.value)
 
 
+def test_keeping_the_optimiser_state_needs_an_optimiser_that_has_one() -> None:
+    with pytest.raises(ConfigError, match=r"^train\.keep_optimizer_state: needs train\.optimizer=adam"):
+        to_app_config(compose_config(["model=tiny", "train.optimizer=sgd", "train.keep_optimizer_state=true"]))
+
+
 def test_encoder_model_refuses_causal_lm() -> None:
     with pytest.raises(ConfigError, match=r"task\.name"):
         to_app_config(compose_config(["model=minilm", "task=causal-lm"]))

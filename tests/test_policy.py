@@ -16,11 +16,11 @@ from mlflow.tracking import MlflowClient
 
 from fl_client.hospital import HospitalClient, hospital_plan, hospital_resources
 from fl_client.node import NodeSettings, NodeSettingsError
-from fl_client.optimizer_state import OPTIMIZER_STATE, load_optimizer_state, save_optimizer_state
+from fl_client.optimizer_state import OPTIMIZER_STATE, load_optimizer_state, save_optimizer_state, state_path
 from fl_core.model import adapter_to_arrays
 from fl_core.protocol import ADMIT, LEDGER_ACTION, RUN_ID
 from privacy.governance import Refused
-from privacy.ledger import COMMITTED, Ledger
+from privacy.ledger import ABORTED, COMMITTED, Ledger
 from privacy.policy import HospitalPolicy, PolicyError, load_policy, violations
 from privacy.run_plan import RunPlan
 from tests.conftest import tiny_config
@@ -274,45 +274,63 @@ def test_a_policy_the_node_would_not_read_stops_it_before_it_connects(tmp_path: 
         NodeSettings.from_node_config({"hospital-id": "h0"})
 
 
+def kept_steps(client: HospitalClient) -> set[int]:
+    """The step counts in the node's one kept optimiser state."""
+    (path,) = (client.node.state_dir / OPTIMIZER_STATE).glob("*.pt")
+    return {int(m["step"]) for m in torch.load(path, weights_only=True)["state"].values()}
+
+
+@pytest.mark.parametrize("close", [COMMITTED, ABORTED])
 def test_a_hospitals_optimiser_state_is_kept_on_its_node_between_rounds_and_removed_with_the_run(
-        tmp_path: Path) -> None:
+        tmp_path: Path, close: str) -> None:
     """A deployed node starts a process per message: Adam's moments go through its state folder, owner-only, and
-    nothing derived from the records outlives the run."""
-    client = client_for(tmp_path, "train.keep_optimizer_state=true", "train.optimizer=adam")
+    go when the run closes, however it closes."""
+    client = client_for(tmp_path, "train.keep_optimizer_state=true")
     assert admit(client)["admitted"] is True
     folder = client.node.state_dir / OPTIMIZER_STATE
-    model = hospital_resources(client.cfg, client.node).model
     steps = hospital_plan(client.cfg, client.node).plan.steps_per_round
     for done in (1, 2):
         client.fit(arrays_of(client), round_config(client))
-        kept = load_optimizer_state(client.node.state_dir, "run-a", model)
-        assert kept is not None and {int(s["step"]) for s in kept["state"].values()} == {done * steps}
+        assert kept_steps(client) == {done * steps}  # the second round went on from the first's moments
     (saved,) = folder.glob("*.pt")
     assert folder.stat().st_mode & 0o777 == 0o700 and saved.stat().st_mode & 0o077 == 0
-    assert "run-a" not in saved.name  # named by a digest of the run id, which the server chose
-    client.get_properties({LEDGER_ACTION: COMMITTED, RUN_ID: "run-a"})
-    assert list(folder.glob("*.pt")) == []
+    assert "run-a" not in saved.name  # a digest: the run id is the server's choice
+    client.get_properties({LEDGER_ACTION: close, RUN_ID: "run-a"})
+    assert not folder.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign shape", "negative second moment", "step 0"])
-def test_an_optimiser_state_that_does_not_fit_is_removed_and_the_round_starts_afresh(tmp_path: Path,
-                                                                                    damage: str) -> None:
+def test_a_kept_optimiser_state_that_cannot_be_used_costs_a_fresh_adam_not_the_round(tmp_path: Path) -> None:
+    client = client_for(tmp_path, "train.keep_optimizer_state=true")
+    assert admit(client)["admitted"] is True
+    steps = hospital_plan(client.cfg, client.node).plan.steps_per_round
+    client.fit(arrays_of(client), round_config(client))
+    (path,) = (client.node.state_dir / OPTIMIZER_STATE).glob("*.pt")
+    path.write_bytes(path.read_bytes()[:100])
+    client.fit(arrays_of(client), round_config(client))  # trained, from a fresh optimiser
+    assert kept_steps(client) == {steps}
+
+
+@pytest.mark.parametrize("damage", ["foreign shape", "negative second moment", "step 0", "no moments",
+                                    "another model"])
+def test_an_optimiser_state_that_does_not_fit_is_removed(tmp_path: Path, damage: str) -> None:
     client = client_for(tmp_path, "train.keep_optimizer_state=true")
     model = hospital_resources(client.cfg, client.node).model
     trainable = [p for p in model.parameters() if p.requires_grad]
     state = {"state": {i: {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p),
                            "exp_avg_sq": torch.zeros_like(p)} for i, p in enumerate(trainable)},
              "param_groups": [{"params": list(range(len(trainable))), "lr": 0.1}]}
-    save_optimizer_state(client.node.state_dir, "run-a", state)
-    assert load_optimizer_state(client.node.state_dir, "run-a", model) is not None
-    (path,) = (client.node.state_dir / OPTIMIZER_STATE).glob("*.pt")
-    if damage == "truncated":
-        path.write_bytes(path.read_bytes()[:100])
+    path = state_path(client.node.state_dir, "run-a")
+    save_optimizer_state(path, state)
+    assert load_optimizer_state(client.cfg, model, path) is not None
+    moments = state["state"][0]
+    if damage == "no moments":
+        state["state"][0] = {"step": torch.tensor(3.0)}
+    elif damage == "another model":
+        state["state"][len(trainable)] = moments
     else:
-        moments = state["state"][0]
-        changed = {"foreign shape": ("exp_avg", torch.zeros(3, 3)), "step 0": ("step", torch.tensor(0.0)),
-                   "negative second moment": ("exp_avg_sq", -torch.ones_like(moments["exp_avg_sq"]))}[damage]
-        moments[changed[0]] = changed[1]
-        save_optimizer_state(client.node.state_dir, "run-a", state)
-    assert load_optimizer_state(client.node.state_dir, "run-a", model) is None
+        name, value = {"foreign shape": ("exp_avg", torch.zeros(3, 3)), "step 0": ("step", torch.tensor(0.0)),
+                       "negative second moment": ("exp_avg_sq", -torch.ones_like(moments["exp_avg_sq"]))}[damage]
+        moments[name] = value
+    save_optimizer_state(path, state)
+    assert load_optimizer_state(client.cfg, model, path) is None
     assert not path.exists()

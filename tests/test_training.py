@@ -87,7 +87,8 @@ def test_dp_without_noise_or_clipping_matches_plain_training(task: str) -> None:
 def test_a_carried_optimiser_state_makes_two_rounds_one_round_of_their_steps() -> None:
     """`train.keep_optimizer_state`: Adam resumed from the last round's moments is Adam run on, through Opacus's
     optimiser too; restarted, its bias-corrected first step is the gradient's sign, a different trajectory."""
-    base = ("train.lr=0.05", "data.max_train_examples=32", "train.batch_size=32", "privacy.max_grad_norm=1e6")
+    base = ("train.lr=0.05", "data.max_train_examples=32", "train.batch_size=32", "privacy.max_grad_norm=1e6",
+            "train.keep_optimizer_state=true")
     whole_cfg, splits, tok, whole = _setup(*base, "train.local_epochs=4")
     half_cfg, _, _, carried = _setup(*base, "train.local_epochs=2")
     _, _, _, restarted = _setup(*base, "train.local_epochs=2")
