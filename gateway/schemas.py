@@ -153,7 +153,8 @@ class ReplicaChatCompletion(BaseModel):
 class PrivacyInfo(BaseModel):
     """What the answer cost and what guarantee the model behind it carries."""
 
-    provenance: dict[str, Any] = Field(description="Training guarantee: run id, epsilon, delta, unit of privacy.")
+    provenance: dict[str, Any] = Field(description="Training guarantee: run id, epsilon, delta, unit of privacy; "
+                                                   "what the model was trained as (task, answer format, precision).")
     query_mode: str
     epsilon_charged: float = Field(description="epsilon this query spent from your budget (0 for standard).")
     budget_remaining: float | None = Field(description="Your remaining epsilon for queries that spend it.")

@@ -58,8 +58,9 @@ def run_labels(folder: Path, cfg: AppConfig) -> tuple[str, ...]:
     return load_splits(cfg.data).train.label_names
 
 
-def provenance(report: dict[str, Any], source: str) -> dict[str, Any]:
-    """The training guarantee in a response: per unit of privacy, the weakest hospital's epsilon and each one's."""
+def provenance(report: dict[str, Any], source: str, cfg: AppConfig) -> dict[str, Any]:
+    """The training guarantee in a response: per unit of privacy, the weakest hospital's epsilon and each one's;
+    and what the model was trained to answer (a chat model's answer format) in which precision."""
     guarantees = []
     for g in report["guarantees"]:
         per_hospital = {h: s["epsilon"] for h, s in g.get("hospitals", {}).items()}
@@ -67,8 +68,10 @@ def provenance(report: dict[str, Any], source: str) -> dict[str, Any]:
         guarantees.append({"unit_of_privacy": g["unit_of_privacy"], "epsilon": epsilon, "delta": g["delta"],
                            "accountant": g["accountant"], "mechanism": g["mechanism"],
                            **({"epsilon_per_hospital": per_hospital} if per_hospital else {})})
+    trained_as = {"task": cfg.task.name, "precision": cfg.train.precision,
+                  **({"answer": cfg.task.answer} if cfg.task.name == "chat" else {})}
     return {"run_id": report["run_id"], "model_source": source, "guarantees": guarantees,
-            "secure_aggregation": report["secure_aggregation"]["protocol"]}
+            "secure_aggregation": report["secure_aggregation"]["protocol"], "trained_as": trained_as}
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,8 @@ class ServedModel:
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.model = load_trained_model(self.cfg, self.tokenizer, len(self.label_names), folder / ADAPTER_DIR,
                                         self.device)
-        self.provenance = provenance(json.loads((folder / PRIVACY_REPORT_FILE).read_text()), replica.source)
+        self.provenance = provenance(json.loads((folder / PRIVACY_REPORT_FILE).read_text()), replica.source,
+                                     self.cfg)
         self.name = f"{self.cfg.model.name}+lora:{self.provenance['run_id']}"
         self.created = int((folder / PRIVACY_REPORT_FILE).stat().st_mtime)  # when training wrote its guarantee
         self._lock = threading.Lock()

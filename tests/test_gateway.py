@@ -294,6 +294,8 @@ def test_the_openai_client_lists_chats_streams_and_is_refused(stack: Stack) -> N
     assert {card.task for card in cards.values()} == {"classification", "chat", "causal-lm"}  # type: ignore[attr-defined]
     report = json.loads((stack.runs["chat"] / "privacy_report.json").read_text())
     assert cards[chat_id].provenance["run_id"] == report["run_id"]  # type: ignore[attr-defined]
+    trained_as = {"task": "chat", "answer": "title", "precision": "fp32"}  # what its answers mean
+    assert cards[chat_id].provenance["trained_as"] == trained_as  # type: ignore[attr-defined]
     question = [{"role": "user", "content": TEXT}]
     whole = client.chat.completions.create(model=chat_id, messages=question, max_tokens=8)  # type: ignore[arg-type]
     answer = whole.choices[0].message
