@@ -99,7 +99,7 @@ def test_llm_experiment_overrides_the_main_jobs_model_and_its_training_defaults(
     cfg = to_app_config(compose_config(["+experiment=llm"]))
     assert (cfg.model.name, cfg.task.name, cfg.lora.layers, cfg.train.batch_size) == ("smollm2-135m", "chat", 4, 64)
     assert (cfg.train.lr, cfg.privacy.max_grad_norm) == (0.02, 0.3)  # chosen on the validation split (README)
-    assert (cfg.task.answer, cfg.federation.num_rounds) == ("code_range", 5)  # the same
+    assert (cfg.task.answer, cfg.federation.num_rounds, cfg.train.keep_optimizer_state) == ("code_range", 8, True)
     assert cfg.privacy.target_epsilon == 8.0 and cfg.strategy.secagg.enabled and cfg.federation.num_clients == 3
     assert cfg.privacy.head_clip_share is None  # MiniLM's head split does not follow it: a chat model has no head
     assert to_app_config(compose_config(["+experiment=llm", "train.batch_size=8"])).train.batch_size == 8
