@@ -216,9 +216,9 @@ class HospitalClient(NumPyClient):
                                                      f"{plan.to_json()}")
         optimizer_state = load_optimizer_state(self.cfg, res.model, kept_state) \
             if self.cfg.train.keep_optimizer_state else None
+        load_adapter_arrays(res.model, parameters)  # an adapter that does not fit is refused before the charge too
         entry = self.governance.begin_round(run_id, self.flower_run, plan)  # charged before training
         policy = self.governance.policy(run_id, self.flower_run)
-        load_adapter_arrays(res.model, parameters)
         before = AccountantState(entry.spent.history[:-1], entry.spent.kind) if plan.private else None
         result = train_local(self.cfg, res.model, res.tokenizer, planned.data.train, res.device,
                              plan=planned.sampling, noise_multiplier=planned.noise_multiplier, accountant=before,

@@ -6,7 +6,8 @@ running averages of clipped and noised gradients, which the accounting already t
 publishes every noised step); under hospital-level DP alone each round's update is clipped whatever produced it.
 Either way keeping them costs no privacy, but they are the node's: owner-only files, never sent, named by a digest
 of the run, the hospital and the admitted plan (another plan under the same run id starts afresh), and removed
-with the whole folder whenever a run closes on the node.
+with the whole folder whenever a run closes on the node (a run the ledger expires without closing keeps them until
+the next one closes, as it keeps its prefix cache).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ KEEP = 4  # runs whose state a node keeps at once, for runs open side by side
 
 
 def state_path(state_dir: Path, run_key: str) -> Path:
-    """`run_key` names the run, the hospital and its admitted plan (`HospitalClient.run_key`)."""
+    """`run_key` names the run, the hospital, the dataset and its admitted plan (built in `HospitalClient.fit`)."""
     return state_dir / OPTIMIZER_STATE / f"{hashlib.sha256(run_key.encode()).hexdigest()[:32]}.pt"
 
 
@@ -51,10 +52,11 @@ def load_optimizer_state(cfg: AppConfig, model: nn.Module, path: Path) -> dict[s
 
 
 def save_optimizer_state(path: Path, state: dict[str, Any]) -> None:
-    """Best effort: a state that cannot be written costs the next round a fresh optimiser, never this round."""
+    """Best effort: a state that cannot be written costs the next round a fresh optimiser, never this round (which
+    is charged and trained by now): torch's writer reports a full disk as a RuntimeError, not an OSError."""
     try:
         save_owner_only(path, state, KEEP)
-    except OSError as err:
+    except Exception as err:
         log.warning("optimiser state not written (%s): the next round starts it afresh", type(err).__name__)
 
 

@@ -151,10 +151,11 @@ def check_optimizer_state(cfg: AppConfig, model: nn.Module, state: dict[str, Any
         if set(moments) != ADAM_MOMENTS:
             raise ValueError(f"parameter {i} has {sorted(moments)}, not Adam's {sorted(ADAM_MOMENTS)}")
         step, first, second = (moments[k] for k in ("step", "exp_avg", "exp_avg_sq"))
-        if step.numel() != 1 or not float(step) >= 1 or not math.isfinite(float(step)):
+        if step.numel() != 1 or not step.dtype.is_floating_point or not float(step) >= 1 \
+                or not math.isfinite(float(step)):
             raise ValueError(f"parameter {i}'s step count {step} is not a count of steps")
-        if first.shape != params[i].shape or second.shape != params[i].shape:
-            raise ValueError(f"parameter {i}'s moments do not fit its shape {tuple(params[i].shape)}")
+        if any(m.shape != params[i].shape or m.dtype != params[i].dtype for m in (first, second)):
+            raise ValueError(f"parameter {i}'s moments do not fit its shape {tuple(params[i].shape)} and dtype")
         if not (bool(torch.isfinite(first).all()) and bool(torch.isfinite(second).all()) and
                 bool((second >= 0).all())):
             raise ValueError(f"parameter {i}'s moments are not finite, or its second moment is negative")

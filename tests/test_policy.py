@@ -19,6 +19,7 @@ from fl_client.node import NodeSettings, NodeSettingsError
 from fl_client.optimizer_state import OPTIMIZER_STATE, load_optimizer_state, save_optimizer_state, state_path
 from fl_core.model import adapter_to_arrays
 from fl_core.protocol import ADMIT, LEDGER_ACTION, RUN_ID
+from fl_core.training import make_optimizer
 from privacy.governance import Refused
 from privacy.ledger import ABORTED, COMMITTED, Ledger
 from privacy.policy import HospitalPolicy, PolicyError, load_policy, violations
@@ -310,12 +311,12 @@ def test_a_kept_optimiser_state_that_cannot_be_used_costs_a_fresh_adam_not_the_r
     assert kept_steps(client) == {steps}
 
 
-@pytest.mark.parametrize("damage", ["foreign shape", "negative second moment", "step 0", "no moments",
-                                    "another model"])
+@pytest.mark.parametrize("damage", ["foreign shape", "negative second moment", "step 0", "boolean step",
+                                    "no moments", "another model", "float64 moment"])
 def test_an_optimiser_state_that_does_not_fit_is_removed(tmp_path: Path, damage: str) -> None:
     client = client_for(tmp_path, "train.keep_optimizer_state=true")
     model = hospital_resources(client.cfg, client.node).model
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for group in make_optimizer(client.cfg, model).param_groups for p in group["params"]]
     state = {"state": {i: {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p),
                            "exp_avg_sq": torch.zeros_like(p)} for i, p in enumerate(trainable)},
              "param_groups": [{"params": list(range(len(trainable))), "lr": 0.1}]}
@@ -329,6 +330,8 @@ def test_an_optimiser_state_that_does_not_fit_is_removed(tmp_path: Path, damage:
         state["state"][len(trainable)] = moments
     else:
         name, value = {"foreign shape": ("exp_avg", torch.zeros(3, 3)), "step 0": ("step", torch.tensor(0.0)),
+                       "boolean step": ("step", torch.tensor(True)),
+                       "float64 moment": ("exp_avg", torch.full_like(moments["exp_avg"], 1e300, dtype=torch.float64)),
                        "negative second moment": ("exp_avg_sq", -torch.ones_like(moments["exp_avg_sq"]))}[damage]
         moments[name] = value
     save_optimizer_state(path, state)

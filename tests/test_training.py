@@ -110,8 +110,9 @@ def test_a_carried_optimiser_state_makes_two_rounds_one_round_of_their_steps() -
 def test_only_adapter_and_head_parameters_change() -> None:
     cfg, splits, tok, model = _setup()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_local(cfg, model, tok, splits.train, CPU, plan=_plan(cfg, splits), noise_multiplier=1.0,
-                accountant=AccountantState(), rng=_rng(0))
+    result = train_local(cfg, model, tok, splits.train, CPU, plan=_plan(cfg, splits), noise_multiplier=1.0,
+                         accountant=AccountantState(), rng=_rng(0))
+    assert result.optimizer_state is None  # kept only when `train.keep_optimizer_state` asks
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed
     assert all("lora_" in n or "modules_to_save" in n for n in changed), changed
